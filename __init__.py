@@ -1,0 +1,6 @@
+"""comfyui-fp8-clip: calibrated FP8 CLIP encoders for ComfyUI (NVIDIA Model Optimizer, TensorRT)."""
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

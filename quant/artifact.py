@@ -1,0 +1,45 @@
+"""The record a quantized tower carries from calibration to every runtime and file writer.
+
+It rides on the quantized module itself (`module.fp8clip`), so it travels with the object patch through
+every clone, CLIPSetLastLayer and LoRA node without the CLIP object having to know about it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .modelopt_bridge import LayerScales
+from .recipe import Recipe
+
+ATTR = "fp8clip"
+
+
+@dataclass
+class QuantizedTower:
+    family: str
+    tower: str  # "clip_l"
+    recipe: Recipe
+    fingerprint: str  # calibration prompts + recipe
+    scales: dict[str, LayerScales]  # layer name inside the tower module -> scales
+    kept: list[str]  # layer names inside the tower module left in high precision
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def attach(module: torch.nn.Module, record: QuantizedTower) -> None:
+    object.__setattr__(module, ATTR, record)
+
+
+def record_of(module: Any) -> QuantizedTower | None:
+    return getattr(module, ATTR, None)
+
+
+def quantized_towers(clip: Any) -> dict[str, tuple[torch.nn.Module, QuantizedTower]]:
+    """Object-patch path -> (module, record) for every tower of `clip` quantized by this pack."""
+    out = {}
+    for path, obj in getattr(clip.patcher, "object_patches", {}).items():
+        rec = record_of(obj)
+        if rec is not None:
+            out[path] = (obj, rec)
+    return out

@@ -1,0 +1,106 @@
+"""CLIP in -> calibrated FP8 (Q->DQ) CLIP out, with its quality report.
+
+Calibration runs through ComfyUI's own encode path (tokenizer, weights, long prompts as extra rows,
+textual-inversion embeddings, clip skip), so the activation scales are fitted to exactly what the
+transformer sees in a workflow.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import artifact, modelopt_bridge
+from .errors import FP8ClipError
+from .fidelity import LayerErrorProbe, QualityReport, TowerSummary, evaluate
+from .patching import clone_with, patched_copy
+from .prompts import HELD_OUT_PROMPTS
+from .recipe import Recipe, fingerprint
+from .towers import text_family
+
+Progress = Callable[[int, int], None]
+
+
+def encode(clip: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+
+
+def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), *,
+                  held_out: Sequence[str] = HELD_OUT_PROMPTS, min_cosine: float = 0.99,
+                  progress: Progress | None = None, check_interrupt: Callable[[], None] = lambda: None
+                  ) -> tuple[Any, QualityReport]:
+    """Calibrate FP8 scales for every text tower of `clip`; return the quantized clone and its report.
+
+    `clip` and its other clones are never modified: the towers are copied, and the copies are swapped
+    into a new clone only.
+    """
+    family, towers = text_family(clip)
+    for t in towers:
+        if artifact.record_of(clip.patcher.get_model_object(t.path)) is not None:
+            raise FP8ClipError(f"The {t.name} tower of this CLIP is already quantized to FP8 by this node. "
+                               "Connect the original CLIP (from the loader) instead.")
+    prompts = [p for p in (s.strip() for s in prompts) if p]
+    if not prompts:
+        raise FP8ClipError("The calibration prompts are empty. Enter at least one prompt, one per line "
+                           "(the node's default text is a built-in set of 64).")
+    if not held_out:
+        raise FP8ClipError("No held-out prompts to measure the quality on.")
+    total = len(prompts) + len(held_out)
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
+    copies = {t.name: patched_copy(clip, t.path) for t in towers}
+    container = torch.nn.ModuleDict(copies)
+    names = modelopt_bridge.linear_layer_names(container)
+    to_quantize, kept, unmatched = recipe.split(names)
+    reference = {n: container.get_submodule(n).weight.detach().to("cpu", copy=True) for n in to_quantize}
+    qclip = clone_with(clip, {t.path: copies[t.name] for t in towers})
+
+    def forward_loop(_: torch.nn.Module) -> None:
+        for p in prompts:
+            check_interrupt()
+            encode(qclip, p)
+            step()
+
+    t0 = time.perf_counter()
+    modelopt_bridge.quantize(container, recipe.modelopt_config(kept), forward_loop)
+    calib_s = time.perf_counter() - t0
+    scales = modelopt_bridge.quantized_layers(container)
+    modelopt_bridge.fold_weights(container)
+
+    t0 = time.perf_counter()
+    probe = LayerErrorProbe(container, reference)
+    try:
+        def checked(c: Any) -> Callable[[str], tuple]:
+            def run(p: str) -> tuple:
+                check_interrupt()
+                return encode(c, p)
+            return run
+        scores = evaluate(held_out, checked(clip), checked(qclip), step)
+    finally:
+        errors = probe.close()
+    eval_s = time.perf_counter() - t0
+
+    summaries = []
+    for t in towers:
+        prefix = t.name + "."
+        summaries.append(TowerSummary(t.name, sum(n.startswith(prefix) for n in scales),
+                                      [n[len(prefix):] for n in kept if n.startswith(prefix)]))
+    report = QualityReport(family=family.label, scope=recipe.scope, method=recipe.method, towers=summaries,
+                           prompts=scores, layer_errors=errors, calibration_prompts=len(prompts),
+                           calibration_seconds=calib_s, evaluation_seconds=eval_s, min_cosine=min_cosine,
+                           unmatched_patterns=unmatched)
+    fp = fingerprint(prompts, recipe)
+    for t in towers:
+        prefix = t.name + "."
+        artifact.attach(copies[t.name], artifact.QuantizedTower(
+            family=family.label, tower=t.name, recipe=recipe, fingerprint=fp,
+            scales={n[len(prefix):]: s for n, s in scales.items() if n.startswith(prefix)},
+            kept=[n[len(prefix):] for n in kept if n.startswith(prefix)], report=report.to_dict()))
+    return qclip, report

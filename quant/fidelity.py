@@ -1,0 +1,178 @@
+"""How much quality the quantization costs, in numbers a user can judge.
+
+Two views: end to end (cosine similarity of the conditioning and pooled output against the unquantized
+encoder, through ComfyUI's own encode path) and per layer (relative error of each quantized Linear's output
+against the same input through its original weights), which names the layers to keep when the first is low.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PromptScore:
+    prompt: str
+    cond_cosine: float  # mean per-token cosine over all rows of the conditioning
+    cond_cosine_min_token: float
+    pooled_cosine: float | None
+
+
+def score(prompt: str, ref: tuple[torch.Tensor, torch.Tensor | None], got: tuple[torch.Tensor, torch.Tensor | None]
+          ) -> PromptScore:
+    (rc, rp), (gc, gp) = ref, got
+    if rc.shape != gc.shape:
+        raise RuntimeError(f"conditioning shape changed by quantization: {tuple(rc.shape)} -> {tuple(gc.shape)}")
+    tok = F.cosine_similarity(rc.float().flatten(0, -2), gc.float().flatten(0, -2), dim=-1)
+    pooled = None
+    if rp is not None and gp is not None:
+        pooled = float(F.cosine_similarity(rp.float().flatten(), gp.float().flatten(), dim=0))
+    return PromptScore(prompt, float(tok.mean()), float(tok.min()), pooled)
+
+
+class LayerErrorProbe:
+    """Accumulates ||y_q - y_ref||^2 / ||y_ref||^2 per quantized Linear while the quantized model runs.
+
+    `reference` holds each layer's original (pre-quantization) weight; y_ref uses it on the very input the
+    quantized layer saw, so each layer's own error is measured, not the error it inherits.
+    """
+
+    def __init__(self, root: torch.nn.Module, reference: dict[str, torch.Tensor]):
+        self.err: dict[str, float] = {n: 0.0 for n in reference}
+        self.ref_energy: dict[str, float] = {n: 0.0 for n in reference}
+        self._handles = []
+        modules = dict(root.named_modules())
+        for name, w in reference.items():
+            self._handles.append(modules[name].register_forward_hook(self._hook(name, w)))
+
+    def _hook(self, name: str, weight: torch.Tensor) -> Callable:
+        def hook(mod, args, out):
+            x = args[0].float()
+            b = mod.bias.float().to(x.device) if getattr(mod, "bias", None) is not None else None
+            ref = F.linear(x, weight.to(x.device, torch.float32), b)
+            self.err[name] += float((out.float() - ref).pow(2).sum())
+            self.ref_energy[name] += float(ref.pow(2).sum())
+        return hook
+
+    def close(self) -> dict[str, float]:
+        for h in self._handles:
+            h.remove()
+        return {n: (self.err[n] / self.ref_energy[n]) ** 0.5 if self.ref_energy[n] > 0 else 0.0 for n in self.err}
+
+
+@dataclass
+class TowerSummary:
+    name: str
+    quantized: int
+    kept: list[str]
+
+
+@dataclass
+class QualityReport:
+    family: str
+    scope: str
+    method: str
+    towers: list[TowerSummary]
+    prompts: list[PromptScore]
+    layer_errors: dict[str, float]
+    calibration_prompts: int
+    calibration_seconds: float
+    evaluation_seconds: float
+    min_cosine: float
+    unmatched_patterns: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cond_min(self) -> float:
+        return min(p.cond_cosine for p in self.prompts)
+
+    @property
+    def cond_mean(self) -> float:
+        return sum(p.cond_cosine for p in self.prompts) / len(self.prompts)
+
+    @property
+    def pooled_min(self) -> float | None:
+        v = [p.pooled_cosine for p in self.prompts if p.pooled_cosine is not None]
+        return min(v) if v else None
+
+    @property
+    def pooled_mean(self) -> float | None:
+        v = [p.pooled_cosine for p in self.prompts if p.pooled_cosine is not None]
+        return sum(v) / len(v) if v else None
+
+    def worst_layers(self, n: int = 5) -> list[tuple[str, float]]:
+        return sorted(self.layer_errors.items(), key=lambda kv: -kv[1])[:n]
+
+    @property
+    def below_threshold(self) -> bool:
+        worst_pooled = self.pooled_min
+        return self.cond_min < self.min_cosine or (worst_pooled is not None and worst_pooled < self.min_cosine)
+
+    def warnings(self) -> list[str]:
+        out = [f"Keep pattern {p!r} matches no layer; check the spelling against the layer names below."
+               for p in self.unmatched_patterns]
+        if self.below_threshold:
+            names = ", ".join(f"{n} ({e:.1%})" for n, e in self.worst_layers(3))
+            out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst prompt: conditioning "
+                       f"{self.cond_min:.4f}). Worst layers by output error: {names}. Add them (or a pattern "
+                       "like '*mlp.fc2') to keep_high_precision and run again.")
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(cond_min=self.cond_min, cond_mean=self.cond_mean, pooled_min=self.pooled_min,
+                 pooled_mean=self.pooled_mean, warnings=self.warnings())
+        return d
+
+    def text(self) -> str:
+        def f(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.4f}"
+        lines = [f"FP8 E4M3 CLIP quality report: {self.family}, {self.scope}, per-tensor static scales"]
+        for t in self.towers:
+            kept = ", ".join(t.kept) if t.kept else "none"
+            lines.append(f"  {t.name}: {t.quantized} Linear layers in FP8; kept in high precision: {kept}")
+        lines += [
+            f"Cosine vs the unquantized encoder on {len(self.prompts)} held-out prompts (min / mean):",
+            f"  conditioning  {f(self.cond_min)} / {f(self.cond_mean)}",
+            f"  pooled        {f(self.pooled_min)} / {f(self.pooled_mean)}",
+            f"Calibration: {self.calibration_prompts} prompts, method '{self.method}', "
+            f"{self.calibration_seconds:.1f} s (evaluation {self.evaluation_seconds:.1f} s)",
+            "Largest per-layer output errors: " + ", ".join(f"{n} {e:.1%}" for n, e in self.worst_layers(3)),
+        ]
+        lines += [f"{n}" for n in self.notes]
+        lines += [f"WARNING: {w}" for w in self.warnings()]
+        return "\n".join(lines)
+
+
+def evaluate(prompts: Iterable[str], encode_ref: Callable[[str], tuple], encode_q: Callable[[str], tuple],
+             step: Callable[[], None] = lambda: None) -> list[PromptScore]:
+    scores = []
+    for p in prompts:
+        scores.append(score(p, encode_ref(p), encode_q(p)))
+        step()
+    return scores
+
+
+def compare_conditioning(reference: list, candidate: list) -> tuple[float, float | None, str]:
+    """Mean per-token cosine and pooled cosine between two CONDITIONING lists ([[cond, {...}], ...])."""
+    from .errors import FP8ClipError
+
+    if len(reference) != len(candidate):
+        raise FP8ClipError(f"The conditionings have {len(reference)} and {len(candidate)} entries; encode the "
+                           "same prompt with both CLIPs.")
+    conds, pooled = [], []
+    for (rc, rd), (cc, cd) in zip(reference, candidate):
+        if rc.shape != cc.shape:
+            raise FP8ClipError(f"Conditioning shapes differ ({tuple(rc.shape)} vs {tuple(cc.shape)}); encode "
+                               "the same prompt with both CLIPs.")
+        s = score("", (rc, rd.get("pooled_output")), (cc, cd.get("pooled_output")))
+        conds.append(s.cond_cosine)
+        if s.pooled_cosine is not None:
+            pooled.append(s.pooled_cosine)
+    c = min(conds)
+    p = min(pooled) if pooled else None
+    text = f"conditioning cosine {c:.5f}" + ("" if p is None else f", pooled cosine {p:.5f}")
+    return c, p, text

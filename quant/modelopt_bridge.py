@@ -1,0 +1,83 @@
+"""The only module that talks to NVIDIA Model Optimizer.
+
+ComfyUI's Linear classes (comfy.ops.*.Linear) override `forward`, and ModelOpt only converts subclasses of
+nn.Linear whose forward it knows, so they are registered with ModelOpt's `_QuantLinear` first; otherwise
+ModelOpt inserts no quantizer and says "no weight quantizer is enabled".
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _mtq():
+    # Imported on first use: ModelOpt takes seconds to import and ComfyUI's start-up should not pay for it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import modelopt.torch.quantization as mtq
+    return mtq
+
+
+def register_linear_classes(module: torch.nn.Module) -> None:
+    mtq = _mtq()
+    from modelopt.torch.quantization.nn.modules.quant_linear import _QuantLinear
+
+    for cls in {type(m) for m in module.modules() if isinstance(m, torch.nn.Linear)}:
+        if cls is torch.nn.Linear or mtq.QuantModuleRegistry.get(cls) is not None:
+            continue
+        if getattr(cls, "__module__", "").startswith("modelopt."):
+            continue  # already a quantized class (re-quantizing a quantized module)
+        mtq.QuantModuleRegistry.register({cls: f"{cls.__module__}.{cls.__qualname__}"})(_QuantLinear)
+
+
+def linear_layer_names(module: torch.nn.Module) -> list[str]:
+    return [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def quantize(module: torch.nn.Module, config: dict, forward_loop: Callable[[torch.nn.Module], None]) -> None:
+    """Insert quantizers per `config` and calibrate them in place by running `forward_loop`."""
+    mtq = _mtq()
+    register_linear_classes(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mtq.quantize(module, config, forward_loop)
+
+
+def fold_weights(module: torch.nn.Module) -> None:
+    """Store the Q->DQ weights in place of the originals: same output, no per-call weight fake-quant."""
+    _mtq().fold_weight(module, keep_attrs=True)
+
+
+@dataclass(frozen=True)
+class LayerScales:
+    """Per-tensor scales of one quantized Linear, in ComfyUI's convention (scale = amax / 448)."""
+    weight_scale: float
+    input_scale: float | None  # None: weights only
+
+
+FP8_MAX = 448.0
+
+
+def _amax(q) -> float | None:
+    if q is None or not getattr(q, "is_enabled", False):
+        return None
+    a = getattr(q, "amax", None)
+    return None if a is None else float(a.float().max())
+
+
+def quantized_layers(module: torch.nn.Module) -> dict[str, LayerScales]:
+    """Every Linear whose weight quantizer is enabled, with its calibrated scales."""
+    out: dict[str, LayerScales] = {}
+    for name, m in module.named_modules():
+        w = _amax(getattr(m, "weight_quantizer", None))
+        if w is None:
+            continue
+        i = _amax(getattr(m, "input_quantizer", None))
+        out[name] = LayerScales(w / FP8_MAX, None if i is None else i / FP8_MAX)
+    return out

@@ -1,0 +1,91 @@
+"""What to quantize and how: FP8 E4M3, per-tensor static scales, layers kept in high precision by pattern.
+
+Patterns are shell wildcards over layer names as the report prints them, e.g. `clip_l.text_model.encoder.
+layers.11.mlp.fc2`, so `*mlp.fc2`, `*layers.11.*` or `clip_l.*` all work. The recipe turns into a ModelOpt
+config with one disable entry per kept layer; patterns that match nothing are reported, not ignored silently.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+from .errors import FP8ClipError
+
+# The pooled projection runs on one token per prompt: FP8 there saves nothing and SDXL-style models use the
+# pooled output directly.
+DEFAULT_KEEP: tuple[str, ...] = ("*text_projection",)
+
+METHODS = ("max", "mse")
+SCOPES = ("weights+activations", "weights only")
+
+FP8_E4M3 = {"num_bits": (4, 3), "axis": None}  # ModelOpt's spelling of per-tensor FP8 E4M3
+
+
+def parse_patterns(text: str | Iterable[str]) -> tuple[str, ...]:
+    """Patterns from a widget: separated by commas or new lines; '#' starts a comment line."""
+    if isinstance(text, str):
+        lines = [ln for ln in text.splitlines() if not ln.strip().startswith("#")]
+        items = [p.strip() for ln in lines for p in ln.split(",")]
+    else:
+        items = [str(p).strip() for p in text]
+    return tuple(dict.fromkeys(p for p in items if p))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    keep: tuple[str, ...] = DEFAULT_KEEP
+    method: str = "max"
+    scope: str = "weights+activations"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise FP8ClipError(f"Unknown calibration method {self.method!r}. Use one of: {', '.join(METHODS)}.")
+        if self.scope not in SCOPES:
+            raise FP8ClipError(f"Unknown quantization scope {self.scope!r}. Use one of: {', '.join(SCOPES)}.")
+        for p in self.keep:
+            try:
+                re.compile(fnmatch.translate(p))
+            except re.error as e:
+                raise FP8ClipError(f"Keep pattern {p!r} is not a valid wildcard pattern ({e}).") from e
+
+    @property
+    def quantize_activations(self) -> bool:
+        return self.scope == "weights+activations"
+
+    def split(self, layer_names: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
+        """(quantized, kept, patterns that matched no layer)."""
+        names = list(layer_names)
+        kept = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.keep)]
+        unmatched = [p for p in self.keep if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        quantized = [n for n in names if n not in set(kept)]
+        return quantized, kept, unmatched
+
+    def modelopt_config(self, kept_layers: Iterable[str]) -> dict:
+        """A ModelOpt quantize config: FP8 Linear weights (and inputs), nothing else, kept layers disabled."""
+        cfg: list[dict] = [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*weight_quantizer", "cfg": dict(FP8_E4M3), "enable": True},
+        ]
+        if self.quantize_activations:
+            cfg.append({"quantizer_name": "*input_quantizer", "cfg": dict(FP8_E4M3), "enable": True})
+        # Only Linear layers: LayerNorm/Embedding inputs cost accuracy (measured) and gain no FP8 matmul.
+        for parent in ("nn.LayerNorm", "nn.Embedding", "nn.Conv1d", "nn.Conv2d", "nn.Conv3d"):
+            cfg.append({"quantizer_name": "*", "parent_class": parent, "enable": False})
+        for name in kept_layers:
+            cfg.append({"quantizer_name": f"{name}.*", "enable": False})
+        return {"quant_cfg": cfg, "algorithm": self.method}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def fingerprint(prompts: Iterable[str], recipe: Recipe) -> str:
+    """Identifies a calibration: same prompts and recipe give the same scales (for file metadata, cache keys)."""
+    h = hashlib.sha256(recipe.to_json().encode())
+    for p in prompts:
+        h.update(b"\x00" + p.encode())
+    return h.hexdigest()[:16]

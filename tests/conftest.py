@@ -1,0 +1,60 @@
+"""Test set-up: a real ComfyUI host in this process, with the pack loaded by ComfyUI's own loader.
+
+FP8CLIP_HOST picks the host tree (default: .hosts/comfyui-0.3.75 from harness/setup.sh).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from harness import fixtures, host  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """The booted host: `.nodes`, `.execution`, `.folder_paths`, `.base`, `.files` (fixture names)."""
+    base = tmp_path_factory.mktemp("comfy-base")
+    host.make_base(base)
+    files = fixtures.populate(base)
+    h = host.boot_in_process(base)
+    h.files = files
+    return h
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The pack's modules as ComfyUI loaded them (module names are ComfyUI's, not ours)."""
+    name = str(comfy.base / "custom_nodes" / host.PACK_NAME).replace(".", "_x_")
+    return sys.modules[name]
+
+
+def node(comfy, node_id: str):
+    return comfy.nodes.NODE_CLASS_MAPPINGS[node_id]()
+
+
+def call(comfy, node_id: str, **inputs):
+    """Run one node's function as the executor does (inference mode); returns its result tuple."""
+    n = node(comfy, node_id)
+    with torch.inference_mode():
+        out = getattr(n, n.FUNCTION)(**inputs)
+    return out["result"] if isinstance(out, dict) else out
+
+
+def encode(comfy, clip, text: str):
+    """CLIPTextEncode's conditioning tensor and pooled output."""
+    (cond,) = call(comfy, "CLIPTextEncode", clip=clip, text=text)
+    return cond[0][0], cond[0][1].get("pooled_output")
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean per-token cosine similarity."""
+    return float(torch.nn.functional.cosine_similarity(a.float().flatten(0, -2), b.float().flatten(0, -2),
+                                                       dim=-1).mean())

@@ -1,0 +1,117 @@
+"""The quantize node in a real ComfyUI: quality, report, and that the FP8 CLIP drops into stock nodes."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from conftest import call, cosine, encode
+
+PROMPT = "a photo of an astronaut riding a horse, detailed, 4k"
+
+
+@pytest.fixture(scope="session")
+def clip(comfy):
+    (c,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
+    return c
+
+
+def quantize(comfy, clip, **kw):
+    n = comfy.nodes.NODE_CLASS_MAPPINGS["FP8CLIPQuantize"]
+    args = {k: v.get("default") if isinstance(v, dict) else v[0][0]
+            for k, (t, *rest) in n.INPUT_TYPES()["required"].items() if k != "clip"
+            for v in [rest[0] if rest else {}]}
+    args.update(kw)
+    with torch.inference_mode():
+        out = n().quantize(clip=clip, **args)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quantized(comfy, clip):
+    """The node with every widget at its default (built-in 64 prompts)."""
+    out = quantize(comfy, clip)
+    return out["result"][0], out["result"][1], out
+
+
+def test_defaults_calibrate_on_builtin_prompts_and_report(quantized, pack):
+    qclip, text, out = quantized
+    assert out["ui"]["text"] == [text]
+    assert "64 prompts" in text
+    m = re.search(r"conditioning\s+([\d.]+) / ([\d.]+)", text)
+    cmin, cmean = float(m.group(1)), float(m.group(2))
+    assert 0.99 <= cmin <= cmean < 1.0  # FP8 changes the numbers, but not by much
+    m = re.search(r"pooled\s+([\d.]+) / ([\d.]+)", text)
+    assert 0.99 <= float(m.group(1)) < 1.0
+    assert "clip_l: 72 Linear layers in FP8; kept in high precision: text_projection" in text
+    assert "WARNING" not in text
+
+
+def test_quantized_clip_encodes_close_to_original_but_not_equal(comfy, clip, quantized):
+    qclip = quantized[0]
+    ref, got = encode(comfy, clip, PROMPT), encode(comfy, qclip, PROMPT)
+    assert ref[0].shape == got[0].shape == (1, 77, 768) and got[1].shape == (1, 768)
+    assert 0.99 < cosine(ref[0], got[0]) < 1.0
+    assert not torch.equal(ref[0], got[0])
+
+
+def test_input_clip_and_its_other_clones_are_untouched(comfy, clip, quantized):
+    before = encode(comfy, clip, PROMPT)[0]
+    other = clip.clone()
+    encode(comfy, quantized[0], PROMPT)  # the quantized clone was loaded last
+    assert torch.equal(encode(comfy, clip, PROMPT)[0], before)
+    assert torch.equal(encode(comfy, other, PROMPT)[0], before)
+    assert not any("fp8clip" in repr(type(v)) for v in clip.patcher.object_patches.values())
+
+
+def test_clip_skip_through_clipsetlastlayer(comfy, clip, quantized):
+    (ref_skip,) = call(comfy, "CLIPSetLastLayer", clip=clip, stop_at_clip_layer=-2)
+    (q_skip,) = call(comfy, "CLIPSetLastLayer", clip=quantized[0], stop_at_clip_layer=-2)
+    r, q = encode(comfy, ref_skip, PROMPT)[0], encode(comfy, q_skip, PROMPT)[0]
+    last = encode(comfy, clip, PROMPT)[0]
+    assert cosine(r, q) > 0.99
+    assert cosine(r, last) < cosine(r, q) - 0.01  # clip skip really selected another layer
+
+
+def test_prompt_weighting(comfy, clip, quantized):
+    text = "a (red:1.5) balloon over a (grey:0.6) city"
+    r, q = encode(comfy, clip, text)[0], encode(comfy, quantized[0], text)[0]
+    plain_r = encode(comfy, clip, "a red balloon over a grey city")[0]
+    plain_q = encode(comfy, quantized[0], "a red balloon over a grey city")[0]
+    assert cosine(r, q) > 0.99
+    # the weights' effect on the conditioning (weighted minus plain) is reproduced by the FP8 CLIP
+    d_ref, d_q = (r - plain_r).flatten(), (q - plain_q).flatten()
+    assert d_ref.norm() > 0.05 * r.norm()
+    assert float(torch.nn.functional.cosine_similarity(d_ref, d_q, dim=0)) > 0.95
+
+
+def test_long_prompt_over_77_tokens(comfy, clip, quantized):
+    text = ", ".join(f"detail number {i}" for i in range(60))  # ~240 tokens: 4 rows of 77
+    r, q = encode(comfy, clip, text)[0], encode(comfy, quantized[0], text)[0]
+    assert r.shape == q.shape and r.shape[1] >= 3 * 77
+    assert cosine(r, q) > 0.99
+
+
+def test_textual_inversion_embedding(comfy, clip, quantized):
+    emb = comfy.files["embedding"].rsplit(".", 1)[0]
+    text = f"a portrait in the style of embedding:{emb}"
+    r, q = encode(comfy, clip, text)[0], encode(comfy, quantized[0], text)[0]
+    without = encode(comfy, clip, "a portrait in the style of")[0]
+    assert cosine(r, q) > 0.99
+    assert cosine(r, without) < cosine(r, q) - 0.005  # the embedding changed the conditioning
+
+
+def test_lora_applied_before_quantizing_is_kept(comfy, clip):
+    # LoraLoader with no MODEL, as a CLIP-only LoRA chain does
+    _, lclip = call(comfy, "LoraLoader", model=None, clip=clip, lora_name=comfy.files["lora"],
+                    strength_model=0.0, strength_clip=1.0)
+    base = encode(comfy, clip, PROMPT)[0]
+    with_lora = encode(comfy, lclip, PROMPT)[0]
+    assert cosine(base, with_lora) < 0.98  # the LoRA matters
+    qlora = quantize(comfy, lclip, calibration_prompts="a cat\na castle at night\n(a red car:1.2)")["result"][0]
+    got = encode(comfy, qlora, PROMPT)[0]
+    assert cosine(with_lora, got) > 0.99
+    assert cosine(base, got) < cosine(with_lora, got) - 0.01
+    # and the base CLIP still encodes without the LoRA
+    assert torch.equal(encode(comfy, clip, PROMPT)[0], base)
