@@ -94,7 +94,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                                       [n[len(prefix):] for n in kept if n.startswith(prefix)]))
     report = QualityReport(family=family.label, scope=recipe.scope, method=recipe.method, towers=summaries,
                            prompts=scores, layer_errors=errors, calibration_prompts=len(prompts),
-                           calibration_seconds=calib_s, evaluation_seconds=eval_s, min_cosine=min_cosine,
+                           calibration_seconds=calib_s, evaluation_seconds=eval_s, min_cosine=min_cosine, keep=recipe.keep,
                            unmatched_patterns=unmatched)
     fp = fingerprint(prompts, recipe)
     for t in towers:

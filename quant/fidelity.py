@@ -82,6 +82,7 @@ class QualityReport:
     calibration_seconds: float
     evaluation_seconds: float
     min_cosine: float
+    keep: tuple[str, ...] = ()
     unmatched_patterns: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -111,14 +112,19 @@ class QualityReport:
         worst_pooled = self.pooled_min
         return self.cond_min < self.min_cosine or (worst_pooled is not None and worst_pooled < self.min_cosine)
 
+    def suggested_keep(self, current: tuple[str, ...] = ()) -> list[str]:
+        """The keep patterns to try next: the current ones plus the layer types of the worst layers."""
+        kinds = [".".join(n.split(".")[-2:]) for n, _ in self.worst_layers(3)]
+        return list(dict.fromkeys([*current, *(f"*{k}" for k in kinds)]))
+
     def warnings(self) -> list[str]:
         out = [f"Keep pattern {p!r} matches no layer; check the spelling against the layer names below."
                for p in self.unmatched_patterns]
         if self.below_threshold:
             names = ", ".join(f"{n} ({e:.1%})" for n, e in self.worst_layers(3))
             out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst prompt: conditioning "
-                       f"{self.cond_min:.4f}). Worst layers by output error: {names}. Add them (or a pattern "
-                       "like '*mlp.fc2') to keep_high_precision and run again.")
+                       f"{self.cond_min:.5f}). Worst layers by output error: {names}. Try "
+                       f"keep_high_precision: {', '.join(self.suggested_keep(self.keep))}")
         return out
 
     def to_dict(self) -> dict:

@@ -16,9 +16,10 @@ import torch
 def patched_copy(clip: Any, path: str) -> torch.nn.Module:
     """A private copy of the module at `path` with this clone's weight patches (LoRA, merges) applied.
 
-    The weights come from `get_key_patches`, which returns the unpatched original (from ComfyUI's backup when
-    some other clone is loaded and patched in place) plus this clone's patches, so the copy is right whichever
-    clone ran last.
+    Whatever clone ran last may still be patched into the shared model: its object patches (another FP8
+    tower) and its in-place weight patches (another LoRA). So the module comes from `get_model_object`
+    (which looks through object patches to the original) and each weight from ComfyUI's backup when it was
+    patched in place, then this clone's own patches are applied.
     """
     import comfy.lora
 
@@ -29,19 +30,18 @@ def patched_copy(clip: Any, path: str) -> torch.nn.Module:
             m.weight_function = []
         if hasattr(m, "bias_function"):
             m.bias_function = []
-    prefix = path + "."
-    params = dict(module.named_parameters())
-    params.update(dict(module.named_buffers()))
+    backup = getattr(clip.patcher, "backup", {})
+    patches = clip.patcher.patches
     with torch.no_grad():
-        for key, entries in clip.patcher.get_key_patches(prefix).items():
-            name = key[len(prefix):]
-            target = params.get(name)
-            if target is None:
+        for name, target in [*module.named_parameters(), *module.named_buffers()]:
+            key = f"{path}.{name}"
+            original = backup[key].weight if key in backup else None
+            own = patches.get(key)
+            if original is None and not own:
                 continue
-            weight, convert = entries[0]
-            w = convert(weight.to(device=target.device, dtype=torch.float32, copy=True), inplace=True)
-            if len(entries) > 1:
-                w = comfy.lora.calculate_weight(entries[1:], w, key)
+            w = (original if original is not None else target).to(target.device, torch.float32, copy=True)
+            if own:
+                w = comfy.lora.calculate_weight(own, w, key)
             target.copy_(w.to(target.dtype))
     return module
 

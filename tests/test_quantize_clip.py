@@ -115,3 +115,11 @@ def test_lora_applied_before_quantizing_is_kept(comfy, clip):
     assert cosine(base, got) < cosine(with_lora, got) - 0.01
     # and the base CLIP still encodes without the LoRA
     assert torch.equal(encode(comfy, clip, PROMPT)[0], base)
+
+
+def test_quantizing_again_while_a_quantized_clone_is_loaded(comfy, clip):
+    """Changing a widget and running again must start from the original weights, not the last FP8 copy."""
+    q1 = quantize(comfy, clip, calibration_prompts="a cat\na house")["result"][0]
+    first = encode(comfy, q1, PROMPT)[0]  # q1 is now patched into the shared model
+    q2 = quantize(comfy, clip, calibration_prompts="a cat\na house")["result"][0]
+    assert torch.equal(encode(comfy, q2, PROMPT)[0], first)

@@ -1,0 +1,87 @@
+"""Bad input gets a message that names the problem and the fix; nothing is changed or left behind."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import call, encode
+from test_quantize_clip import PROMPT, quantize
+
+
+@pytest.fixture(scope="module")
+def clip(comfy):
+    return call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")[0]
+
+
+def test_no_clip(comfy):
+    with pytest.raises(ValueError, match="No CLIP is connected"):
+        quantize(comfy, None)
+
+
+def test_not_a_clip(comfy):
+    (vae_like,) = call(comfy, "EmptyLatentImage", width=64, height=64, batch_size=1)
+    with pytest.raises(ValueError, match=r"Expected a CLIP .*got dict"):
+        quantize(comfy, vae_like)
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t\n  ", "# only a comment\n"])
+def test_empty_calibration_text(comfy, clip, text):
+    with pytest.raises(ValueError, match="calibration prompts are empty"):
+        quantize(comfy, clip, calibration_prompts=text)
+
+
+def test_pattern_that_matches_nothing_is_reported(comfy, clip):
+    text = quantize(comfy, clip, calibration_prompts="a cat",
+                    keep_high_precision="*text_projection, *mlp.fc3")["result"][1]
+    assert "WARNING: Keep pattern '*mlp.fc3' matches no layer" in text
+
+
+def test_unsupported_clip_type_names_the_supported_ones(comfy):
+    (t5,) = call(comfy, "CLIPLoader", clip_name=comfy.files["t5_stub"], type="stable_audio")
+    with pytest.raises(ValueError, match=r"not supported yet\. Supported: SD1\.5 \(CLIP-L\)"):
+        quantize(comfy, t5)
+
+
+def test_quantizing_twice_is_refused(comfy, clip):
+    q = quantize(comfy, clip, calibration_prompts="a cat")["result"][0]
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(comfy, q, calibration_prompts="a cat")
+
+
+def test_interrupt_during_calibration_stops_and_leaves_the_clip_untouched(comfy, clip, monkeypatch):
+    import comfy.model_management as mm
+    from comfy.utils import ProgressBar
+
+    before = encode(comfy, clip, PROMPT)[0]
+    patches_before = (dict(clip.patcher.object_patches), dict(clip.patcher.patches))
+    seen = []
+    orig = ProgressBar.update_absolute
+
+    def press_cancel_at_5(self, value, total=None, preview=None):
+        seen.append(value)
+        if value == 5:
+            mm.interrupt_current_processing(True)  # what the UI's cancel button sets
+        return orig(self, value, total, preview)
+
+    monkeypatch.setattr(ProgressBar, "update_absolute", press_cancel_at_5)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            quantize(comfy, clip)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert max(seen) == 5  # stopped at the next prompt, not after the whole set
+    assert (dict(clip.patcher.object_patches), dict(clip.patcher.patches)) == patches_before
+    assert torch.equal(encode(comfy, clip, PROMPT)[0], before)
+
+
+def test_errors_reach_the_ui_through_the_executor(comfy):
+    from harness.host import run_graph
+
+    prompt = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": comfy.files["clip_l"],
+                                                           "type": "stable_diffusion"}},
+              "2": {"class_type": "FP8CLIPQuantize", "inputs": {
+                  "clip": ["1", 0], "calibration_prompts": "  ", "keep_high_precision": "",
+                  "method": "max", "quantize": "weights+activations", "min_cosine": 0.99}},
+              "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}}}
+    with pytest.raises(RuntimeError, match="calibration prompts are empty"):
+        run_graph(comfy, prompt)
