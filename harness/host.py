@@ -103,7 +103,8 @@ def run_graph(host: SimpleNamespace, prompt: dict) -> dict:
     if not valid[0]:
         raise RuntimeError(f"invalid prompt: {valid[1]} {json.dumps(valid[3], default=str)[:2000]}")
     server = _ServerStub()
-    ex = execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0})
+    cache_type = execution.CacheType.CLASSIC if hasattr(execution, "CacheType") else False
+    ex = execution.PromptExecutor(server, cache_type=cache_type, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     ex.execute(prompt, pid, {}, valid[2])
     if not ex.success:
         errs = [d for e, d in ex.status_messages if e == "execution_error"]
