@@ -42,7 +42,7 @@ def main() -> int:
             "2": {"class_type": "FP8CLIPQuantize", "inputs": {
                 "clip": ["1", 0], "calibration_prompts": DEFAULT_CALIBRATION_TEXT,
                 "keep_high_precision": "*text_projection", "method": "max", "quantize": "weights+activations",
-                "min_cosine": 0.99}},
+                "min_cosine": 0.99, "runtime": "auto", "fp8_token_embedding": True}},
             "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": args.prompt}},
             "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 0], "text": args.prompt}},
             "5": {"class_type": "FP8CLIPCompareConditioning", "inputs": {"reference": ["4", 0],

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from ..quant.prompts import DEFAULT_CALIBRATION_TEXT, parse_prompts
 from ..quant.recipe import DEFAULT_KEEP, METHODS, SCOPES, Recipe, parse_patterns
+
+RUNTIME_CHOICES = ("auto", "fp8", "fake-quant")
 from .ui import interrupt_check, progress_bar
 
 
@@ -38,16 +40,32 @@ class QuantizeCLIP:
                                                    "keeps activations in high precision (FP8 storage only)."}),
             "min_cosine": ("FLOAT", {"default": 0.99, "min": 0.0, "max": 1.0, "step": 0.001,
                                      "tooltip": "Warn when the worst held-out prompt falls below this."}),
+            "runtime": (list(RUNTIME_CHOICES), {
+                "default": "auto",
+                "tooltip": "fp8: FP8 weights in memory, FP8 matmuls on GPUs that have them (RTX 40xx, H100...), "
+                           "dequantized on the fly elsewhere. fake-quant: simulation only (original memory "
+                           "and speed), to judge quality. auto: fp8."}),
+            "fp8_token_embedding": ("BOOLEAN", {
+                "default": True,
+                "tooltip": "Store the token embedding table in FP8 too (one scale per row): about a third "
+                           "of CLIP-L's weights. Its cost is in the report."}),
         }}
 
-    def quantize(self, clip, calibration_prompts, keep_high_precision, method, quantize, min_cosine):
+    def quantize(self, clip, calibration_prompts, keep_high_precision, method, quantize, min_cosine,
+                 runtime="auto", fp8_token_embedding=True):
         from ..quant.calibrate import quantize_clip
+        from ..quant.prompts import HELD_OUT_PROMPTS
+        from ..quant.runtime import describe, to_fp8_runtime, verify
 
-        recipe = Recipe(keep=parse_patterns(keep_high_precision), method=method, scope=quantize)
+        recipe = Recipe(keep=parse_patterns(keep_high_precision), method=method, scope=quantize,
+                        fp8_embedding=fp8_token_embedding)
         qclip, report = quantize_clip(clip, parse_prompts(calibration_prompts), recipe, min_cosine=min_cosine,
                                       progress=progress_bar(), check_interrupt=interrupt_check())
-        text = report.text()
+        out, plan = to_fp8_runtime(qclip, runtime)
+        check = list(HELD_OUT_PROMPTS[:6])
+        fidelity = verify(qclip, out, check) if out is not qclip else None
+        text = report.text() + "\n" + describe(out, plan, fidelity, len(check))
         for w in report.warnings():
             import logging
             logging.getLogger("comfyui-fp8-clip").warning(w)
-        return {"ui": {"text": [text]}, "result": (qclip, text)}
+        return {"ui": {"text": [text]}, "result": (out, text)}

@@ -24,6 +24,7 @@ class QuantizedTower:
     fingerprint: str  # calibration prompts + recipe
     scales: dict[str, LayerScales]  # layer name inside the tower module -> scales
     kept: list[str]  # layer names inside the tower module left in high precision
+    source_bytes: int = 0  # the original tower's weights, for ComfyUI's memory accounting
     report: dict[str, Any] = field(default_factory=dict)
 
 

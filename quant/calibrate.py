@@ -14,7 +14,7 @@ import torch
 from . import artifact, modelopt_bridge
 from .errors import FP8ClipError
 from .fidelity import LayerErrorProbe, QualityReport, TowerSummary, evaluate
-from .patching import clone_with, patched_copy
+from .patching import clone_with, fake_quant_embedding, patched_copy, to_float32, weight_bytes
 from .prompts import HELD_OUT_PROMPTS
 from .recipe import Recipe, fingerprint
 from .towers import text_family
@@ -56,6 +56,11 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
             progress(done, total)
 
     copies = {t.name: patched_copy(clip, t.path) for t in towers}
+    source_bytes = {n: weight_bytes(m) for n, m in copies.items()}
+    for m in copies.values():
+        to_float32(m)
+        if recipe.fp8_embedding:
+            fake_quant_embedding(m)
     container = torch.nn.ModuleDict(copies)
     names = modelopt_bridge.linear_layer_names(container)
     to_quantize, kept, unmatched = recipe.split(names)
@@ -102,5 +107,6 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
         artifact.attach(copies[t.name], artifact.QuantizedTower(
             family=family.label, tower=t.name, recipe=recipe, fingerprint=fp,
             scales={n[len(prefix):]: s for n, s in scales.items() if n.startswith(prefix)},
-            kept=[n[len(prefix):] for n in kept if n.startswith(prefix)], report=report.to_dict()))
+            kept=[n[len(prefix):] for n in kept if n.startswith(prefix)], source_bytes=source_bytes[t.name],
+            report=report.to_dict()))
     return qclip, report

@@ -64,20 +64,24 @@ class LayerScales:
 FP8_MAX = 448.0
 
 
-def _amax(q) -> float | None:
+def _scale(q) -> float | None:
+    """The dequantization scale exactly as ModelOpt's FP8 quantizer computes it: 1 / (448 / amax) in fp32."""
     if q is None or not getattr(q, "is_enabled", False):
         return None
     a = getattr(q, "amax", None)
-    return None if a is None else float(a.float().max())
+    if a is None:
+        return None
+    amax = a.detach().to(torch.float32).max().reshape(())
+    scale = FP8_MAX / amax  # the same tensor ops as ModelOpt's _fp8_eager, so the same rounding
+    return float(1 / scale)
 
 
 def quantized_layers(module: torch.nn.Module) -> dict[str, LayerScales]:
     """Every Linear whose weight quantizer is enabled, with its calibrated scales."""
     out: dict[str, LayerScales] = {}
     for name, m in module.named_modules():
-        w = _amax(getattr(m, "weight_quantizer", None))
+        w = _scale(getattr(m, "weight_quantizer", None))
         if w is None:
             continue
-        i = _amax(getattr(m, "input_quantizer", None))
-        out[name] = LayerScales(w / FP8_MAX, None if i is None else i / FP8_MAX)
+        out[name] = LayerScales(w, _scale(getattr(m, "input_quantizer", None)))
     return out

@@ -46,6 +46,30 @@ def patched_copy(clip: Any, path: str) -> torch.nn.Module:
     return module
 
 
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of weights (ModelOpt's quantizer state excluded: it is not part of the model)."""
+    return sum(t.nbytes for k, t in module.state_dict().items() if "_quantizer" not in k)
+
+
+def fake_quant_embedding(module: torch.nn.Module) -> None:
+    """Q->DQ the token embedding table with one FP8 scale per row, as FP8Embedding stores it."""
+    from .fp8_ops import FP8Embedding
+
+    tok = module.get_input_embeddings()
+    with torch.no_grad():
+        q = FP8Embedding(tok.weight)
+        tok.weight.copy_((q.weight.float() * q.weight_scale.unsqueeze(1)).to(tok.weight.dtype))
+
+
+def to_float32(module: torch.nn.Module) -> torch.nn.Module:
+    """fp32 weights for calibration: folded Q->DQ weights then hold the exact FP8 values times their scale
+    (in fp16 they would be rounded again, and the real FP8 runtime would drift from the measured numbers)."""
+    for p in list(module.parameters()) + list(module.buffers()):
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return module
+
+
 def clone_with(clip: Any, modules: dict[str, torch.nn.Module]) -> Any:
     """A clone of `clip` whose modules at the given paths are replaced (for this clone only).
 

@@ -40,6 +40,7 @@ class Recipe:
     keep: tuple[str, ...] = DEFAULT_KEEP
     method: str = "max"
     scope: str = "weights+activations"
+    fp8_embedding: bool = True  # token embedding table in FP8 with one scale per row
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -81,7 +81,7 @@ def test_errors_reach_the_ui_through_the_executor(comfy):
                                                            "type": "stable_diffusion"}},
               "2": {"class_type": "FP8CLIPQuantize", "inputs": {
                   "clip": ["1", 0], "calibration_prompts": "  ", "keep_high_precision": "",
-                  "method": "max", "quantize": "weights+activations", "min_cosine": 0.99}},
+                  "method": "max", "quantize": "weights+activations", "min_cosine": 0.99, "runtime": "auto", "fp8_token_embedding": True}},
               "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}}}
     with pytest.raises(RuntimeError, match="calibration prompts are empty"):
         run_graph(comfy, prompt)

@@ -26,7 +26,7 @@ def test_workflow_over_http_quantizes_and_encodes(server):
         "2": {"class_type": "FP8CLIPQuantize", "inputs": {
             "clip": ["1", 0], "calibration_prompts": "a cat on a sofa\n(a castle:1.2) at night\nanime girl, blue hair",
             "keep_high_precision": "*text_projection", "method": "max", "quantize": "weights+activations",
-            "min_cosine": 0.99}},
+            "min_cosine": 0.99, "runtime": "auto", "fp8_token_embedding": True}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "a lighthouse at sunrise"}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 0], "text": "a lighthouse at sunrise"}},
         "5": {"class_type": "FP8CLIPCompareConditioning", "inputs": {"reference": ["4", 0], "candidate": ["3", 0]}},

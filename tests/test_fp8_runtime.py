@@ -1,0 +1,131 @@
+"""The FP8 runtime: FP8 weights in memory, same numbers as the calibrated Q->DQ model, safe fallbacks.
+
+On this CPU machine the FP8 matmul path (`torch._scaled_mm`) runs too (exactly, slowly), so both kernels are
+checked here; the GPU speed is measured by bench/ on an H100/H200.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from conftest import call, cosine, encode
+from test_quantize_clip import quantize
+
+PROMPTS = ("a photo of a dog running on the beach",
+           "(masterpiece:1.3), a phoenix rising from flames, (vivid colors:1.2)",
+           ", ".join(f"detail {i}" for i in range(50)))
+
+
+def mod(pack, name):
+    return importlib.import_module(f"{pack.__name__}.quant.{name}")
+
+
+@pytest.fixture(scope="module")
+def clip(comfy):
+    return call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")[0]
+
+
+CALIBRATION = "\n".join(importlib.import_module("quant.prompts").CALIBRATION_PROMPTS[::5])  # 13 varied prompts
+
+
+@pytest.fixture(scope="module")
+def fake(comfy, clip):
+    return quantize(comfy, clip, runtime="fake-quant", calibration_prompts=CALIBRATION)["result"][0]
+
+
+@pytest.fixture(scope="module")
+def fp8(comfy, clip):
+    out = quantize(comfy, clip, calibration_prompts=CALIBRATION)  # auto: on this CPU, dequantized per matmul
+    return out["result"][0], out["result"][1]
+
+
+def tower(pack, c):
+    (m, rec), = mod(pack, "artifact").quantized_towers(c).values()
+    return m
+
+
+def test_fp8_weights_in_memory_and_reported_size(pack, clip, fp8):
+    qclip, report = fp8
+    m = tower(pack, qclip)
+    linears = [x for x in m.modules() if isinstance(x, mod(pack, "fp8_ops").FP8Linear)]
+    assert len(linears) == 72 and all(x.weight.dtype == torch.float8_e4m3fn for x in linears)
+    emb = m.get_input_embeddings()
+    assert emb.weight.dtype == torch.float8_e4m3fn
+    # no high-precision copy of a quantized weight is kept
+    assert not any(p.dtype in (torch.float16, torch.float32) and p.numel() >= 768 * 768
+                   for n, p in m.named_parameters() if "text_projection" not in n)
+    ratio = qclip.patcher.model_size() / clip.patcher.model_size()
+    assert ratio <= 0.55, ratio
+    assert "Runtime: fp8 (FP8 weights, dequantized per matmul: cpu has no FP8 tensor cores)" in report
+    assert "matches the calibrated Q->DQ model: worst conditioning cosine" in report
+
+
+def test_fp8_matches_fake_quant_with_both_kernels(comfy, pack, fake, fp8):
+    qclip = fp8[0]
+    m = tower(pack, qclip)
+    for matmul in ("dequant", "scaled_mm"):
+        m.configure(lambda d, mm=matmul: type("P", (), {"matmul": mm, "executor": "eager", "act_dtype": "float32"}))
+        for p in PROMPTS:
+            (rc, rp), (gc, gp) = encode(comfy, fake, p), encode(comfy, qclip, p)
+            assert rc.shape == gc.shape
+            assert cosine(rc, gc) >= 0.999, (matmul, p)
+            assert float(torch.nn.functional.cosine_similarity(rp, gp)) >= 0.999, (matmul, p)
+    assert any(getattr(x, "mode", None) == "scaled_mm" for x in m.modules())
+    m.configure(lambda d: mod(pack, "runtime").plan("auto", d))
+
+
+def test_fp8_keeps_clip_skip_weights_long_prompts_and_embeddings(comfy, clip, fp8):
+    qclip = fp8[0]
+    (r_skip,) = call(comfy, "CLIPSetLastLayer", clip=clip, stop_at_clip_layer=-2)
+    (q_skip,) = call(comfy, "CLIPSetLastLayer", clip=qclip, stop_at_clip_layer=-2)
+    emb = comfy.files["embedding"].rsplit(".", 1)[0]
+    for a, b, text in ((clip, qclip, PROMPTS[1]), (clip, qclip, PROMPTS[2]), (r_skip, q_skip, PROMPTS[0]),
+                       (clip, qclip, f"a portrait, embedding:{emb}")):
+        r, g = encode(comfy, a, text)[0], encode(comfy, b, text)[0]
+        assert r.shape == g.shape and cosine(r, g) > 0.99, text
+
+
+def test_gpu_without_fp8_tensor_cores_falls_back_and_says_why(pack, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA GeForce RTX 3090")
+    p = mod(pack, "runtime").plan("auto", torch.device("cuda", 0))
+    assert (p.runtime, p.matmul) == ("fp8", "dequant")
+    assert "compute capability 8.6; FP8 matmuls need 8.9+" in p.reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    assert mod(pack, "runtime").plan("auto", torch.device("cuda", 0)).matmul == "scaled_mm"
+
+
+def test_model_moved_to_another_device_replans(comfy, pack, fp8):
+    """Calibrated (and planned) for one device, run on another: the plan follows the device."""
+    qclip = fp8[0]
+    m = tower(pack, qclip)
+    m.configure(lambda d: type("P", (), {"matmul": "scaled_mm" if d.type == "cuda" else "dequant",
+                                         "executor": "cuda_graph" if d.type == "cuda" else "eager",
+                                         "act_dtype": "float16" if d.type == "cuda" else "float32"}))
+    m._device = torch.device("cuda", 0)  # as if it had last run on a GPU
+    out = encode(comfy, qclip, PROMPTS[0])[0]
+    assert m._device == torch.device("cpu") and m.act_dtype == torch.float32
+    assert torch.isfinite(out).all()
+    m.configure(lambda d: mod(pack, "runtime").plan("auto", d))
+
+
+def test_out_of_memory_during_conversion_leaves_nothing_half_converted(comfy, pack, fake, monkeypatch):
+    ops = mod(pack, "fp8_ops")
+    calls = {"n": 0}
+    orig = ops.FP8Linear.from_linear.__func__
+
+    def failing(cls, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return orig(cls, *a, **k)
+
+    monkeypatch.setattr(ops.FP8Linear, "from_linear", classmethod(failing))
+    before = dict(fake.patcher.object_patches)
+    ref = encode(comfy, fake, PROMPTS[0])[0]
+    with pytest.raises(torch.OutOfMemoryError):
+        mod(pack, "runtime").to_fp8_runtime(fake, "auto")
+    assert dict(fake.patcher.object_patches) == before
+    assert torch.equal(encode(comfy, fake, PROMPTS[0])[0], ref)
