@@ -101,7 +101,9 @@ class FP8TextModel(torch.nn.Module):
         self.act_dtype = torch.float32
         self.executor = "eager"  # "eager" | "cuda_graph" | "compiled"
         self.planner: Callable | None = None
+        self.load_device: torch.device | None = None  # where ComfyUI runs this CLIP
         self._device: torch.device | None = None
+        self._placement: tuple = ()
         self._graphs: OrderedDict = OrderedDict()
         self._compiled: Callable | None = None
 
@@ -161,6 +163,26 @@ class FP8TextModel(torch.nn.Module):
         self.planner = planner
         self._device = None
 
+    def _place(self, device: torch.device) -> torch.device:
+        """Keep every weight on the device this CLIP runs on.
+
+        ComfyUI's loader moves modules it recognises one by one and may leave others (its lowvram and
+        dynamic-VRAM modes differ between versions), so the module places itself, and drops captured CUDA
+        graphs whenever a weight has moved (a graph holds raw pointers)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        params = self.__dict__.get("_param_list")
+        if params is None:
+            params = self.__dict__["_param_list"] = list(self.parameters())
+        if any(p.device != device for p in params):
+            self.to(device)
+        placement = tuple(p.data_ptr() for p in params)
+        if placement != self._placement:
+            self._drop_graphs()
+            self._placement = placement
+        return device
+
     def _prepare(self, device: torch.device) -> None:
         if device == self._device:
             return
@@ -175,7 +197,7 @@ class FP8TextModel(torch.nn.Module):
                 mod.act_dtype = self.act_dtype
             if isinstance(mod, _Attention):
                 mod.attention = host_attention(device)
-        self._graphs.clear()
+        self._drop_graphs()
         self._compiled = None
         self._device = device
 
@@ -183,7 +205,7 @@ class FP8TextModel(torch.nn.Module):
                 final_layer_norm_intermediate=True, dtype=torch.float32, embeds_info=(), **kwargs):
         if embeds is None:
             embeds = self.get_input_embeddings()(input_tokens, out_dtype=dtype)
-        device = self.text_model.final_layer_norm.weight.device
+        device = self._place(self.load_device or embeds.device)
         self._prepare(device)
         x = embeds.to(device, torch.float32)
         mask = None  # None: causal only, built inside the fixed part
@@ -198,12 +220,12 @@ class FP8TextModel(torch.nn.Module):
             last, inter = self._run_core(x, mask, intermediate_output, bool(final_layer_norm_intermediate))
         else:  # "all" or a list: rare, eager
             last, inter = self._core_all(x, mask, intermediate_output, final_layer_norm_intermediate)
-        if num_tokens is not None:
-            idx = torch.tensor([n - 1 for n in num_tokens], device=device)
+        if num_tokens is not None:  # python ints: index without a host-to-device copy
+            pooled = torch.stack([last[i, n - 1] for i, n in enumerate(num_tokens)])
         else:
             ids = torch.round(input_tokens).to(device=device, dtype=torch.int)
             idx = (ids == self.eos_token_id).int().argmax(dim=-1)
-        pooled = last[torch.arange(last.shape[0], device=device), idx]
+            pooled = last[torch.arange(last.shape[0], device=device), idx]
         projected = self.text_projection(pooled.to(self.act_dtype))
         return (last.float(), None if inter is None else inter.float(), projected.float(), pooled.float())
 
@@ -280,6 +302,11 @@ class FP8TextModel(torch.nn.Module):
         with torch.cuda.graph(graph, pool=self._pool):
             out = fn(sx, smask, inter_idx, ln_inter)
         return graph, sx, smask, out
+
+    def _drop_graphs(self) -> None:
+        # A fresh memory pool too: the old one belongs to the graphs being released.
+        self._graphs.clear()
+        self.__dict__.pop("_pool", None)
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())

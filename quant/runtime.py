@@ -19,7 +19,7 @@ from .fp8_ops import fp8_matmul_support
 from .fp8_text_model import FP8TextModel
 from .patching import weight_bytes
 
-RUNTIMES = ("auto", "fp8", "fake-quant", "tensorrt")
+RUNTIMES = ("auto", "fp8", "fp8-compiled", "fake-quant", "tensorrt")
 GPU_ACT_DTYPE = "float32"  # measured in bench/: fp16 activations drift further from the calibrated numbers
 
 
@@ -42,7 +42,9 @@ def plan(requested: str, device: torch.device, compile_ok: bool | None = None) -
     ok, why = fp8_matmul_support(device)
     if ok:
         if compile_ok is None:
-            compile_ok = _triton_available()
+            compile_ok = requested == "fp8-compiled"
+        # CUDA graphs by default: ComfyUI's per-encode overhead dominates CLIP-L, and compiling costs
+        # ~20 s on first use for little gain there (bench/results). "compiled" is opt-in.
         executor = "compiled" if compile_ok else "cuda_graph"
         return Plan("fp8", "scaled_mm", executor, GPU_ACT_DTYPE,
                     f"FP8 matmuls ({why}), {executor.replace('_', ' ')}")
@@ -50,13 +52,6 @@ def plan(requested: str, device: torch.device, compile_ok: bool | None = None) -
         return Plan("fp8", "dequant", "cuda_graph", GPU_ACT_DTYPE, f"FP8 weights, dequantized per matmul: {why}")
     return Plan("fp8", "dequant", "eager", "float32", f"FP8 weights, dequantized per matmul: {why}")
 
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except Exception:
-        return False
 
 
 def to_fp8_runtime(qclip: Any, requested: str = "auto", compile_ok: bool | None = None) -> tuple[Any, Plan]:
@@ -77,6 +72,7 @@ def to_fp8_runtime(qclip: Any, requested: str = "auto", compile_ok: bool | None 
             fp8 = FP8TextModel.from_quantized(module, record.scales, fp8_embedding=record.recipe.fp8_embedding)
             artifact.attach(fp8, record)
         fp8.configure(lambda d, requested=requested, compile_ok=compile_ok: plan(requested, d, compile_ok))
+        fp8.load_device = device
         size += weight_bytes(fp8) - record.source_bytes
         out.patcher.add_object_patch(path, fp8)
     out.patcher.size = size  # what ComfyUI's memory management budgets for this clone

@@ -1,0 +1,244 @@
+"""Text-encoder speed and memory: stock ComfyUI's CLIP-L encode path vs this pack's FP8 runtime, side by side.
+
+    python bench/bench_text_encode.py --comfy /path/to/ComfyUI --out bench/out [--quick]
+
+Each variant runs in a fresh process (stock ComfyUI's GPU memory grows across calls made outside its
+executor), through ComfyUI's own CLIPTextEncode path (tokenize + encode_from_tokens_scheduled), on a
+seeded random-weight CLIP-L at the real ViT-L/14 text config. Writes results.json and a markdown table with
+ratios against stock. Absolute times are only meaningful from a GPU run; see bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CASES = {
+    # name: list of prompts encoded one after another (one CLIPTextEncode each)
+    "1 prompt (1x77)": ["a watercolor painting of a lighthouse on a cliff at sunrise, soft light, seagulls"],
+    "positive + negative (2 encodes)": ["a watercolor painting of a lighthouse on a cliff at sunrise, soft light",
+                                        "blurry, low quality, watermark, text"],
+    "weighted prompt (2 rows)": ["a (red:1.3) lighthouse on a (stormy:0.8) sea"],
+    "long prompt (3x77)": [", ".join(f"intricate detail number {i}" for i in range(36))],
+    "8 rows of 77": [", ".join(f"intricate detail number {i}" for i in range(100))],
+}
+
+
+def boot(comfy: Path, extra: list[str]):
+    sys.path.insert(0, str(comfy))
+    sys.argv = ["main.py", *extra]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args  # noqa: F401
+    import comfy.model_management  # noqa: F401
+    import comfy.sd  # noqa: F401
+
+
+def load_pack():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("comfyui_fp8_clip", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["comfyui_fp8_clip"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fixture(path: Path) -> Path:
+    if not path.exists():
+        sys.path.insert(0, str(ROOT))
+        from harness.fixtures import write_clip_l
+        write_clip_l(path)
+    return path
+
+
+def clip_text_encode(clip, text):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))  # what CLIPTextEncode runs
+
+
+def time_case(clip, prompts, n: int, warm: int = 5) -> dict:
+    import torch
+
+    for _ in range(warm):
+        for p in prompts:
+            clip_text_encode(clip, p)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        for p in prompts:
+            clip_text_encode(clip, p)
+        torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(ts), "min_ms": min(ts), "p90_ms": sorted(ts)[int(0.9 * len(ts))]}
+
+
+def memory(clip, prompts) -> dict:
+    """Resident weights after loading this CLIP alone, peak during an encode, growth over 50 encodes."""
+    import comfy.model_management as mm
+    import torch
+
+    mm.unload_all_models()
+    mm.soft_empty_cache(True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    mm.load_models_gpu([clip.patcher], force_full_load=True)
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated() - base
+    clip_text_encode(clip, prompts[0])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    clip_text_encode(clip, prompts[0])
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    for _ in range(50):
+        clip_text_encode(clip, prompts[0])
+    torch.cuda.synchronize()
+    return {"resident_weights_mb": resident / 2**20, "peak_during_encode_mb": peak / 2**20,
+            "growth_over_50_encodes_mb": (torch.cuda.memory_allocated() - before) / 2**20}
+
+
+def run_variant(args) -> dict:
+    import torch
+
+    extra = []
+    if args.variant == "stock-fp8":
+        extra.append("--fp8_e4m3fn-text-enc")
+    boot(Path(args.comfy), extra)
+    import comfy.sd
+
+    out = {"variant": args.variant, "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    path = fixture(Path(args.fixture))
+    clip = comfy.sd.load_clip(ckpt_paths=[str(path)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    n = 10 if args.quick else 40
+    with torch.inference_mode():
+        if args.variant.startswith("stock"):
+            out["cases"] = {k: time_case(clip, v, n) for k, v in CASES.items()}
+            out["memory"] = memory(clip, CASES["1 prompt (1x77)"])
+            return out
+        # the pack: calibrate on the 64 built-in prompts, then each FP8 executor
+        pack = load_pack()
+        from comfyui_fp8_clip.quant import calibrate, runtime
+        from comfyui_fp8_clip.quant.prompts import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS
+        from comfyui_fp8_clip.quant.recipe import Recipe
+        import modelopt.torch.quantization.tensor_quant as tq
+
+        tq.get_cuda_ext_fp8 = lambda *a, **k: None  # ModelOpt's eager FP8 formula: no JIT build on this box
+        tq.DISABLE_TRITON_KERNEL = True
+        t0 = time.perf_counter()
+        fake, report = calibrate.quantize_clip(clip, list(CALIBRATION_PROMPTS), Recipe())
+        out["calibration_s"] = time.perf_counter() - t0
+        out["report"] = report.text()
+        held = list(HELD_OUT_PROMPTS)
+        ref = {p: calibrate.encode(clip, p) for p in held}
+        fq = {p: calibrate.encode(fake, p) for p in held}
+        variants = [("cuda_graph", "float32"), ("cuda_graph", "float16"), ("compiled", "float32"),
+                    ("eager", "float32")]
+        out["runtimes"] = {}
+        for executor, act in variants:
+            name = f"fp8 scaled_mm, {executor}, {act} activations"
+            res: dict = {}
+            try:
+                fp8, plan = runtime.to_fp8_runtime(fake, "fp8")
+                for m, _ in pack.quant.artifact.quantized_towers(fp8).values():
+                    m.configure(lambda d, e=executor, a=act: runtime.Plan("fp8", "scaled_mm", e, a, "bench"))
+                t0 = time.perf_counter()
+                calibrate.encode(fp8, held[0])
+                res["first_encode_s"] = time.perf_counter() - t0  # includes graph capture / compilation
+                from comfyui_fp8_clip.quant.fidelity import score
+                got = {p: calibrate.encode(fp8, p) for p in held}
+                vs_fq = [score(p, fq[p], got[p]) for p in held]
+                vs_ref = [score(p, ref[p], got[p]) for p in held]
+                res["cos_vs_fakequant_min"] = min(s.cond_cosine for s in vs_fq)
+                res["pooled_cos_vs_fakequant_min"] = min(s.pooled_cosine for s in vs_fq)
+                res["cos_vs_original_min"] = min(s.cond_cosine for s in vs_ref)
+                res["cos_vs_original_mean"] = sum(s.cond_cosine for s in vs_ref) / len(held)
+                res["cases"] = {k: time_case(fp8, v, n) for k, v in CASES.items()}
+                res["memory"] = memory(fp8, CASES["1 prompt (1x77)"])
+            except Exception as e:  # one variant failing must not lose the others
+                import traceback
+                res["error"] = f"{type(e).__name__}: {e}"
+                res["traceback"] = traceback.format_exc()[-3000:]
+            out["runtimes"][name] = res
+            print(json.dumps({name: {k: v for k, v in res.items() if k != "traceback"}}, indent=1), flush=True)
+        fq_scores = [calibrate.encode(fake, p) for p in held[:1]]  # keep fake alive to here
+        del fq_scores
+    return out
+
+
+def table(results: list[dict]) -> str:
+    stock = next(r for r in results if r["variant"] == "stock")
+    rows = [("stock ComfyUI (fp16 weights, fp32 compute)", stock["cases"], stock["memory"])]
+    for r in results:
+        if r["variant"] == "stock-fp8":
+            rows.append(("stock --fp8_e4m3fn-text-enc", r["cases"], r["memory"]))
+        for name, res in r.get("runtimes", {}).items():
+            if "cases" in res:
+                rows.append((f"pack: {name}", res["cases"], res["memory"]))
+    cases = list(CASES)
+    lines = [f"Device: {stock['device']}, torch {stock['torch']}. Median ms per case (ratio: stock / this).", "",
+             "| variant | " + " | ".join(cases) + " | resident weights MB | peak MB | growth over 50 calls MB |",
+             "|---|" + "---|" * (len(cases) + 3)]
+    for name, c, mem in rows:
+        cells = [f"{c[k]['median_ms']:.2f} ({stock['cases'][k]['median_ms'] / c[k]['median_ms']:.1f}x)" for k in cases]
+        lines.append(f"| {name} | " + " | ".join(cells) +
+                     f" | {mem['resident_weights_mb']:.0f} ({mem['resident_weights_mb'] / stock['memory']['resident_weights_mb']:.2f}x)"
+                     f" | {mem['peak_during_encode_mb']:.0f} | {mem['growth_over_50_encodes_mb']:.1f} |")
+    for r in results:
+        for name, res in r.get("runtimes", {}).items():
+            if "error" in res:
+                lines.append(f"\n{name}: FAILED {res['error']}")
+            else:
+                lines.append(f"\n{name}: cosine vs the calibrated Q->DQ model (worst held-out prompt) "
+                             f"{res['cos_vs_fakequant_min']:.5f} (pooled {res['pooled_cos_vs_fakequant_min']:.5f}); "
+                             f"vs the original {res['cos_vs_original_min']:.4f} worst / {res['cos_vs_original_mean']:.4f} "
+                             f"mean; first encode {res['first_encode_s']:.1f} s")
+        if "calibration_s" in r:
+            lines.append(f"\nCalibration (64 prompts, on the GPU): {r['calibration_s']:.1f} s\n\n```\n{r['report']}\n```")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfy", required=True)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    ap.add_argument("--fixture", default=str(ROOT / ".cache" / "bench-clip_l.safetensors"))
+    ap.add_argument("--variant")
+    ap.add_argument("--variants", default="stock,stock-fp8,pack")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.variant:
+        res = run_variant(args)
+        (out / f"{args.variant}.json").write_text(json.dumps(res, indent=1))
+        return 0
+    fixture(Path(args.fixture))
+    results = []
+    for v in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--comfy", args.comfy, "--out", str(out), "--fixture", args.fixture,
+               "--variant", v] + (["--quick"] if args.quick else [])
+        print("==>", v, flush=True)
+        subprocess.run(cmd, check=False)
+        f = out / f"{v}.json"
+        if f.exists():
+            results.append(json.loads(f.read_text()))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    md = table(results)
+    (out / "results.md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
