@@ -18,6 +18,40 @@ CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, nu
                    projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
 
 
+# OpenCLIP ViT-bigG/14 text tower (SDXL's clip_g), as in ComfyUI's clip_config_bigg.json.
+CLIP_G_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                   num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                   projection_dim=1280, bos_token_id=0, eos_token_id=49407, pad_token_id=1)
+
+
+# OpenAI CLIP ViT-L/14 and OpenCLIP ViT-H/14 vision towers, as in ComfyUI's clip_vision_config_*.json.
+CLIP_VIT_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                  image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
+
+
+def clip_vision_state_dict(config: dict = CLIP_VIT_L, seed: int = 20, num_hidden_layers: int | None = None
+                           ) -> dict[str, torch.Tensor]:
+    """A transformers CLIPVisionModelWithProjection with seeded random weights, as an fp16 state dict."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = dict(config)
+    if num_hidden_layers is not None:
+        cfg["num_hidden_layers"] = num_hidden_layers
+    torch.manual_seed(seed)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg))
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
+            if not k.endswith("position_ids")}
+
+
+def write_clip_vision(path: str | os.PathLike, config: dict = CLIP_VIT_L, seed: int = 20,
+                      num_hidden_layers: int | None = None) -> Path:
+    """A CLIP vision file (IP-Adapter's image encoder) as CLIPVisionLoader reads it."""
+    return save_atomic(clip_vision_state_dict(config, seed, num_hidden_layers), path,
+                       {"fixture": "seeded random weights, not a trained model", "seed": str(seed)})
+
+
 def clip_text_state_dict(config: dict = CLIP_L_TEXT, seed: int = 0, num_hidden_layers: int | None = None
                          ) -> dict[str, torch.Tensor]:
     """A transformers CLIPTextModelWithProjection with seeded random weights, as an fp16 state dict."""
@@ -78,6 +112,12 @@ def write_clip_l(path: str | os.PathLike, seed: int = 0, stress: bool = False) -
                                   "stress": str(stress)})
 
 
+def write_clip_g(path: str | os.PathLike, seed: int = 10) -> Path:
+    """SDXL's CLIP-G text encoder (695M parameters) with seeded random weights, as DualCLIPLoader reads it."""
+    sd = clip_text_state_dict(CLIP_G_TEXT, seed=seed)
+    return save_atomic(sd, path, {"fixture": "seeded random weights, not a trained model", "seed": str(seed)})
+
+
 def write_lora_clip_l(path: str | os.PathLike, rank: int = 8, seed: int = 2, scale: float = 0.05) -> Path:
     """A kohya-format LoRA for SD1.5's CLIP-L (q/v projections and fc1 of every layer), seeded random."""
     g = torch.Generator().manual_seed(seed)
@@ -134,6 +174,10 @@ def populate(base: Path) -> dict[str, str]:
         "clip_l": ("text_encoders", "fp8clip-fixture-clip_l.safetensors", lambda p: write_clip_l(p)),
         "clip_l_stress": ("text_encoders", "fp8clip-fixture-clip_l-outliers.safetensors",
                           lambda p: write_clip_l(p, stress=True)),
+        "clip_g": ("text_encoders", "fp8clip-fixture-clip_g.safetensors", lambda p: write_clip_g(p)),
+        "vit_l": ("clip_vision", "fp8clip-fixture-clip-vit-l-14.safetensors", lambda p: write_clip_vision(p)),
+        "vit_h_4layers": ("clip_vision_reduced", "fp8clip-fixture-clip-vit-h-14-4layers.safetensors",
+                          lambda p: write_clip_vision(p, CLIP_VIT_H, seed=21, num_hidden_layers=4)),
         "t5_stub": ("text_encoders", "fp8clip-fixture-t5base-stub.safetensors", write_t5_base_stub),
         "lora": ("loras", "fp8clip-fixture-clip_l-lora.safetensors", write_lora_clip_l),
         "embedding": ("embeddings", "fp8clip-fixture-emb.safetensors", write_embedding),

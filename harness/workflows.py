@@ -85,7 +85,79 @@ def sd15_txt2img() -> dict:
                      "Select your SD1.5 checkpoint in Load Checkpoint.")
 
 
-WORKFLOWS = {"sd15_fp8_clip_txt2img.json": sd15_txt2img}
+def sdxl_txt2img() -> dict:
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", (40, 200), ["sd_xl_base_1.0.safetensors"],
+                  outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], size=(320, 100))
+    q = g.node("FP8CLIPQuantize", (400, 60), QUANTIZE_WIDGETS, inputs=[("clip", "CLIP")],
+               outputs=[("clip", "CLIP"), ("report", "STRING")], size=(420, 420))
+    pos = g.node("CLIPTextEncode", (880, 40), ["a cinematic photo of a red fox in a snowy birch forest, golden "
+                                               "hour, shallow depth of field"],
+                 inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], size=(400, 160),
+                 title="Positive prompt")
+    neg = g.node("CLIPTextEncode", (880, 240), ["lowres, blurry, watermark, text"],
+                 inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], size=(400, 120),
+                 title="Negative prompt")
+    lat = g.node("EmptyLatentImage", (880, 400), [1024, 1024, 1], outputs=[("LATENT", "LATENT")])
+    ks = g.node("KSampler", (1320, 60), [7, "fixed", 25, 6.5, "dpmpp_2m", "karras", 1.0],
+                inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                        ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")], size=(320, 260))
+    dec = g.node("VAEDecode", (1680, 60), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+                 outputs=[("IMAGE", "IMAGE")], size=(220, 60))
+    save = g.node("SaveImage", (1940, 60), ["fp8clip_sdxl"], inputs=[("images", "IMAGE")], size=(400, 420))
+    rep = g.node("PreviewAny", (400, 520), [], inputs=[("source", "*")], size=(420, 300),
+                 title="FP8 CLIP quality report (CLIP-L and CLIP-G)")
+    for a, b in (((ckpt, 1), (q, "clip")), ((q, 0), (pos, "clip")), ((q, 0), (neg, "clip")),
+                 ((ckpt, 0), (ks, "model")), ((pos, 0), (ks, "positive")), ((neg, 0), (ks, "negative")),
+                 ((lat, 0), (ks, "latent_image")), ((ks, 0), (dec, "samples")), ((ckpt, 2), (dec, "vae")),
+                 ((dec, 0), (save, "images")), ((q, 1), (rep, "source"))):
+        g.link(a[0], a[1], b[0], b[1])
+    return g.to_json("SDXL text-to-image with both CLIP towers (CLIP-L and CLIP-G) calibrated and quantized to "
+                     "FP8 in the graph. Select your SDXL checkpoint in Load Checkpoint.")
+
+
+def unclip_image_variation() -> dict:
+    g = Graph()
+    ckpt = g.node("unCLIPCheckpointLoader", (40, 200), ["sd21-unclip-h.ckpt"],
+                  outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE"), ("CLIP_VISION", "CLIP_VISION")],
+                  size=(320, 120))
+    img = g.node("LoadImage", (40, 380), ["example.png", "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                 size=(320, 320))
+    qv = g.node("FP8CLIPVisionQuantize", (400, 40), ["*patch_embedding*", "max", "weights+activations", 0.99, "auto"],
+                inputs=[("clip_vision", "CLIP_VISION"), ("images", "IMAGE")],
+                outputs=[("clip_vision", "CLIP_VISION"), ("report", "STRING")], size=(400, 260))
+    enc = g.node("CLIPVisionEncode", (860, 40), ["center"], inputs=[("clip_vision", "CLIP_VISION"),
+                                                                     ("image", "IMAGE")],
+                 outputs=[("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")], size=(300, 80))
+    pos = g.node("CLIPTextEncode", (860, 180), ["a high quality photo"], inputs=[("clip", "CLIP")],
+                 outputs=[("CONDITIONING", "CONDITIONING")], size=(300, 120), title="Positive prompt")
+    neg = g.node("CLIPTextEncode", (860, 340), ["blurry, low quality"], inputs=[("clip", "CLIP")],
+                 outputs=[("CONDITIONING", "CONDITIONING")], size=(300, 120), title="Negative prompt")
+    un = g.node("unCLIPConditioning", (1200, 40), [1.0, 0.0],
+                inputs=[("conditioning", "CONDITIONING"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
+                outputs=[("CONDITIONING", "CONDITIONING")], size=(300, 100))
+    lat = g.node("EmptyLatentImage", (1200, 200), [768, 768, 1], outputs=[("LATENT", "LATENT")])
+    ks = g.node("KSampler", (1540, 40), [1, "fixed", 20, 7.0, "euler", "normal", 1.0],
+                inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                        ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")], size=(320, 260))
+    dec = g.node("VAEDecode", (1900, 40), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+                 outputs=[("IMAGE", "IMAGE")], size=(220, 60))
+    save = g.node("SaveImage", (2160, 40), ["fp8clip_unclip"], inputs=[("images", "IMAGE")], size=(400, 420))
+    rep = g.node("PreviewAny", (400, 340), [], inputs=[("source", "*")], size=(400, 260),
+                 title="FP8 CLIP vision quality report")
+    for a, b in (((ckpt, 3), (qv, "clip_vision")), ((img, 0), (qv, "images")), ((qv, 0), (enc, "clip_vision")),
+                 ((img, 0), (enc, "image")), ((ckpt, 1), (pos, "clip")), ((ckpt, 1), (neg, "clip")),
+                 ((pos, 0), (un, "conditioning")), ((enc, 0), (un, "clip_vision_output")),
+                 ((ckpt, 0), (ks, "model")), ((un, 0), (ks, "positive")), ((neg, 0), (ks, "negative")),
+                 ((lat, 0), (ks, "latent_image")), ((ks, 0), (dec, "samples")), ((ckpt, 2), (dec, "vae")),
+                 ((dec, 0), (save, "images")), ((qv, 1), (rep, "source"))):
+        g.link(a[0], a[1], b[0], b[1])
+    return g.to_json("Image variations with SD2.1 unCLIP: the CLIP vision (ViT-H/14) image encoder calibrated "
+                     "on your input image and quantized to FP8. Select an unCLIP checkpoint and an image.")
+
+
+WORKFLOWS = {"sd15_fp8_clip_txt2img.json": sd15_txt2img, "sdxl_fp8_clip_txt2img.json": sdxl_txt2img,
+             "sd21_unclip_fp8_clip_vision.json": unclip_image_variation}
 
 
 def main() -> None:

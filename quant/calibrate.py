@@ -79,6 +79,12 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     scales = modelopt_bridge.quantized_layers(container)
     modelopt_bridge.fold_weights(container)
 
+    summaries = []
+    for t in towers:
+        prefix = t.name + "."
+        summaries.append(TowerSummary(t.name, sum(n.startswith(prefix) for n in scales),
+                                      [n[len(prefix):] for n in kept if n.startswith(prefix)]))
+
     t0 = time.perf_counter()
     probe = LayerErrorProbe(container, reference)
     try:
@@ -87,20 +93,16 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                 check_interrupt()
                 return encode(c, p)
             return run
-        scores = evaluate(held_out, checked(clip), checked(qclip), step)
+        scores = evaluate(held_out, checked(clip), checked(qclip), summaries,
+                          {t.name: clip.patcher.get_model_object(t.path) for t in towers}, dict(copies), step)
     finally:
         errors = probe.close()
     eval_s = time.perf_counter() - t0
 
-    summaries = []
-    for t in towers:
-        prefix = t.name + "."
-        summaries.append(TowerSummary(t.name, sum(n.startswith(prefix) for n in scales),
-                                      [n[len(prefix):] for n in kept if n.startswith(prefix)]))
     report = QualityReport(family=family.label, scope=recipe.scope, method=recipe.method, towers=summaries,
                            prompts=scores, layer_errors=errors, calibration_prompts=len(prompts),
-                           calibration_seconds=calib_s, evaluation_seconds=eval_s, min_cosine=min_cosine, keep=recipe.keep,
-                           unmatched_patterns=unmatched)
+                           calibration_seconds=calib_s, evaluation_seconds=eval_s, min_cosine=min_cosine,
+                           keep=recipe.keep, passed_through=family.passed_through, unmatched_patterns=unmatched)
     fp = fingerprint(prompts, recipe)
     for t in towers:
         prefix = t.name + "."

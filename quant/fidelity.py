@@ -63,11 +63,39 @@ class LayerErrorProbe:
         return {n: (self.err[n] / self.ref_energy[n]) ** 0.5 if self.ref_energy[n] > 0 else 0.0 for n in self.err}
 
 
+def suggested_keep(worst: list[tuple[str, float]], current: tuple[str, ...] = ()) -> list[str]:
+    """The keep patterns to try next: the current ones plus the layer types of the worst layers."""
+    kinds = [".".join(n.split(".")[-2:]) for n, _ in worst]
+    return list(dict.fromkeys([*current, *(f"*{k}" for k in kinds)]))
+
+
+class TowerCapture:
+    """Records what each tower's transformer returns (the hidden state the conditioning uses, and the pooled
+    output), so a bundle's report can say how much each tower lost."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.last: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in modules.items()]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(mod, args, kwargs, out):
+            hidden = out[1] if isinstance(kwargs.get("intermediate_output"), int) and out[1] is not None else out[0]
+            pooled = out[2] if len(out) > 2 and out[2] is not None else None
+            self.last[name] = (hidden.detach().float(), None if pooled is None else pooled.detach().float())
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
 @dataclass
 class TowerSummary:
     name: str
     quantized: int
     kept: list[str]
+    cond: list[float] = field(default_factory=list)  # per held-out prompt
+    pooled: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +111,7 @@ class QualityReport:
     evaluation_seconds: float
     min_cosine: float
     keep: tuple[str, ...] = ()
+    passed_through: tuple[str, ...] = ()
     unmatched_patterns: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -112,11 +141,6 @@ class QualityReport:
         worst_pooled = self.pooled_min
         return self.cond_min < self.min_cosine or (worst_pooled is not None and worst_pooled < self.min_cosine)
 
-    def suggested_keep(self, current: tuple[str, ...] = ()) -> list[str]:
-        """The keep patterns to try next: the current ones plus the layer types of the worst layers."""
-        kinds = [".".join(n.split(".")[-2:]) for n, _ in self.worst_layers(3)]
-        return list(dict.fromkeys([*current, *(f"*{k}" for k in kinds)]))
-
     def warnings(self) -> list[str]:
         out = [f"Keep pattern {p!r} matches no layer; check the spelling against the layer names below."
                for p in self.unmatched_patterns]
@@ -124,7 +148,7 @@ class QualityReport:
             names = ", ".join(f"{n} ({e:.1%})" for n, e in self.worst_layers(3))
             out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst prompt: conditioning "
                        f"{self.cond_min:.5f}). Worst layers by output error: {names}. Try "
-                       f"keep_high_precision: {', '.join(self.suggested_keep(self.keep))}")
+                       f"keep_high_precision: {', '.join(suggested_keep(self.worst_layers(3), self.keep))}")
         return out
 
     def to_dict(self) -> dict:
@@ -140,10 +164,18 @@ class QualityReport:
         for t in self.towers:
             kept = ", ".join(t.kept) if t.kept else "none"
             lines.append(f"  {t.name}: {t.quantized} Linear layers in FP8; kept in high precision: {kept}")
+        lines += [f"  {n}: passed through unchanged (not a CLIP tower)" for n in self.passed_through]
         lines += [
             f"Cosine vs the unquantized encoder on {len(self.prompts)} held-out prompts (min / mean):",
             f"  conditioning  {f(self.cond_min)} / {f(self.cond_mean)}",
             f"  pooled        {f(self.pooled_min)} / {f(self.pooled_mean)}",
+        ]
+        if len(self.towers) > 1:
+            for t in self.towers:
+                lines.append(f"  {t.name} alone: hidden {f(min(t.cond, default=None))} / "
+                             f"{f(sum(t.cond) / len(t.cond) if t.cond else None)}, pooled "
+                             f"{f(min(t.pooled, default=None))}")
+        lines += [
             f"Calibration: {self.calibration_prompts} prompts, method '{self.method}', "
             f"{self.calibration_seconds:.1f} s (evaluation {self.evaluation_seconds:.1f} s)",
             "Largest per-layer output errors: " + ", ".join(f"{n} {e:.1%}" for n, e in self.worst_layers(3)),
@@ -154,10 +186,28 @@ class QualityReport:
 
 
 def evaluate(prompts: Iterable[str], encode_ref: Callable[[str], tuple], encode_q: Callable[[str], tuple],
-             step: Callable[[], None] = lambda: None) -> list[PromptScore]:
+             towers: list[TowerSummary], ref_modules: dict[str, torch.nn.Module],
+             q_modules: dict[str, torch.nn.Module], step: Callable[[], None] = lambda: None) -> list[PromptScore]:
+    """End-to-end scores per prompt; per-tower scores are appended to `towers`."""
     scores = []
     for p in prompts:
-        scores.append(score(p, encode_ref(p), encode_q(p)))
+        cap = TowerCapture(ref_modules)
+        try:
+            ref = encode_ref(p)
+        finally:
+            cap.close()
+        capq = TowerCapture(q_modules)
+        try:
+            got = encode_q(p)
+        finally:
+            capq.close()
+        scores.append(score(p, ref, got))
+        for t in towers:
+            if t.name in cap.last and t.name in capq.last:
+                s = score(p, cap.last[t.name], capq.last[t.name])
+                t.cond.append(s.cond_cosine)
+                if s.pooled_cosine is not None:
+                    t.pooled.append(s.pooled_cosine)
         step()
     return scores
 

@@ -10,102 +10,20 @@ kernels before each FP8 matmul. Pooling by prompt length stays outside the graph
 """
 from __future__ import annotations
 
-import logging
-from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .fp8_ops import FP8Embedding, FP8Linear
-
-log = logging.getLogger(__name__)
-
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+from .fp8_encoder import FP8Runner, build_layers, fp8_or_kept, layer_norm
+from .fp8_ops import FP8Embedding
 
 
-def _layer_norm(ln: torch.nn.Module) -> torch.nn.LayerNorm:
-    out = torch.nn.LayerNorm(ln.weight.shape[0], eps=getattr(ln, "eps", 1e-5))
-    with torch.no_grad():
-        out.weight.copy_(ln.weight.float())
-        out.bias.copy_(ln.bias.float())
-    return out.requires_grad_(False)
-
-
-class KeptLinear(torch.nn.Linear):
-    """A layer kept in high precision: the checkpoint's fp16 weights, computed in the input's dtype."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = None if self.bias is None else self.bias.to(x.device, x.dtype)
-        return F.linear(x, self.weight.to(x.device, x.dtype), b)
-
-
-def _kept_linear(lin: torch.nn.Module) -> KeptLinear:
-    out = KeptLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, dtype=torch.float16)
-    with torch.no_grad():
-        out.weight.copy_(lin.weight)
-        if lin.bias is not None:
-            out.bias.data = lin.bias.detach().float().clone()
-    return out.requires_grad_(False)
-
-
-def sdpa_attention(q, k, v, heads, mask=None, **kwargs):
-    b, t, d = q.shape
-    q, k, v = (z.view(b, t, heads, d // heads).transpose(1, 2) for z in (q, k, v))
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype))
-    return a.transpose(1, 2).reshape(b, t, d)
-
-
-def host_attention(device: torch.device) -> Callable:
-    """ComfyUI's own attention for this device when running inside ComfyUI: the FP8 path then differs from
-    the calibrated Q->DQ path only by FP8 arithmetic, not by another softmax implementation."""
-    try:
-        from comfy.ldm.modules.attention import optimized_attention_for_device
-        return optimized_attention_for_device(device, mask=True, small_input=True)
-    except Exception:
-        return sdpa_attention
-
-
-class _Attention(torch.nn.Module):
-    def __init__(self, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.attention: Callable = sdpa_attention
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.out_proj(self.attention(q, k, v, self.heads, mask.to(q.dtype)))
-
-
-class _MLP(torch.nn.Module):
-    def __init__(self, activation: Callable):
-        super().__init__()
-        self.activation = activation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(x)))
-
-
-class _Layer(torch.nn.Module):
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x).to(self.act_dtype), mask).to(x.dtype)
-        return x + self.mlp(self.layer_norm2(x).to(self.act_dtype)).to(x.dtype)
-
-
-class FP8TextModel(torch.nn.Module):
+class FP8TextModel(FP8Runner):
     """Built by `from_quantized` from a calibrated (fake-quant) ComfyUI CLIPTextModel and its scales."""
 
     def __init__(self) -> None:
         super().__init__()
         self.text_model = torch.nn.Module()
-        self.act_dtype = torch.float32
-        self.executor = "eager"  # "eager" | "cuda_graph" | "compiled"
-        self.planner: Callable | None = None
-        self.load_device: torch.device | None = None  # where ComfyUI runs this CLIP
-        self._device: torch.device | None = None
-        self._placement: tuple = ()
-        self._graphs: OrderedDict = OrderedDict()
-        self._compiled: Callable | None = None
 
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -126,28 +44,11 @@ class FP8TextModel(torch.nn.Module):
         emb.position_embedding.requires_grad_(False)
         m.text_model.embeddings = emb
 
-        def linear(name: str, lin: torch.nn.Module) -> torch.nn.Module:
-            s = scales.get(name)
-            if s is None:
-                return _kept_linear(lin)
-            return FP8Linear.from_linear(lin, s.weight_scale, s.input_scale)
-
-        layers = torch.nn.ModuleList()
-        for i, l in enumerate(tm.encoder.layers):
-            p = f"text_model.encoder.layers.{i}."
-            nl = _Layer()
-            nl.layer_norm1, nl.layer_norm2 = _layer_norm(l.layer_norm1), _layer_norm(l.layer_norm2)
-            nl.self_attn = _Attention(l.self_attn.heads)
-            for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                setattr(nl.self_attn, n, linear(p + "self_attn." + n, getattr(l.self_attn, n)))
-            nl.mlp = _MLP(l.mlp.activation)
-            nl.mlp.fc1, nl.mlp.fc2 = linear(p + "mlp.fc1", l.mlp.fc1), linear(p + "mlp.fc2", l.mlp.fc2)
-            nl.act_dtype = torch.float32
-            layers.append(nl)
+        layers = build_layers(tm.encoder.layers, "text_model.encoder.layers.", scales)
         m.text_model.encoder = torch.nn.Module()
         m.text_model.encoder.layers = layers
-        m.text_model.final_layer_norm = _layer_norm(tm.final_layer_norm)
-        m.text_projection = linear("text_projection", src.text_projection)
+        m.text_model.final_layer_norm = layer_norm(tm.final_layer_norm)
+        m.text_projection = fp8_or_kept("text_projection", src.text_projection, scales)
         return m
 
     # --- ComfyUI's interface --------------------------------------------------------------------------------
@@ -157,56 +58,11 @@ class FP8TextModel(torch.nn.Module):
     def set_input_embeddings(self, embeddings: torch.nn.Module) -> None:
         self.text_model.embeddings.token_embedding = embeddings
 
-    def configure(self, planner: Callable[[torch.device], Any]) -> None:
-        """`planner(device)` -> an object with .matmul ('scaled_mm'|'dequant'), .executor ('eager'|
-        'cuda_graph'|'compiled') and .act_dtype; asked again whenever the model runs on another device."""
-        self.planner = planner
-        self._device = None
-
-    def _place(self, device: torch.device) -> torch.device:
-        """Keep every weight on the device this CLIP runs on.
-
-        ComfyUI's loader moves modules it recognises one by one and may leave others (its lowvram and
-        dynamic-VRAM modes differ between versions), so the module places itself, and drops captured CUDA
-        graphs whenever a weight has moved (a graph holds raw pointers)."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        params = self.__dict__.get("_param_list")
-        if params is None:
-            params = self.__dict__["_param_list"] = list(self.parameters())
-        if any(p.device != device for p in params):
-            self.to(device)
-        placement = tuple(p.data_ptr() for p in params)
-        if placement != self._placement:
-            self._drop_graphs()
-            self._placement = placement
-        return device
-
-    def _prepare(self, device: torch.device) -> None:
-        if device == self._device:
-            return
-        p = self.planner(device) if self.planner else None
-        matmul = getattr(p, "matmul", "dequant")
-        self.executor = getattr(p, "executor", "eager")
-        self.act_dtype = getattr(torch, getattr(p, "act_dtype", "float32"))
-        for mod in self.modules():
-            if isinstance(mod, FP8Linear):
-                mod.mode = matmul
-            if isinstance(mod, _Layer):
-                mod.act_dtype = self.act_dtype
-            if isinstance(mod, _Attention):
-                mod.attention = host_attention(device)
-        self._drop_graphs()
-        self._compiled = None
-        self._device = device
-
     def forward(self, input_tokens=None, attention_mask=None, embeds=None, num_tokens=None, intermediate_output=None,
                 final_layer_norm_intermediate=True, dtype=torch.float32, embeds_info=(), **kwargs):
         if embeds is None:
             embeds = self.get_input_embeddings()(input_tokens, out_dtype=dtype)
         device = self._place(self.load_device or embeds.device)
-        self._prepare(device)
         x = embeds.to(device, torch.float32)
         mask = None  # None: causal only, built inside the fixed part
         if attention_mask is not None:  # as comfy.clip_model builds it
@@ -217,7 +73,7 @@ class FP8TextModel(torch.nn.Module):
         if isinstance(intermediate_output, int) and intermediate_output < 0:
             intermediate_output = self.num_layers + intermediate_output
         if intermediate_output is None or isinstance(intermediate_output, int):
-            last, inter = self._run_core(x, mask, intermediate_output, bool(final_layer_norm_intermediate))
+            last, inter = self.run_core(x, mask, intermediate_output, bool(final_layer_norm_intermediate))
         else:  # "all" or a list: rare, eager
             last, inter = self._core_all(x, mask, intermediate_output, final_layer_norm_intermediate)
         if num_tokens is not None:  # python ints: index without a host-to-device copy
@@ -262,51 +118,6 @@ class FP8TextModel(torch.nn.Module):
         if which != "all":
             inter = inter[:, list(which)]
         return tm.final_layer_norm(x), inter
-
-    def _run_core(self, x, mask, inter_idx, ln_inter):
-        if self.executor == "eager" or x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            return self._core(x, mask, inter_idx, ln_inter)
-        fn = self._core
-        if self.executor == "compiled":
-            if self._compiled is None:
-                self._compiled = torch.compile(self._core, dynamic=False, fullgraph=True)
-            fn = self._compiled
-        key = (tuple(x.shape), None if mask is None else tuple(mask.shape), inter_idx, ln_inter, x.device)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._capture(fn, x, mask, inter_idx, ln_inter)
-            self._graphs[key] = entry
-            while len(self._graphs) > 24:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
-        graph, sx, smask, out = entry
-        sx.copy_(x)
-        if smask is not None:
-            smask.copy_(mask)
-        graph.replay()
-        return out[0].clone(), None if out[1] is None else out[1].clone()
-
-    def _capture(self, fn, x, mask, inter_idx, ln_inter):
-        sx = x.clone()
-        smask = None if mask is None else mask.clone()
-        s = torch.cuda.Stream(device=x.device)
-        s.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(s):
-            for _ in range(2):  # warm-up: compilation, cuBLAS workspaces, autotuning
-                fn(sx, smask, inter_idx, ln_inter)
-        torch.cuda.current_stream(x.device).wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        if not hasattr(self, "_pool"):
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = fn(sx, smask, inter_idx, ln_inter)
-        return graph, sx, smask, out
-
-    def _drop_graphs(self) -> None:
-        # A fresh memory pool too: the old one belongs to the graphs being released.
-        self._graphs.clear()
-        self.__dict__.pop("_pool", None)
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())

@@ -71,11 +71,14 @@ def to_float32(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def clone_with(clip: Any, modules: dict[str, torch.nn.Module]) -> Any:
-    """A clone of `clip` whose modules at the given paths are replaced (for this clone only).
-
-    Weight patches under those paths are dropped from the clone: they are already in the new modules.
+    """A clone of `clip` (a CLIP or CLIP_VISION) whose modules at the given paths are replaced, for this
+    clone only. Weight patches under those paths are dropped from the clone: they are in the new modules.
     """
-    out = clip.clone()
+    if hasattr(clip, "clone"):
+        out = clip.clone()
+    else:  # ComfyUI's ClipVisionModel has no clone(): a shallow copy with its own patcher clone
+        out = copy.copy(clip)
+        out.patcher = clip.patcher.clone()
     for path, module in modules.items():
         prefix = path + "."
         for key in [k for k in out.patcher.patches if k.startswith(prefix)]:

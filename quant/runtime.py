@@ -16,11 +16,16 @@ import torch
 from . import artifact
 from .errors import FP8ClipError
 from .fp8_ops import fp8_matmul_support
+from .fp8_encoder import FP8Runner
 from .fp8_text_model import FP8TextModel
-from .patching import weight_bytes
+from .fp8_vision_model import FP8VisionModel
+from .patching import clone_with, weight_bytes
 
 RUNTIMES = ("auto", "fp8", "fp8-compiled", "fake-quant", "tensorrt")
-GPU_ACT_DTYPE = "float32"  # measured in bench/: fp16 activations drift further from the calibrated numbers
+# Activations between the FP8 matmuls on GPUs (bench/results): text in fp32 (fp16 drifts further from the
+# calibrated numbers and gains nothing on an overhead-bound 77-token encoder); vision in fp16 (2.05x vs 1.84x
+# stock throughput at batch 64, same fidelity).
+GPU_ACT_DTYPE = {"text": "float32", "vision": "float16"}
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class Plan:
     reason: str = ""
 
 
-def plan(requested: str, device: torch.device, compile_ok: bool | None = None) -> Plan:
+def plan(requested: str, device: torch.device, compile_ok: bool | None = None, kind: str = "text") -> Plan:
     if requested not in RUNTIMES:
         raise FP8ClipError(f"Unknown runtime {requested!r}. Use one of: {', '.join(RUNTIMES)}.")
     if requested == "fake-quant":
@@ -46,35 +51,42 @@ def plan(requested: str, device: torch.device, compile_ok: bool | None = None) -
         # CUDA graphs by default: ComfyUI's per-encode overhead dominates CLIP-L, and compiling costs
         # ~20 s on first use for little gain there (bench/results). "compiled" is opt-in.
         executor = "compiled" if compile_ok else "cuda_graph"
-        return Plan("fp8", "scaled_mm", executor, GPU_ACT_DTYPE,
+        return Plan("fp8", "scaled_mm", executor, GPU_ACT_DTYPE[kind],
                     f"FP8 matmuls ({why}), {executor.replace('_', ' ')}")
     if device.type == "cuda":
-        return Plan("fp8", "dequant", "cuda_graph", GPU_ACT_DTYPE, f"FP8 weights, dequantized per matmul: {why}")
+        return Plan("fp8", "dequant", "cuda_graph", GPU_ACT_DTYPE[kind], f"FP8 weights, dequantized per matmul: {why}")
     return Plan("fp8", "dequant", "eager", "float32", f"FP8 weights, dequantized per matmul: {why}")
 
 
 
 def to_fp8_runtime(qclip: Any, requested: str = "auto", compile_ok: bool | None = None) -> tuple[Any, Plan]:
-    """A clone of a fake-quant CLIP whose quantized towers hold FP8 weights and run the planned kernels."""
+    """A clone of a fake-quant CLIP or CLIP_VISION whose quantized towers hold FP8 weights and run the
+    planned kernels. Built completely before anything is swapped in: a failure (out of memory...) leaves
+    the input as it was."""
     towers = artifact.quantized_towers(qclip)
     if not towers:
-        raise FP8ClipError("This CLIP is not quantized by this pack: connect the output of 'Quantize CLIP to FP8'.")
+        raise FP8ClipError("This model is not quantized by this pack: connect the output of a 'Quantize ... to "
+                           "FP8' node.")
     device = torch.device(qclip.patcher.load_device)
     p = plan(requested, device, compile_ok)
     if p.runtime == "fake-quant":
         return qclip, p
-    out = qclip.clone()
     size = qclip.patcher.model_size()
+    swaps = {}
     for path, (module, record) in towers.items():
-        if isinstance(module, FP8TextModel):
+        if isinstance(module, FP8Runner):
             fp8 = module
+        elif record.tower == "vision_model":
+            fp8 = FP8VisionModel.from_quantized(module, record.scales)
         else:
             fp8 = FP8TextModel.from_quantized(module, record.scales, fp8_embedding=record.recipe.fp8_embedding)
-            artifact.attach(fp8, record)
-        fp8.configure(lambda d, requested=requested, compile_ok=compile_ok: plan(requested, d, compile_ok))
+        artifact.attach(fp8, record)
+        kind = "vision" if isinstance(fp8, FP8VisionModel) else "text"
+        fp8.configure(lambda d, r=requested, c=compile_ok, k=kind: plan(r, d, c, k))
         fp8.load_device = device
         size += weight_bytes(fp8) - record.source_bytes
-        out.patcher.add_object_patch(path, fp8)
+        swaps[path] = fp8
+    out = clone_with(qclip, swaps)
     out.patcher.size = size  # what ComfyUI's memory management budgets for this clone
     return out, p
 
@@ -87,16 +99,25 @@ def verify(reference_clip: Any, runtime_clip: Any, prompts: list[str]) -> float:
     return min(score(p, encode(reference_clip, p), encode(runtime_clip, p)).cond_cosine for p in prompts)
 
 
-def describe(clip: Any, p: Plan, fidelity: float | None, checked: int) -> str:
-    size = clip.patcher.model_size()
+def verify_vision(reference: Any, runtime_cv: Any, images: torch.Tensor) -> float:
+    """Worst image_embeds cosine of `runtime_cv` against `reference` (the Q->DQ model) on `images`."""
+    from .vision import embed
+
+    return float(torch.nn.functional.cosine_similarity(embed(reference, images)[0], embed(runtime_cv, images)[0],
+                                                       dim=-1).min())
+
+
+def describe(model: Any, p: Plan, fidelity: float | None, checked: int, what: str = "conditioning",
+             unit: str = "prompts") -> str:
+    size = model.patcher.model_size()
     lines = [f"Runtime: {p.runtime} ({p.reason})"]
-    towers = artifact.quantized_towers(clip)
+    towers = artifact.quantized_towers(model)
     src = sum(r.source_bytes for _, r in towers.values())
     now = sum(weight_bytes(m) for m, _ in towers.values())
     if p.runtime == "fp8" and src:
-        lines.append(f"  text encoder weights in memory: {now / 2**20:.0f} MiB for the quantized towers "
-                     f"({now / src:.2f}x of {src / 2**20:.0f} MiB), {size / 2**20:.0f} MiB for the whole CLIP")
+        lines.append(f"  weights in memory: {now / 2**20:.0f} MiB for the quantized parts ({now / src:.2f}x of "
+                     f"{src / 2**20:.0f} MiB), {size / 2**20:.0f} MiB for the whole model")
     if fidelity is not None:
-        lines.append(f"  matches the calibrated Q->DQ model: worst conditioning cosine {fidelity:.5f} "
-                     f"on {checked} held-out prompts")
+        lines.append(f"  matches the calibrated Q->DQ model: worst {what} cosine {fidelity:.5f} "
+                     f"on {checked} held-out {unit}")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
-"""Which CLIP text towers a ComfyUI CLIP object holds, and whether the pack supports them.
+"""Which CLIP text towers a ComfyUI CLIP object holds, and which parts the pack passes through.
 
-A ComfyUI CLIP wraps a `cond_stage_model` (SD1ClipModel, SDXLClipModel, ...) whose towers (`clip_l`,
-`clip_g`) each hold a `transformer` (comfy.clip_model.CLIPTextModel). The transformer is what gets quantized
-and what the patcher swaps per clone under the object-patch key `<tower>.transformer`.
+A ComfyUI CLIP wraps a `cond_stage_model` (SD1ClipModel, SDXLClipModel, SD3ClipModel, FluxClipModel...)
+whose CLIP towers (`clip_l`, `clip_g`) each hold a `transformer` (comfy.clip_model.CLIPTextModel). That
+transformer is what gets quantized and what the patcher swaps per clone under `<tower>.transformer`. Other
+towers of a bundle (T5-XXL in SD3/Flux, ...) are passed through untouched and named in the report.
 """
 from __future__ import annotations
 
@@ -11,22 +12,23 @@ from typing import Any
 
 from .errors import FP8ClipError, UnsupportedModelError
 
+CLIP_TOWERS = ("clip_l", "clip_g", "clip_h")
+OTHER_TOWERS = ("t5xxl", "t5xl", "t5base", "llama", "qwen", "gemma", "umt5xxl")
 
-@dataclass(frozen=True)
-class Family:
-    label: str
-    towers: tuple[str, ...]
-
-
-# cond_stage_model class name -> family. Matched by exact class name: a subclass (SD2's clip_h, ...) may
-# differ in what it needs, so it stays unsupported until it is tested.
-FAMILIES: dict[str, Family] = {
-    "SD1ClipModel": Family("SD1.5 (CLIP-L)", ("clip_l",)),
+# First class in the bundle's MRO found here names the family (SD3 and Flux build their classes per file,
+# e.g. SD3ClipModel_, so exact names would not match).
+FAMILY_LABELS: dict[str, str] = {
+    "SDXLRefinerClipModel": "SDXL refiner (CLIP-G)",
+    "SDXLClipModel": "SDXL (CLIP-L + CLIP-G)",
+    "SD3ClipModel": "SD3 (CLIP-L + CLIP-G + T5)",
+    "FluxClipModel": "Flux (CLIP-L + T5)",
+    "SD1ClipModel": "SD1.5 (CLIP-L)",
 }
+TESTED = "SD1.5 CLIP-L, SDXL CLIP-L + CLIP-G, SD3 CLIP-L/CLIP-G, Flux CLIP-L"
 
 
 def supported_families_text() -> str:
-    return ", ".join(f.label for f in FAMILIES.values())
+    return f"text encoders with CLIP-L or CLIP-G towers ({TESTED})"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,13 @@ class TextTower:
         return f"{self.name}.transformer"
 
 
+@dataclass(frozen=True)
+class Family:
+    label: str
+    towers: tuple[TextTower, ...]
+    passed_through: tuple[str, ...]  # other towers of the bundle, left as they are
+
+
 def require_clip(clip: Any) -> None:
     if clip is None:
         raise FP8ClipError("No CLIP is connected. Connect the CLIP output of Load Checkpoint or Load CLIP.")
@@ -48,16 +57,30 @@ def require_clip(clip: Any) -> None:
             "Connect a CLIP output to the clip input.")
 
 
+def _is_clip_text_tower(tower: Any) -> bool:
+    transformer = getattr(tower, "transformer", None)
+    return transformer is not None and hasattr(transformer, "text_model") and hasattr(
+        getattr(transformer, "text_model"), "encoder")
+
+
 def text_family(clip: Any) -> tuple[Family, list[TextTower]]:
-    """The family of a CLIP and its towers; a clear error for anything else."""
+    """The family of a CLIP and its CLIP text towers; a clear error when it has none."""
     require_clip(clip)
     csm = clip.cond_stage_model
-    family = FAMILIES.get(type(csm).__name__)
-    if family is None:
-        raise UnsupportedModelError(
-            f"This CLIP ({type(csm).__name__}) is not supported yet. Supported: {supported_families_text()}. "
-            "Pass this CLIP to CLIPTextEncode directly, without the FP8 node.")
-    towers = [TextTower(n) for n in family.towers if getattr(csm, n, None) is not None]
+    towers, others = [], []
+    for name in CLIP_TOWERS:
+        tower = getattr(csm, name, None)
+        if tower is not None and _is_clip_text_tower(tower):
+            towers.append(TextTower(name))
+    for name in OTHER_TOWERS:
+        if getattr(csm, name, None) is not None:
+            others.append(name)
     if not towers:
-        raise UnsupportedModelError(f"This {family.label} CLIP holds none of its towers {family.towers}.")
-    return family, towers
+        raise UnsupportedModelError(
+            f"This text encoder ({type(csm).__name__}) has no CLIP text tower, so there is nothing for this node "
+            f"to quantize. Supported: {supported_families_text()}. Pass this CLIP to CLIPTextEncode directly.")
+    label = next((FAMILY_LABELS[c.__name__] for c in type(csm).__mro__ if c.__name__ in FAMILY_LABELS),
+                 type(csm).__name__)
+    if label.startswith("SD1.5") and [t.name for t in towers] != ["clip_l"]:
+        label = f"{type(csm).__name__} ({', '.join(t.name for t in towers)})"
+    return Family(label, tuple(towers), tuple(others)), towers

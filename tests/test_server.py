@@ -50,6 +50,8 @@ def widget_inputs(info: dict) -> list[str]:
             t = spec[0]
             if isinstance(t, list) or t in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
                 out.append(name)
+                if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("image_upload"):
+                    out.append("upload")
                 if name in ("seed", "noise_seed") and t == "INT":
                     out.append("control_after_generate")
     return out

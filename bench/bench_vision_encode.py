@@ -1,0 +1,205 @@
+"""CLIP vision (ViT-L/14) throughput and memory: stock ComfyUI's encode_image vs this pack's FP8 runtime.
+
+    python bench/bench_vision_encode.py --comfy /path/to/ComfyUI --out bench/out-vision
+
+Stock runs one batch size per fresh process (its GPU memory grows across calls made outside the executor);
+the FP8 runtimes run every batch size in one process and report memory growth. Seeded random-weight ViT-L/14
+at its real config. Writes results.json and results.md with ratios against stock.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_text_encode import ROOT, boot, load_pack  # noqa: E402
+
+BATCHES = (1, 16, 64)
+
+
+def fixture(path: Path) -> Path:
+    if not path.exists():
+        sys.path.insert(0, str(ROOT))
+        from harness.fixtures import write_clip_vision
+        write_clip_vision(path)
+    return path
+
+
+def images(n: int):
+    sys.path.insert(0, str(ROOT))
+    from quant.images import synthetic_images
+    return synthetic_images(n, seed=31)[0]
+
+
+def time_batch(cv, batch, n: int, warm: int = 3) -> dict:
+    import torch
+
+    for _ in range(warm):
+        cv.encode_image(batch, crop=True)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        cv.encode_image(batch, crop=True)
+        torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    med = statistics.median(ts)
+    return {"median_ms": med, "images_per_s": batch.shape[0] / med * 1e3}
+
+
+def memory(cv, batch) -> dict:
+    import comfy.model_management as mm
+    import torch
+
+    mm.unload_all_models()
+    mm.soft_empty_cache(True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    mm.load_models_gpu([cv.patcher], force_full_load=True)
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated() - base
+    cv.encode_image(batch, crop=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    cv.encode_image(batch, crop=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    for _ in range(20):
+        cv.encode_image(batch, crop=True)
+    torch.cuda.synchronize()
+    return {"resident_weights_mb": resident / 2**20, "peak_mb": peak / 2**20,
+            "growth_over_20_calls_mb": (torch.cuda.memory_allocated() - before) / 2**20}
+
+
+def run_variant(args) -> dict:
+    import torch
+
+    boot(Path(args.comfy), [])
+    import comfy.clip_vision
+
+    out = {"variant": args.variant, "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    cv = comfy.clip_vision.load(str(fixture(Path(args.fixture))))
+    imgs = images(max(BATCHES))
+    n = 20
+    with torch.inference_mode():
+        if args.variant.startswith("stock-b"):
+            b = int(args.variant[len("stock-b"):])
+            out["batch"] = b
+            out["timing"] = time_batch(cv, imgs[:b], n)
+            out["memory"] = memory(cv, imgs[:b])
+            return out
+        pack = load_pack()
+        from comfyui_fp8_clip.quant import runtime, vision
+        from comfyui_fp8_clip.quant.recipe import Recipe
+        import modelopt.torch.quantization.tensor_quant as tq
+
+        tq.get_cuda_ext_fp8 = lambda *a, **k: None  # ModelOpt's eager FP8 formula: no JIT build here
+        tq.DISABLE_TRITON_KERNEL = True
+        t0 = time.perf_counter()
+        fake, report = vision.quantize_clip_vision(cv, None, Recipe(keep=vision.DEFAULT_VISION_KEEP,
+                                                                    fp8_embedding=False))
+        out["calibration_s"] = time.perf_counter() - t0
+        out["report"] = report.text()
+        test = images(16)
+        ref_e = vision.embed(cv, test)[0]
+        fq_e = vision.embed(fake, test)[0]
+        out["runtimes"] = {}
+        for executor, act in (("cuda_graph", "float32"), ("cuda_graph", "float16"), ("compiled", "float16")):
+            name = f"fp8 scaled_mm, {executor}, {act} activations"
+            res: dict = {}
+            try:
+                fp8, _ = runtime.to_fp8_runtime(fake, "fp8")
+                for m, _r in pack.quant.artifact.quantized_towers(fp8).values():
+                    m.configure(lambda d, e=executor, a=act: runtime.Plan("fp8", "scaled_mm", e, a, "bench"))
+                t0 = time.perf_counter()
+                got = vision.embed(fp8, test)[0]
+                res["first_call_s"] = time.perf_counter() - t0
+                cos = torch.nn.functional.cosine_similarity
+                res["cos_vs_fakequant_min"] = float(cos(fq_e, got, dim=-1).min())
+                res["cos_vs_original_min"] = float(cos(ref_e, got, dim=-1).min())
+                res["timing"] = {str(b): time_batch(fp8, imgs[:b], n) for b in BATCHES}
+                res["memory"] = memory(fp8, imgs[:64])
+            except Exception as e:  # one variant failing must not lose the others
+                import traceback
+                res["error"] = f"{type(e).__name__}: {e}"
+                res["traceback"] = traceback.format_exc()[-3000:]
+            out["runtimes"][name] = res
+            print(json.dumps({name: {k: v for k, v in res.items() if k != "traceback"}}, indent=1), flush=True)
+        out["fake_quant_report_cos_check"] = float(torch.nn.functional.cosine_similarity(ref_e, fq_e, dim=-1).min())
+    return out
+
+
+def table(results: list[dict]) -> str:
+    stock = {r["batch"]: r for r in results if r["variant"].startswith("stock-b")}
+    dev = next(iter(stock.values()))["device"] if stock else results[0]["device"]
+    lines = [f"Device: {dev}. Median ms per encode_image call (images/s; ratio = this / stock throughput).", "",
+             "| variant | " + " | ".join(f"batch {b}" for b in BATCHES) + " | resident weights MB | peak MB (b64) | "
+             "growth over 20 calls MB |", "|---|" + "---|" * (len(BATCHES) + 3)]
+    if stock:
+        cells = [f"{stock[b]['timing']['median_ms']:.1f} ({stock[b]['timing']['images_per_s']:.0f}/s)" for b in BATCHES]
+        m = stock[max(BATCHES)]["memory"]
+        lines.append("| stock ComfyUI (fp16 weights, fp32 compute; fresh process per batch) | " + " | ".join(cells) +
+                     f" | {m['resident_weights_mb']:.0f} | {m['peak_mb']:.0f} | "
+                     + ", ".join(f"b{b}: {stock[b]['memory']['growth_over_20_calls_mb']:.0f}" for b in BATCHES) + " |")
+    for r in results:
+        for name, res in r.get("runtimes", {}).items():
+            if "error" in res:
+                lines.append(f"| pack: {name} | FAILED: {res['error'][:80]} |")
+                continue
+            cells = []
+            for b in BATCHES:
+                t = res["timing"][str(b)]
+                ratio = t["images_per_s"] / stock[b]["timing"]["images_per_s"] if b in stock else float("nan")
+                cells.append(f"{t['median_ms']:.1f} ({t['images_per_s']:.0f}/s, {ratio:.2f}x)")
+            m = res["memory"]
+            sm = stock[max(BATCHES)]["memory"]["resident_weights_mb"] if stock else float("nan")
+            lines.append(f"| pack: {name} | " + " | ".join(cells) +
+                         f" | {m['resident_weights_mb']:.0f} ({m['resident_weights_mb'] / sm:.2f}x) | {m['peak_mb']:.0f} |"
+                         f" {m['growth_over_20_calls_mb']:.1f} |")
+        for name, res in r.get("runtimes", {}).items():
+            if "error" not in res:
+                lines.append(f"\n{name}: image_embeds cosine vs the calibrated Q->DQ model {res['cos_vs_fakequant_min']:.5f}"
+                             f" (worst of 16), vs the original {res['cos_vs_original_min']:.5f}; first call "
+                             f"{res['first_call_s']:.1f} s")
+        if "report" in r:
+            lines.append(f"\nCalibration (32 built-in images, on the GPU): {r['calibration_s']:.1f} s\n\n```\n{r['report']}\n```")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfy", required=True)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out-vision"))
+    ap.add_argument("--fixture", default=str(ROOT / ".cache" / "bench-clip-vit-l.safetensors"))
+    ap.add_argument("--variant")
+    ap.add_argument("--variants", default=",".join([f"stock-b{b}" for b in BATCHES] + ["pack"]))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.variant:
+        (out / f"{args.variant}.json").write_text(json.dumps(run_variant(args), indent=1))
+        return 0
+    fixture(Path(args.fixture))
+    results = []
+    for v in args.variants.split(","):
+        print("==>", v, flush=True)
+        subprocess.run([sys.executable, __file__, "--comfy", args.comfy, "--out", str(out), "--fixture",
+                        args.fixture, "--variant", v], check=False)
+        f = out / f"{v}.json"
+        if f.exists():
+            results.append(json.loads(f.read_text()))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    md = table(results)
+    (out / "results.md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

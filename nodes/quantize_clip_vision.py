@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from ..quant.recipe import METHODS, SCOPES, Recipe, parse_patterns
+from .quantize_clip import RUNTIME_CHOICES
+from .ui import interrupt_check, progress_bar
+
+
+class QuantizeCLIPVision:
+    NODE_ID = "FP8CLIPVisionQuantize"
+    DISPLAY_NAME = "Quantize CLIP Vision to FP8 (calibrated)"
+    CATEGORY = "advanced/fp8 clip"
+    DESCRIPTION = ("Calibrates a CLIP vision model (IP-Adapter, unCLIP, Redux) on images with NVIDIA Model "
+                   "Optimizer and returns an FP8 E4M3 copy for CLIPVisionEncode and friends, with a report of "
+                   "the quality cost. The patch embedding stays in high precision. The input is not changed.")
+    RETURN_TYPES = ("CLIP_VISION", "STRING")
+    RETURN_NAMES = ("clip_vision", "report")
+    FUNCTION = "quantize"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..quant.vision import DEFAULT_VISION_KEEP
+
+        return {"required": {
+            "clip_vision": ("CLIP_VISION", {"tooltip": "From Load CLIP Vision."}),
+            "keep_high_precision": ("STRING", {
+                "default": ", ".join(DEFAULT_VISION_KEEP),
+                "tooltip": "Layers to leave unquantized (wildcards, comma separated), matched against the layer "
+                           "names in the report. The patch embedding is never quantized."}),
+            "method": (list(METHODS), {"default": "max"}),
+            "quantize": (list(SCOPES), {"default": SCOPES[0]}),
+            "min_cosine": ("FLOAT", {"default": 0.99, "min": 0.0, "max": 1.0, "step": 0.001,
+                                     "tooltip": "Warn when the worst held-out image falls below this."}),
+            "runtime": (list(RUNTIME_CHOICES), {"default": "auto"}),
+        }, "optional": {
+            "images": ("IMAGE", {"tooltip": "Calibration images like the ones you will encode (any size; "
+                                             "batched). Empty: a built-in synthetic set of 32."}),
+            "evaluation_images": ("IMAGE", {"tooltip": "Images to measure the quality on (not used for "
+                                                        "calibration). Empty: 20 built-in synthetic images."}),
+        }}
+
+    def quantize(self, clip_vision, keep_high_precision, method, quantize, min_cosine, runtime="auto", images=None,
+                 evaluation_images=None):
+        from ..quant.images import held_out_images
+        from ..quant.runtime import describe, to_fp8_runtime, verify_vision
+        from ..quant.vision import quantize_clip_vision
+
+        recipe = Recipe(keep=parse_patterns(keep_high_precision), method=method, scope=quantize, fp8_embedding=False)
+        qcv, report = quantize_clip_vision(clip_vision, images, recipe, min_cosine=min_cosine,
+                                           held_out=evaluation_images, progress=progress_bar(),
+                                           check_interrupt=interrupt_check())
+        out, plan = to_fp8_runtime(qcv, runtime)
+        check = (held_out_images()[0] if evaluation_images is None else evaluation_images)[:8]
+        fidelity = verify_vision(qcv, out, check) if out is not qcv else None
+        text = report.text() + "\n" + describe(out, plan, fidelity, len(check), "image_embeds", "images")
+        return {"ui": {"text": [text]}, "result": (out, text)}

@@ -1,0 +1,218 @@
+"""Building blocks shared by the FP8 text and vision transformers, and the runner that executes them.
+
+`FP8Runner` owns what is device-dependent: where the weights live (it moves them itself: ComfyUI's loader
+handles only the module types it knows), which kernels run (a planner picks FP8 matmuls or dequantization
+per device), and CUDA graphs of the fixed-shape part, recaptured whenever a weight moves.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .fp8_ops import FP8Linear
+
+
+
+def layer_norm(ln: torch.nn.Module) -> torch.nn.LayerNorm:
+    out = torch.nn.LayerNorm(ln.weight.shape[0], eps=getattr(ln, "eps", 1e-5))
+    with torch.no_grad():
+        out.weight.copy_(ln.weight.float())
+        out.bias.copy_(ln.bias.float())
+    return out.requires_grad_(False)
+
+
+class KeptLinear(torch.nn.Linear):
+    """A layer kept in high precision: the checkpoint's fp16 weights, computed in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(x.device, x.dtype)
+        return F.linear(x, self.weight.to(x.device, x.dtype), b)
+
+
+def kept_linear(lin: torch.nn.Module) -> KeptLinear:
+    out = KeptLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, dtype=torch.float16)
+    with torch.no_grad():
+        out.weight.copy_(lin.weight)
+        if lin.bias is not None:
+            out.bias.data = lin.bias.detach().float().clone()
+    return out.requires_grad_(False)
+
+
+def sdpa_attention(q, k, v, heads, mask=None, **kwargs):
+    b, t, d = q.shape
+    q, k, v = (z.view(b, t, heads, d // heads).transpose(1, 2) for z in (q, k, v))
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype))
+    return a.transpose(1, 2).reshape(b, t, d)
+
+
+def host_attention(device: torch.device) -> Callable:
+    """ComfyUI's own attention for this device when running inside ComfyUI: the FP8 path then differs from
+    the calibrated Q->DQ path only by FP8 arithmetic, not by another softmax implementation."""
+    try:
+        from comfy.ldm.modules.attention import optimized_attention_for_device
+        return optimized_attention_for_device(device, mask=True, small_input=True)
+    except Exception:
+        return sdpa_attention
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.attention: Callable = sdpa_attention
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.out_proj(self.attention(q, k, v, self.heads, None if mask is None else mask.to(q.dtype)))
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, activation: Callable):
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class _Layer(torch.nn.Module):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x).to(self.act_dtype), mask).to(x.dtype)
+        return x + self.mlp(self.layer_norm2(x).to(self.act_dtype)).to(x.dtype)
+
+
+def build_layers(src_layers: Any, prefix: str, scales: dict[str, Any]) -> torch.nn.ModuleList:
+    """FP8 copies of ComfyUI CLIPLayers: quantized Linears -> FP8Linear, the rest kept as they were."""
+    layers = torch.nn.ModuleList()
+    for i, l in enumerate(src_layers):
+        p = f"{prefix}{i}."
+        nl = _Layer()
+        nl.layer_norm1, nl.layer_norm2 = layer_norm(l.layer_norm1), layer_norm(l.layer_norm2)
+        nl.self_attn = _Attention(l.self_attn.heads)
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(nl.self_attn, n, fp8_or_kept(p + "self_attn." + n, getattr(l.self_attn, n), scales))
+        nl.mlp = _MLP(l.mlp.activation)
+        nl.mlp.fc1 = fp8_or_kept(p + "mlp.fc1", l.mlp.fc1, scales)
+        nl.mlp.fc2 = fp8_or_kept(p + "mlp.fc2", l.mlp.fc2, scales)
+        nl.act_dtype = torch.float32
+        layers.append(nl)
+    return layers
+
+
+def fp8_or_kept(name: str, lin: torch.nn.Module, scales: dict[str, Any]) -> torch.nn.Module:
+    s = scales.get(name)
+    if s is None:
+        return kept_linear(lin)
+    return FP8Linear.from_linear(lin, s.weight_scale, s.input_scale)
+
+
+class FP8Runner(torch.nn.Module):
+    """Base of the FP8 models: device placement, kernel plan, CUDA-graph execution of `_core`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act_dtype = torch.float32
+        self.executor = "eager"  # "eager" | "cuda_graph" | "compiled"
+        self.planner: Callable | None = None
+        self.load_device: torch.device | None = None  # where ComfyUI runs this model
+        self._device: torch.device | None = None
+        self._placement: tuple = ()
+        self._graphs: OrderedDict = OrderedDict()
+        self._compiled: Callable | None = None
+
+    def configure(self, planner: Callable[[torch.device], Any]) -> None:
+        """`planner(device)` -> an object with .matmul ('scaled_mm'|'dequant'), .executor ('eager'|
+        'cuda_graph'|'compiled') and .act_dtype; asked again whenever the model runs on another device."""
+        self.planner = planner
+        self._device = None
+
+    def _place(self, device: torch.device) -> torch.device:
+        """Keep every weight on the device this model runs on.
+
+        ComfyUI's loader moves modules it recognises one by one and may leave others (its lowvram and
+        dynamic-VRAM modes differ between versions), so the module places itself, and drops captured CUDA
+        graphs whenever a weight has moved (a graph holds raw pointers)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        params = self.__dict__.get("_param_list")
+        if params is None:
+            params = self.__dict__["_param_list"] = list(self.parameters())
+        if any(p.device != device for p in params):
+            self.to(device)
+        placement = tuple(p.data_ptr() for p in params)
+        if placement != self._placement:
+            self._drop_graphs()
+            self._placement = placement
+        self._prepare(device)
+        return device
+
+    def _prepare(self, device: torch.device) -> None:
+        if device == self._device:
+            return
+        p = self.planner(device) if self.planner else None
+        matmul = getattr(p, "matmul", "dequant")
+        self.executor = getattr(p, "executor", "eager")
+        self.act_dtype = getattr(torch, getattr(p, "act_dtype", "float32"))
+        for mod in self.modules():
+            if isinstance(mod, FP8Linear):
+                mod.mode = matmul
+            if isinstance(mod, _Layer):
+                mod.act_dtype = self.act_dtype
+            if isinstance(mod, _Attention):
+                mod.attention = host_attention(device)
+        self._drop_graphs()
+        self._compiled = None
+        self._device = device
+
+    def _core(self, x: torch.Tensor, mask: torch.Tensor | None, inter_idx: int | None, ln_inter: bool):
+        raise NotImplementedError
+
+    def run_core(self, x: torch.Tensor, mask: torch.Tensor | None, inter_idx: int | None, ln_inter: bool):
+        """`_core` through the planned executor: one CUDA graph per input shape on GPUs."""
+        if self.executor == "eager" or x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return self._core(x, mask, inter_idx, ln_inter)
+        fn = self._core
+        if self.executor == "compiled":
+            if self._compiled is None:
+                self._compiled = torch.compile(self._core, fullgraph=True)
+            fn = self._compiled
+        key = (tuple(x.shape), None if mask is None else tuple(mask.shape), inter_idx, ln_inter, x.device)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(fn, x, mask, inter_idx, ln_inter)
+            self._graphs[key] = entry
+            while len(self._graphs) > 24:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        graph, sx, smask, out = entry
+        sx.copy_(x)
+        if smask is not None:
+            smask.copy_(mask)
+        graph.replay()
+        return out[0].clone(), None if out[1] is None else out[1].clone()
+
+    def _capture(self, fn, x, mask, inter_idx, ln_inter):
+        sx = x.clone()
+        smask = None if mask is None else mask.clone()
+        s = torch.cuda.Stream(device=x.device)
+        s.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm-up: compilation, cuBLAS workspaces, autotuning
+                fn(sx, smask, inter_idx, ln_inter)
+        torch.cuda.current_stream(x.device).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        if "_pool" not in self.__dict__:
+            self.__dict__["_pool"] = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.__dict__["_pool"]):
+            out = fn(sx, smask, inter_idx, ln_inter)
+        return graph, sx, smask, out
+
+    def _drop_graphs(self) -> None:
+        # A fresh memory pool too: the old one belongs to the graphs being released.
+        self._graphs.clear()
+        self.__dict__.pop("_pool", None)

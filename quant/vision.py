@@ -1,0 +1,190 @@
+"""CLIP_VISION in -> calibrated FP8 CLIP_VISION out, with its quality report.
+
+Calibration runs through ComfyUI's own ClipVisionModel.encode_image (its preprocessing, its penultimate-layer
+output), like the text path runs through CLIPTextEncode's. The patch embedding is never quantized (NVIDIA's
+recipe keeps it in high precision; it is a convolution on raw pixels).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import artifact, modelopt_bridge
+from .errors import FP8ClipError, UnsupportedModelError
+from .fidelity import LayerErrorProbe, suggested_keep
+from .images import calibration_images, check_images, held_out_images, synthetic_images
+from .patching import clone_with, patched_copy, to_float32, weight_bytes
+from .recipe import Recipe, fingerprint
+
+PATH = "vision_model"
+DEFAULT_VISION_KEEP = ("*patch_embedding*",)
+SUPPORTED_VISION = "CLIP vision models (ViT-L/14, ViT-L/14-336, ViT-H/14, ViT-bigG/14: IP-Adapter, unCLIP, Redux)"
+SIZES = {(1024, 24): "ViT-L/14", (1280, 32): "ViT-H/14", (1664, 48): "ViT-bigG/14"}
+
+
+def require_clip_vision(cv: Any) -> str:
+    """The model's name (e.g. 'ViT-L/14'); a clear error for anything the pack cannot quantize."""
+    if cv is None:
+        raise FP8ClipError("No CLIP_VISION is connected. Connect the output of Load CLIP Vision.")
+    if not all(hasattr(cv, a) for a in ("patcher", "model", "encode_image")):
+        raise FP8ClipError(f"Expected a CLIP_VISION (from Load CLIP Vision), got {type(cv).__name__}.")
+    model_type = getattr(cv, "model_type", None) or getattr(getattr(cv, "model", None), "model_type", None)
+    vm = getattr(cv.model, "vision_model", None)
+    layers = getattr(getattr(vm, "encoder", None), "layers", None)
+    if (model_type not in (None, "clip_vision_model") or layers is None
+            or getattr(vm, "embeddings", None) is None or getattr(vm.embeddings, "class_embedding", None) is None):
+        raise UnsupportedModelError(
+            f"This image encoder ({model_type or type(cv.model).__name__}) is not a CLIP vision transformer the "
+            f"pack knows. Supported: {SUPPORTED_VISION}. Use it without the FP8 node.")
+    width = layers[0].layer_norm1.weight.shape[0]
+    name = SIZES.get((width, len(layers)), f"CLIP vision {len(layers)} layers x {width}")
+    size = getattr(cv, "image_size", 224)
+    return name + (f" ({size}px)" if size != 224 else "")
+
+
+def embed(cv: Any, images: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """image_embeds and penultimate hidden states, as CLIPVisionEncode (crop=center) gives them."""
+    embeds, hidden = [], []
+    for i in range(0, images.shape[0], batch):
+        out = cv.encode_image(images[i:i + batch], crop=True)
+        embeds.append(out["image_embeds"].float().cpu())
+        hidden.append(out["penultimate_hidden_states"].float().cpu())
+    return torch.cat(embeds), torch.cat(hidden)
+
+
+@dataclass
+class VisionReport:
+    model: str
+    scope: str
+    method: str
+    quantized: int
+    kept: list[str]
+    embed_cos: list[float]
+    hidden_cos: list[float]
+    agreement: float
+    agreement_n: int
+    layer_errors: dict[str, float]
+    calibration_images: int
+    calibration_seconds: float
+    evaluation_seconds: float
+    min_cosine: float
+    keep: tuple[str, ...] = ()
+    unmatched_patterns: list[str] = field(default_factory=list)
+
+    def worst_layers(self, n: int = 3) -> list[tuple[str, float]]:
+        return sorted(self.layer_errors.items(), key=lambda kv: -kv[1])[:n]
+
+    @property
+    def below_threshold(self) -> bool:
+        return min(self.embed_cos) < self.min_cosine
+
+    def warnings(self) -> list[str]:
+        out = [f"Keep pattern {p!r} matches no layer; check the spelling against the layer names below."
+               for p in self.unmatched_patterns]
+        if self.below_threshold:
+            names = ", ".join(f"{n} ({e:.1%})" for n, e in self.worst_layers())
+            out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst image: image_embeds "
+                       f"{min(self.embed_cos):.5f}). Worst layers by output error: {names}. Try "
+                       f"keep_high_precision: {', '.join(suggested_keep(self.worst_layers(), self.keep))}")
+        return out
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "warnings": self.warnings()}
+
+    def text(self) -> str:
+        def mm(v: list[float]) -> str:
+            return f"{min(v):.4f} / {sum(v) / len(v):.4f}"
+        lines = [f"FP8 E4M3 CLIP vision quality report: {self.model}, {self.scope}, per-tensor static scales",
+                 f"  {self.quantized} Linear layers in FP8; kept in high precision: {', '.join(self.kept) or 'none'}",
+                 f"Cosine vs the unquantized encoder on {len(self.embed_cos)} held-out images (min / mean):",
+                 f"  image_embeds               {mm(self.embed_cos)}",
+                 f"  penultimate hidden states  {mm(self.hidden_cos)} (what IP-Adapter uses)",
+                 f"Nearest-prototype labels (zero-shot style, 10 synthetic prototypes): FP8 agrees with the original on "
+                 f"{round(self.agreement * self.agreement_n)}/{self.agreement_n} images ({self.agreement:.0%})",
+                 f"Calibration: {self.calibration_images} images, method '{self.method}', "
+                 f"{self.calibration_seconds:.1f} s (evaluation {self.evaluation_seconds:.1f} s)",
+                 "Largest per-layer output errors: " + ", ".join(f"{n} {e:.1%}" for n, e in self.worst_layers())]
+        return "\n".join(lines + [f"WARNING: {w}" for w in self.warnings()])
+
+
+def label_agreement(ref: torch.Tensor, got: torch.Tensor, protos: torch.Tensor) -> float:
+    """Share of images whose nearest prototype (cosine) is the same for both encoders."""
+    p = F.normalize(protos, dim=-1)
+    a = (F.normalize(ref, dim=-1) @ p.T).argmax(-1)
+    b = (F.normalize(got, dim=-1) @ p.T).argmax(-1)
+    return float((a == b).float().mean())
+
+
+def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *, min_cosine: float = 0.99,
+                         held_out: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None,
+                         check_interrupt: Callable[[], None] = lambda: None) -> tuple[Any, VisionReport]:
+    """Calibrate FP8 scales for the vision transformer of `cv`; return the quantized copy and its report."""
+    model = require_clip_vision(cv)
+    if artifact.record_of(cv.patcher.get_model_object(PATH)) is not None:
+        raise FP8ClipError("This CLIP_VISION is already quantized to FP8 by this node. Connect the original one.")
+    images = calibration_images() if images is None else check_images(images)
+    test = held_out_images()[0] if held_out is None else check_images(held_out, "evaluation images")
+    batches = [images[i:i + 8] for i in range(0, images.shape[0], 8)]
+    total, done = len(batches) + 2, 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
+    copy_ = patched_copy(cv, PATH)
+    source_bytes = weight_bytes(copy_)
+    to_float32(copy_)
+    container = torch.nn.ModuleDict({PATH: copy_})
+    linears = modelopt_bridge.linear_layer_names(container)
+    convs = [n for n, m in container.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    to_quantize, kept, unmatched = recipe.split(linears + convs)
+    to_quantize = [n for n in to_quantize if n in linears]
+    kept = kept + [c for c in convs if c not in kept]  # convolutions are never quantized
+    reference = {n: container.get_submodule(n).weight.detach().to("cpu", copy=True) for n in to_quantize}
+    qcv = clone_with(cv, {PATH: copy_})
+
+    def forward_loop(_: torch.nn.Module) -> None:
+        for b in batches:
+            check_interrupt()
+            qcv.encode_image(b, crop=True)
+            step()
+
+    t0 = time.perf_counter()
+    modelopt_bridge.quantize(container, recipe.modelopt_config([k for k in kept if k in linears]), forward_loop)
+    calib_s = time.perf_counter() - t0
+    scales = modelopt_bridge.quantized_layers(container)
+    modelopt_bridge.fold_weights(container)
+
+    t0 = time.perf_counter()
+    check_interrupt()
+    protos = embed(cv, synthetic_images(10, seed=4242)[0])[0]  # one prototype image per kind
+    ref_e, ref_h = embed(cv, test)
+    step()
+    probe = LayerErrorProbe(container, reference)
+    try:
+        check_interrupt()
+        got_e, got_h = embed(qcv, test)
+    finally:
+        errors = probe.close()
+    step()
+    eval_s = time.perf_counter() - t0
+
+    prefix = PATH + "."
+    report = VisionReport(
+        model=model, scope=recipe.scope, method=recipe.method, quantized=len(scales),
+        kept=[k[len(prefix):] for k in kept], embed_cos=F.cosine_similarity(ref_e, got_e, dim=-1).tolist(),
+        hidden_cos=[float(F.cosine_similarity(a, b, dim=-1).mean()) for a, b in zip(ref_h, got_h)],
+        agreement=label_agreement(ref_e, got_e, protos), agreement_n=test.shape[0], layer_errors=errors,
+        calibration_images=images.shape[0], calibration_seconds=calib_s, evaluation_seconds=eval_s,
+        min_cosine=min_cosine, keep=recipe.keep, unmatched_patterns=unmatched)
+    artifact.attach(copy_, artifact.QuantizedTower(
+        family=model, tower=PATH, recipe=recipe, fingerprint=fingerprint([f"images:{images.shape}"], recipe),
+        scales={n[len(prefix):]: s for n, s in scales.items()}, kept=report.kept, source_bytes=source_bytes,
+        report=report.to_dict()))
+    return qcv, report

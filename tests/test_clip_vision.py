@@ -1,0 +1,118 @@
+"""CLIP vision (IP-Adapter / unCLIP image encoders) quantized in a real ComfyUI, used by stock nodes."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import call, node
+
+PARAMS = dict(keep_high_precision="*patch_embedding*", method="max", quantize="weights+activations",
+              min_cosine=0.99, runtime="auto")
+
+
+def images(n: int, seed: int):
+    import importlib
+    return importlib.import_module("quant.images").synthetic_images(n, seed=seed)[0]
+
+
+def quantize_vision(comfy, cv, **kw):
+    n = node(comfy, "FP8CLIPVisionQuantize")
+    with torch.inference_mode():
+        return n.quantize(clip_vision=cv, **{**PARAMS, **kw})
+
+
+@pytest.fixture(scope="module")
+def vit_l(comfy):
+    return call(comfy, "CLIPVisionLoader", clip_name=comfy.files["vit_l"])[0]
+
+
+@pytest.fixture(scope="module")
+def fp8_vit_l(comfy, vit_l):
+    out = quantize_vision(comfy, vit_l, images=images(8, seed=7), evaluation_images=images(10, seed=9))
+    return out["result"]
+
+
+def vision_encode(comfy, cv, img):
+    return call(comfy, "CLIPVisionEncode", clip_vision=cv, image=img, crop="center")[0]
+
+
+def test_vit_l_report_and_clipvisionencode(comfy, vit_l, fp8_vit_l):
+    q, report = fp8_vit_l
+    print("\n" + report)
+    assert report.startswith("FP8 E4M3 CLIP vision quality report: ViT-L/14")
+    assert "144 Linear layers in FP8; kept in high precision: embeddings.patch_embedding" in report
+    emin = float(re.search(r"image_embeds\s+([\d.]+)", report).group(1))
+    assert 0.98 < emin < 1.0
+    assert re.search(r"FP8 agrees with the original on \d+/10 images", report)
+    assert "Runtime: fp8" in report
+    img = images(3, seed=11)
+    ref, got = vision_encode(comfy, vit_l, img), vision_encode(comfy, q, img)
+    assert got["image_embeds"].shape == ref["image_embeds"].shape == (3, 768)
+    assert got["penultimate_hidden_states"].shape == ref["penultimate_hidden_states"].shape == (3, 257, 1024)
+    assert float(torch.nn.functional.cosine_similarity(ref["image_embeds"], got["image_embeds"]).min()) > 0.98
+    # the input CLIP_VISION is untouched
+    assert torch.equal(vision_encode(comfy, vit_l, img)["image_embeds"], ref["image_embeds"])
+
+
+def test_fp8_vision_output_feeds_unclip_conditioning(comfy, fp8_vit_l):
+    q, _ = fp8_vit_l
+    out = vision_encode(comfy, q, images(1, seed=3))
+    (clip,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
+    (cond,) = call(comfy, "CLIPTextEncode", clip=clip, text="a photo")
+    (uncond,) = call(comfy, "unCLIPConditioning", conditioning=cond, clip_vision_output=out, strength=1.0,
+                     noise_augmentation=0.0)
+    assert uncond[0][1]["unclip_conditioning"][0]["clip_vision_output"] is out
+
+
+def test_vit_h_reduced_depth(comfy, tmp_path):
+    """ViT-H/14's width, heads and GELU (4 of its 32 layers, through ComfyUI's own ClipVisionModel)."""
+    from comfy.clip_vision import ClipVisionModel
+    from comfy.utils import load_torch_file
+
+    cfg = json.loads((comfy.host / "comfy" / "clip_vision_config_h.json").read_text())
+    cfg["num_hidden_layers"] = 4
+    p = tmp_path / "h4.json"
+    p.write_text(json.dumps(cfg))
+    cv = ClipVisionModel(str(p))
+    sd = load_torch_file(str(comfy.base / "models" / "clip_vision_reduced" / comfy.files["vit_h_4layers"]))
+    cv.load_sd(sd)
+    q, report = quantize_vision(comfy, cv, images=images(4, seed=8), evaluation_images=images(4, seed=9))["result"]
+    assert "24 Linear layers in FP8" in report
+    img = images(2, seed=12)
+    ref, got = vision_encode(comfy, cv, img), vision_encode(comfy, q, img)
+    assert got["image_embeds"].shape == (2, 1024)
+    assert float(torch.nn.functional.cosine_similarity(ref["image_embeds"], got["image_embeds"]).min()) > 0.98
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (torch.rand(2, 64, 64, 2), "have 2 channels"),
+    (torch.rand(64, 64, 3), r"must be an IMAGE batch \[batch, height, width, channels\]"),
+    (torch.rand(1, 8, 8, 3), "use images of at least 16x16"),
+])
+def test_bad_calibration_images(comfy, vit_l, bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        quantize_vision(comfy, vit_l, images=bad)
+    with pytest.raises(ValueError, match=msg.replace("calibration", "evaluation")):
+        quantize_vision(comfy, vit_l, images=images(2, seed=1), evaluation_images=bad)
+
+
+def test_grayscale_and_rgba_calibration_images_are_accepted(pack):
+    import importlib
+    check = importlib.import_module(f"{pack.__name__}.quant.images").check_images
+    assert check(torch.rand(2, 40, 50, 1)).shape == (2, 40, 50, 3)
+    assert check(torch.rand(2, 40, 50, 4)).shape == (2, 40, 50, 3)
+
+
+def test_unknown_image_encoder_is_refused(comfy, tmp_path):
+    from comfy.clip_vision import ClipVisionModel
+
+    cfg = json.loads((comfy.host / "comfy" / "clip_vision_siglip_384.json").read_text())
+    cfg["num_hidden_layers"] = 1
+    p = tmp_path / "siglip.json"
+    p.write_text(json.dumps(cfg))
+    cv = ClipVisionModel(str(p))
+    with pytest.raises(ValueError, match=r"not a CLIP vision transformer the pack knows\. Supported: CLIP vision"):
+        quantize_vision(comfy, cv)

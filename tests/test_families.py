@@ -1,0 +1,107 @@
+"""SDXL, SD3 and Flux text encoders: every CLIP tower quantized, T5 passed through, shapes kept.
+
+Full-size seeded random CLIP-L and CLIP-G (695M parameters) through the stock DualCLIPLoader; Flux's T5-XXL
+is built at a reduced size (a full one is 4.7B parameters) inside ComfyUI's real Flux text-encoder class.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from conftest import call, cosine, encode
+from test_quantize_clip import quantize
+
+CAL = "\n".join(["a photo of a cat", "a castle at sunset, oil painting", "(masterpiece:1.2), anime girl",
+                 "cyberpunk street at night, neon, rain", "blurry, low quality, watermark",
+                 "a bowl of ramen, food photography", "macro photograph of a dew drop",
+                 "portrait of an old fisherman, 85mm"])
+PROMPT = "a watercolor painting of a lighthouse on a cliff at sunrise"
+EVAL = "a photo of a dog on the beach\n(masterpiece:1.3), a phoenix\nlowres, bad hands, text"  # CPU time: 3
+
+
+@pytest.fixture(scope="module")
+def sdxl(comfy):
+    clip = call(comfy, "DualCLIPLoader", clip_name1=comfy.files["clip_l"], clip_name2=comfy.files["clip_g"],
+                type="sdxl")[0]
+    out = quantize(comfy, clip, calibration_prompts=CAL, evaluation_prompts=EVAL)
+    return clip, out["result"][0], out["result"][1]
+
+
+def test_sdxl_both_towers_quantized_with_shapes_and_report(comfy, sdxl):
+    clip, q, report = sdxl
+    print("\n" + report)
+    assert report.startswith("FP8 E4M3 CLIP quality report: SDXL (CLIP-L + CLIP-G)")
+    assert "clip_l: 72 Linear layers in FP8" in report and "clip_g: 192 Linear layers in FP8" in report
+    assert "on 3 held-out prompts" in report
+    assert re.search(r"clip_l alone: hidden 0\.99\d+", report) and re.search(r"clip_g alone: hidden 0\.99\d+", report)
+    rc, rp = encode(comfy, clip, PROMPT)
+    gc, gp = encode(comfy, q, PROMPT)
+    assert rc.shape == gc.shape == (1, 77, 2048) and rp.shape == gp.shape == (1, 1280)
+    assert cosine(rc, gc) > 0.99 and float(torch.nn.functional.cosine_similarity(rp, gp)) > 0.99
+    long = ", ".join(f"detail {i}" for i in range(60))
+    lq, lr = encode(comfy, q, long)[0], encode(comfy, clip, long)[0]
+    assert lq.shape == lr.shape and lq.shape[1] >= 3 * 77 and lq.shape[1] % 77 == 0
+
+
+def test_sdxl_default_clip_skip_is_preserved(comfy, sdxl):
+    """SDXL conditions on the penultimate layers without the final LayerNorm; the FP8 towers must too."""
+    clip, q, _ = sdxl
+    tl = q.patcher.object_patches["clip_l.transformer"]
+    seen = {}
+    h = tl.register_forward_hook(lambda m, a, k, o: seen.update(k), with_kwargs=True)
+    try:
+        encode(comfy, q, PROMPT)
+    finally:
+        h.remove()
+    assert seen["intermediate_output"] in (-2, 10) and seen["final_layer_norm_intermediate"] is False
+    (q_skip,) = call(comfy, "CLIPSetLastLayer", clip=q, stop_at_clip_layer=-3)
+    (r_skip,) = call(comfy, "CLIPSetLastLayer", clip=clip, stop_at_clip_layer=-3)
+    r, g = encode(comfy, r_skip, PROMPT)[0], encode(comfy, q_skip, PROMPT)[0]
+    assert cosine(r, g) > 0.99 and cosine(r, encode(comfy, clip, PROMPT)[0]) < 0.99
+
+
+def test_sd3_clip_pair_from_dualcliploader(comfy):
+    clip = call(comfy, "DualCLIPLoader", clip_name1=comfy.files["clip_l"], clip_name2=comfy.files["clip_g"],
+                type="sd3")[0]
+    out = quantize(comfy, clip, calibration_prompts=CAL, evaluation_prompts=EVAL)
+    q, report = out["result"]
+    assert "SD3" in report.splitlines()[0]
+    rc, rp = encode(comfy, clip, PROMPT)
+    gc, gp = encode(comfy, q, PROMPT)
+    assert rc.shape == gc.shape and rc.shape[-1] == 4096 and rp.shape == gp.shape == (1, 2048)
+    assert cosine(rc[..., :2048], gc[..., :2048]) > 0.99
+
+
+def flux_clip(comfy):
+    """ComfyUI's own Flux text-encoder bundle: the CLIP-L fixture plus a reduced, seeded T5-XXL."""
+    from comfy.sd import CLIP
+    from comfy.supported_models_base import ClipTarget
+    from comfy.text_encoders import flux
+    from comfy.utils import load_torch_file
+
+    tiny_t5 = {"d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 2, "d_kv": 32}
+    target = ClipTarget(flux.FluxTokenizer, flux.flux_clip())
+    clip = CLIP(target, embedding_directory=comfy.folder_paths.get_folder_paths("embeddings"),
+                         model_options={"t5xxl_model_config": tiny_t5})
+    sd = load_torch_file(comfy.folder_paths.get_full_path("text_encoders", comfy.files["clip_l"]),
+                                     safe_load=True)
+    clip.load_sd(sd)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.t5xxl.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return clip
+
+
+def test_flux_clip_l_quantized_t5_passed_through(comfy):
+    clip = flux_clip(comfy)
+    out = quantize(comfy, clip, calibration_prompts=CAL, evaluation_prompts=EVAL)
+    q, report = out["result"]
+    assert report.startswith("FP8 E4M3 CLIP quality report: Flux (CLIP-L + T5)")
+    assert "t5xxl: passed through unchanged (not a CLIP tower)" in report
+    rc, rp = encode(comfy, clip, PROMPT)
+    gc, gp = encode(comfy, q, PROMPT)
+    assert torch.equal(rc, gc)  # Flux conditions on T5: untouched
+    assert float(torch.nn.functional.cosine_similarity(rp, gp)) > 0.99  # pooled comes from the FP8 CLIP-L
