@@ -6,8 +6,9 @@ rounding (the PyTorch path keeps fp16-rounded dequantized weights, the graph the
 scale; and summation order) agree to 0.998-0.9985 mean per-token cosine, because each rounding difference
 flips a few FP8 activation codes and the random network amplifies them. With bit-identical weights the
 agreement is still only 0.9990-0.9995. So exactness is checked where no activation is rounded to FP8 (the
-"weights only" recipe: >= 0.9999), and the W8A8 export is checked against the PyTorch FP8 path (>= 0.998) and,
-what a user sees, for being as close to the unquantized encoder as the PyTorch FP8 path is.
+"weights only" recipe: >= 0.9999), and the W8A8 export is checked against the PyTorch FP8 path (>= 0.997,
+measured 0.9984) and, what a user sees, for being as close to the unquantized encoder as the PyTorch FP8 path
+is (within 0.001; measured 0.9958 vs 0.9957).
 """
 from __future__ import annotations
 
@@ -56,6 +57,12 @@ def test_graph_is_standard_fp8_qdq_with_fp8_weights(pack, fp8_clip):
     assert ox.fp8_weight_bytes(model) == linear_params + 1  # 1 byte per weight (+ the shared zero point)
     assert linear_params > 84e6  # the full-size CLIP-L encoder
     assert not any("text_projection" in t.name for t in model.graph.initializer)  # kept, and run in torch
+    # the calibrated scales, as they are (scale = amax / 448), in the compute dtype
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for name, s in record.scales.items():
+        base = name.replace(".", "/")
+        assert float(inits[base + "/weight_scale"]) == pytest.approx(s.weight_scale, rel=1e-3)
+        assert float(inits[base + "/input_scale"]) == pytest.approx(s.input_scale, rel=1e-3)
     io = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
           for v in [*model.graph.input, *model.graph.output]}
     assert io == {"embeds": ["batch", 77, 768], "last_hidden": ["batch", 77, 768],
@@ -107,8 +114,8 @@ def test_onnxruntime_w8a8_matches_pytorch_fp8_path(comfy, pack, fp8_clip):
     (last, hidden), (ref_last, ref_hidden) = _run_both(comfy, pack, q, torch.float16)
     print(f"\nW8A8 graph vs PyTorch FP8: last {cosine(last, ref_last):.5f}, "
           f"hidden min {min(cosine(hidden[:, i], ref_hidden[:, i]) for i in range(12)):.5f}")
-    assert cosine(last, ref_last) >= 0.998
-    assert all(cosine(hidden[:, i], ref_hidden[:, i]) >= 0.998 for i in range(12))
+    assert cosine(last, ref_last) >= 0.997
+    assert all(cosine(hidden[:, i], ref_hidden[:, i]) >= 0.997 for i in range(12))
     # and as close to the unquantized encoder as the PyTorch FP8 path is
     module, _ = tower(pack, q)
     orig = original.patcher.get_model_object("clip_l.transformer")
@@ -117,7 +124,7 @@ def test_onnxruntime_w8a8_matches_pytorch_fp8_path(comfy, pack, fp8_clip):
         unq = orig(None, None, embeds=embeds, num_tokens=[77] * len(embeds), dtype=torch.float32)[0]
     graph_vs_orig, torch_vs_orig = cosine(last, unq), cosine(ref_last, unq)
     print(f"vs unquantized: graph {graph_vs_orig:.5f}, PyTorch FP8 {torch_vs_orig:.5f}")
-    assert graph_vs_orig >= torch_vs_orig - 0.001
+    assert abs(graph_vs_orig - torch_vs_orig) <= 0.001
 
 
 def test_weights_after_lora_scales_and_kept_layers_change_the_export_digest(pack, fp8_clip):

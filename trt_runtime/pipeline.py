@@ -139,7 +139,8 @@ def engine_clip(clip: Any, max_rows: int, support: Support, *, cache_root: str |
         except Exception as e:  # noqa: BLE001  (whatever the GPU/driver/TensorRT says: fall back, never crash)
             msg = str(e) if isinstance(e, (EngineLoadError, EngineMismatchError)) else f"{type(e).__name__}: {e}"
             log.warning("TensorRT engine not used: could not load it: %s", msg)
-            return clip, f"TensorRT engine not used: the engine was built but could not be loaded ({msg}).\n{fallback}"
+            return clip, (f"TensorRT engine not used: the engine is ready but could not be loaded ({msg}).\n"
+                          f"{fallback}")
         how = (f"built in {engine.manifest.get('build_seconds', 0):.1f} s" if engine.built
                else "found in the cache, no build")
         where = f", {engine.path}" if engine.path else ""
