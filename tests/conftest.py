@@ -18,19 +18,6 @@ import torch  # noqa: E402
 from harness import fixtures, host  # noqa: E402
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """Do not import the pack root's __init__.py as a test package.
-
-    The pack root is a ComfyUI custom-node package whose __init__.py uses relative imports. pytest sets up every
-    package above a test by importing its __init__.py, and when the checkout folder is not a valid Python name
-    (a clone named `comfyui-fp8-clip`, a worktree `wt-trt`) it imports it as a top-level module, which fails
-    before any test runs. The root holds no test set-up, so skip that import.
-    """
-    for node in {n for item in items for n in item.listchain()}:
-        if isinstance(node, pytest.Package) and Path(node.path).resolve() == ROOT:
-            node.setup = lambda: None
-
-
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
     """The booted host: `.nodes`, `.execution`, `.folder_paths`, `.base`, `.files` (fixture names)."""
@@ -84,9 +71,13 @@ CALIBRATION_SMALL = "a cat\na castle at night\n(a red car:1.2)\nportrait of an o
 
 
 @pytest.fixture(scope="session")
-def fp8_clip(comfy):
-    """(original CLIP-L, its FP8 W8A8 clone) from the quantize node, calibrated on a few prompts."""
+def fp8_clip(comfy, pack):
+    """(original CLIP-L, FP8 W8A8 clone on the fp8 runtime, the same on the fake-quant runtime), calibrated once
+    by the quantize node on a few prompts."""
     from test_quantize_clip import quantize
 
     (clip,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
-    return clip, quantize(comfy, clip, calibration_prompts=CALIBRATION_SMALL)["result"][0]
+    fake = quantize(comfy, clip, calibration_prompts=CALIBRATION_SMALL, runtime="fake-quant")["result"][0]
+    with torch.inference_mode():
+        fp8, _ = pack_module(pack, "quant.runtime").to_fp8_runtime(fake, "fp8")
+    return clip, fp8, fake

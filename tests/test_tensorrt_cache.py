@@ -68,8 +68,10 @@ def test_same_inputs_reuse_changed_inputs_rebuild(pack, real_build, tmp_path, mo
     newer = tr(pack, "flavour").Flavour(rtx.flavour.name, rtx.flavour.module, "1.8.0")
     assert prepare(support=av.Support(True, "", newer, rtx.target)).built  # TensorRT upgrade
     assert prepare(support=av.Support(True, "", rtx.flavour, "sm89")).built  # another GPU architecture
-    assert len(builds) == 4 and len(list(cache.root.glob("*.engine"))) == 4
-    assert not prepare().built and len(builds) == 4  # and the first one is still found
+    assert pipeline.prepare_engine(module, record, profile=build.Profile(max_rows=8), support=rtx, cache=cache,
+                                   activations="float16").built  # another activation precision
+    assert len(builds) == 5 and len(list(cache.root.glob("*.engine"))) == 5
+    assert not prepare().built and len(builds) == 5  # and the first one is still found
 
 
 @pytest.mark.parametrize("damage, why", [

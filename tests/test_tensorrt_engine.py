@@ -5,8 +5,8 @@ ComfyUI, the fallback decisions. What cannot: executing an engine (TensorRT for 
 9.0, the GPUs this project has, and deserializing needs a GPU). Where a test needs the engine's output, the
 node's runner is swapped for onnxruntime running the very ONNX graph the engine was built from; everything
 around it (cache, key, engine module, clip skip, pooled output, projection, textual inversion) is the real code.
-Thresholds against the PyTorch FP8 path are 0.997: see test_tensorrt_export.py for why two FP8 realizations
-of this random-weight fixture agree to about 0.998 and no better.
+The engine's graph matches the PyTorch FP8 path to >= 0.999 (see test_tensorrt_export.py); through ComfyUI's
+encode path the tests below ask for 0.999 for the conditioning and 0.998 for the pooled output (one token).
 """
 from __future__ import annotations
 
@@ -195,8 +195,11 @@ def engine_node(comfy, pack, rtx, monkeypatch):
     monkeypatch.setattr(av, "engine_support", lambda device=None, flavour=None: ok)
 
     def ort_runner(engine, support, module, record):
-        assert engine.read()[:4]  # the engine file passes the cache's checks
-        return runners.OrtRunner(ox.export_text_transformer(module, record, compute_dtype=pipeline.COMPUTE_DTYPE))
+        data = engine.read()  # the engine file passes the cache's checks
+        dtype = pipeline.ACTIVATIONS[engine.manifest["components"]["compute_dtype"]]
+        runner = runners.OrtRunner(ox.export_text_transformer(module, record, compute_dtype=dtype))
+        runner.device_bytes = lambda: len(data)  # what TrtRunner reports before the engine is loaded
+        return runner
 
     monkeypatch.setattr(pipeline, "make_runner", ort_runner)
     builds = []
@@ -238,13 +241,15 @@ def engine_clip(comfy, fp8_clip, engine_node):
 
 
 def test_engine_clip_encodes_like_the_pytorch_fp8_clip(comfy, fp8_clip, engine_clip):
-    original, q = fp8_clip
+    original, q, _ = fp8_clip
     (ref, ref_pooled), (got, pooled) = encode(comfy, q, PROMPT), encode(comfy, engine_clip, PROMPT)
     assert got.shape == ref.shape == (1, 77, 768) and pooled.shape == (1, 768)
-    assert cosine(got, ref) > 0.997 and cosine(pooled, ref_pooled) > 0.995
+    print(f"\nengine CLIP vs PyTorch FP8 CLIP: conditioning {cosine(got, ref):.5f}, pooled "
+          f"{cosine(pooled, ref_pooled):.5f}")
+    assert cosine(got, ref) > 0.999 and cosine(pooled, ref_pooled) > 0.998
     assert cosine(got, encode(comfy, original, PROMPT)[0]) > 0.99
     # the input CLIP is untouched and its transformer is still the PyTorch one
-    assert type(q.patcher.object_patches["clip_l.transformer"]).__name__ == "CLIPTextModel"
+    assert type(q.patcher.object_patches["clip_l.transformer"]).__name__ == "FP8TextModel"
 
 
 def test_engine_clip_clip_skip_weights_long_prompts_and_embeddings(comfy, fp8_clip, engine_clip):
@@ -252,19 +257,19 @@ def test_engine_clip_clip_skip_weights_long_prompts_and_embeddings(comfy, fp8_cl
     (q_skip,) = call(comfy, "CLIPSetLastLayer", clip=q, stop_at_clip_layer=-2)
     (e_skip,) = call(comfy, "CLIPSetLastLayer", clip=engine_clip, stop_at_clip_layer=-2)
     r, e = encode(comfy, q_skip, PROMPT)[0], encode(comfy, e_skip, PROMPT)[0]
-    assert cosine(r, e) > 0.997 and cosine(e, encode(comfy, engine_clip, PROMPT)[0]) < 0.99  # another layer
+    assert cosine(r, e) > 0.999 and cosine(e, encode(comfy, engine_clip, PROMPT)[0]) < 0.99  # another layer
 
     weighted = "a (red:1.5) balloon over a (grey:0.6) city"
-    assert cosine(encode(comfy, q, weighted)[0], encode(comfy, engine_clip, weighted)[0]) > 0.997
+    assert cosine(encode(comfy, q, weighted)[0], encode(comfy, engine_clip, weighted)[0]) > 0.999
 
     long = ", ".join(f"detail number {i}" for i in range(60))
     r, e = encode(comfy, q, long)[0], encode(comfy, engine_clip, long)[0]
-    assert e.shape == r.shape and e.shape[1] >= 3 * 77 and cosine(r, e) > 0.997
+    assert e.shape == r.shape and e.shape[1] >= 3 * 77 and cosine(r, e) > 0.999
 
     emb = comfy.files["embedding"].rsplit(".", 1)[0]
     with_emb = f"a portrait in the style of embedding:{emb}"
     r, e = encode(comfy, q, with_emb)[0], encode(comfy, engine_clip, with_emb)[0]
-    assert cosine(r, e) > 0.997
+    assert cosine(r, e) > 0.999
     assert cosine(e, encode(comfy, engine_clip, "a portrait in the style of")[0]) < 0.995  # embedding used
 
 
@@ -277,15 +282,16 @@ def test_prompt_longer_than_the_profile_names_the_limit_and_the_fix(comfy, fp8_c
         encode(comfy, small, long)
 
 
-def test_engine_memory_is_reported_to_comfyui(comfy, fp8_clip, engine_clip):
-    q = fp8_clip[1]
+def test_engine_memory_is_reported_to_comfyui(comfy, pack, fp8_clip, engine_clip):
+    original, q, _ = fp8_clip
     em = engine_clip.patcher.object_patches["clip_l.transformer"]
     assert type(em).__name__ == "EngineTextModel"
-    # onnxruntime holds no GPU memory; the torch layers beside the engine (token embedding...) are counted,
-    # the 72 Linear layers baked into the engine are not counted twice
-    assert engine_clip.patcher.model_size() < q.patcher.model_size() - 72 * 768 * 768 * 2
-    assert em.vram_bytes() > 49408 * 768 * 2
-    assert engine_clip.patcher.model_size() == pytest.approx(em.vram_bytes(), rel=0.01)  # SD1: one tower
+    engine_bytes = em.runner.device_bytes()
+    torch_side = sum(t.nbytes for t in em.state_dict().values())  # token embedding, projection, final LayerNorm
+    assert engine_bytes > 80 * 2**20 and torch_side > 49408 * 768  # an FP8 engine; FP8 token table
+    # ComfyUI budgets the engine plus the torch layers beside it, not the FP8 Linear weights a second time
+    assert engine_clip.patcher.model_size() == pytest.approx(engine_bytes + torch_side, rel=0.01)
+    assert engine_clip.patcher.model_size() < original.patcher.model_size()
 
 
 def test_quantizing_an_engine_clip_again_is_refused(comfy, engine_clip):
@@ -304,8 +310,10 @@ def test_status_reaches_the_ui_through_the_executor(comfy):
                                                            "type": "stable_diffusion"}},
               "2": {"class_type": "FP8CLIPQuantize", "inputs": {
                   "clip": ["1", 0], "calibration_prompts": "a cat", "keep_high_precision": "*text_projection",
-                  "method": "max", "quantize": "weights+activations", "min_cosine": 0.9}},
-              "3": {"class_type": "FP8CLIPTensorRTEngine", "inputs": {"clip": ["2", 0], "max_batch_rows": 8}},
+                  "method": "max", "quantize": "weights+activations", "min_cosine": 0.9, "runtime": "auto",
+                  "fp8_token_embedding": True}},
+              "3": {"class_type": "FP8CLIPTensorRTEngine", "inputs": {"clip": ["2", 0], "max_batch_rows": 8,
+                                                                      "activations": "float32"}},
               "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": PROMPT}},
               "5": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}}
     out = run_graph(comfy, prompt)

@@ -1,14 +1,12 @@
 """The ONNX export of the quantized text transformer: standard FP8 Q/DQ, FP8-stored weights, and the same
-function as the PyTorch encoder when onnxruntime runs it on the CPU.
+function as the PyTorch FP8 encoder when onnxruntime runs it on the CPU.
 
-About the thresholds: on this seeded random-weight CLIP-L, two W8A8 FP8 encoders that differ only in float
-rounding (the PyTorch path keeps fp16-rounded dequantized weights, the graph the exact FP8 codes times the
-scale; and summation order) agree to 0.998-0.9985 mean per-token cosine, because each rounding difference
-flips a few FP8 activation codes and the random network amplifies them. With bit-identical weights the
-agreement is still only 0.9990-0.9995. So exactness is checked where no activation is rounded to FP8 (the
-"weights only" recipe: >= 0.9999), and the W8A8 export is checked against the PyTorch FP8 path (>= 0.997,
-measured 0.9984) and, what a user sees, for being as close to the unquantized encoder as the PyTorch FP8 path
-is (within 0.001; measured 0.9958 vs 0.9957).
+Thresholds: with float32 between the FP8 matmuls (the default, as the PyTorch FP8 path computes) the graph
+matches the PyTorch encoder to >= 0.999 mean per-token cosine (measured 0.9992-0.9994); the remaining
+difference is summation order in the matmuls flipping a few FP8 activation codes, which this random-weight
+fixture amplifies. With float16 activations it is 0.998 (every activation rounded once more), so that variant
+is checked for being as close to the unquantized encoder as the PyTorch FP8 path is. Where no activation is
+rounded to FP8 (the "weights only" recipe) the graph is exact (>= 0.99999).
 """
 from __future__ import annotations
 
@@ -75,7 +73,7 @@ def test_kept_layers_stay_unquantized(comfy, pack, fp8_clip):
                  keep_high_precision="*text_projection, *layers.11.mlp.fc2")["result"][0]
     model = ox.export_text_transformer(*tower(pack, q))
     names = {t.name: t.data_type for t in model.graph.initializer}
-    assert names["text_model/encoder/layers/11/mlp/fc2/weight"] == onnx.TensorProto.FLOAT16
+    assert names["text_model/encoder/layers/11/mlp/fc2/weight"] == onnx.TensorProto.FLOAT
     assert "text_model/encoder/layers/11/mlp/fc2/weight_fp8" not in names
     assert "text_model/encoder/layers/11/mlp/fc2/input_scale" not in names
     assert names["text_model/encoder/layers/11/mlp/fc1/weight_fp8"] == onnx.TensorProto.FLOAT8E4M3FN
@@ -91,7 +89,7 @@ def _run_both(comfy, pack, clip, compute_dtype):
     with torch.inference_mode():
         ref = module(None, None, embeds=embeds, num_tokens=[77] * len(embeds), intermediate_output="all",
                      final_layer_norm_intermediate=False, dtype=torch.float32)
-    return (last, hidden), (ref[0], ref[1])
+    return (last, hidden), (ref[0], ref[1]), embeds
 
 
 @pytest.fixture(scope="module")
@@ -101,29 +99,33 @@ def weights_only(comfy, fp8_clip):
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float16])
 def test_onnxruntime_matches_pytorch_fp8_weights_exactly(comfy, pack, weights_only, compute_dtype):
-    (last, hidden), (ref_last, ref_hidden) = _run_both(comfy, pack, weights_only, compute_dtype)
+    (last, hidden), (ref_last, ref_hidden), _ = _run_both(comfy, pack, weights_only, compute_dtype)
     assert last.shape == ref_last.shape and hidden.shape == ref_hidden.shape
     floor = 0.99999 if compute_dtype == torch.float32 else 0.9999
     assert cosine(last, ref_last) >= floor
     assert min(cosine(hidden[:, i], ref_hidden[:, i]) for i in range(12)) >= floor
 
 
-def test_onnxruntime_w8a8_matches_pytorch_fp8_path(comfy, pack, fp8_clip):
-    """The graph the engine is built from (fp16, FP8 W8A8), against ComfyUI's PyTorch FP8 encoder."""
-    original, q = fp8_clip
-    (last, hidden), (ref_last, ref_hidden) = _run_both(comfy, pack, q, torch.float16)
-    print(f"\nW8A8 graph vs PyTorch FP8: last {cosine(last, ref_last):.5f}, "
-          f"hidden min {min(cosine(hidden[:, i], ref_hidden[:, i]) for i in range(12)):.5f}")
-    assert cosine(last, ref_last) >= 0.997
-    assert all(cosine(hidden[:, i], ref_hidden[:, i]) >= 0.997 for i in range(12))
-    # and as close to the unquantized encoder as the PyTorch FP8 path is
-    module, _ = tower(pack, q)
+@pytest.mark.parametrize("runtime", [1, 2], ids=["fp8-runtime", "fake-quant-runtime"])
+def test_onnxruntime_w8a8_matches_pytorch_fp8_encoder(comfy, pack, fp8_clip, runtime):
+    """The graph the engine is built from (W8A8, float32 activations) against the quantize node's output."""
+    (last, hidden), (ref_last, ref_hidden), _ = _run_both(comfy, pack, fp8_clip[runtime], torch.float32)
+    worst_hidden = min(cosine(hidden[:, i], ref_hidden[:, i]) for i in range(12))
+    print(f"\nW8A8 graph vs PyTorch ({type(tower(pack, fp8_clip[runtime])[0]).__name__}): "
+          f"last {cosine(last, ref_last):.5f}, worst hidden layer {worst_hidden:.5f}")
+    assert cosine(last, ref_last) >= 0.999 and worst_hidden >= 0.999
+
+
+def test_float16_activations_are_as_close_to_the_original_as_the_pytorch_fp8_path(comfy, pack, fp8_clip):
+    original, q, _ = fp8_clip
+    (last, hidden), (ref_last, ref_hidden), embeds = _run_both(comfy, pack, q, torch.float16)
     orig = original.patcher.get_model_object("clip_l.transformer")
-    embeds = prompt_embeds(comfy, q, module, PROMPTS)
     with torch.inference_mode():
         unq = orig(None, None, embeds=embeds, num_tokens=[77] * len(embeds), dtype=torch.float32)[0]
     graph_vs_orig, torch_vs_orig = cosine(last, unq), cosine(ref_last, unq)
-    print(f"vs unquantized: graph {graph_vs_orig:.5f}, PyTorch FP8 {torch_vs_orig:.5f}")
+    print(f"\nfloat16 activations: vs PyTorch FP8 {cosine(last, ref_last):.5f}; vs unquantized: graph "
+          f"{graph_vs_orig:.5f}, PyTorch FP8 {torch_vs_orig:.5f}")
+    assert cosine(last, ref_last) >= 0.997
     assert abs(graph_vs_orig - torch_vs_orig) <= 0.001
 
 

@@ -5,7 +5,7 @@ load, and the graph we need is small and regular. Writing it from the weights an
 standard `QuantizeLinear`/`DequantizeLinear` (opset 19, float8e4m3fn zero point) that both onnxruntime and
 TensorRT read, with the weights stored as FP8 initializers (so the engine is FP8-sized).
 
-Graph contract (see `IO`): input `embeds` [batch, 77, width] float32, the token embeddings ComfyUI computes
+Graph contract (see `io_contract`): input `embeds` [batch, 77, width] float32, the token embeddings ComfyUI computes
 (position embeddings are added inside, as `CLIPTextModel_` does). Outputs, float32:
 - `last_hidden` [batch, 77, width]: after the final LayerNorm;
 - `hidden_states` [batch, layers, 77, width]: every block's output before the final LayerNorm, so any clip
@@ -59,6 +59,7 @@ class LinearSpec:
     bias: torch.Tensor | None
     weight_scale: float | None = None  # None: kept in high precision
     input_scale: float | None = None  # None: activations not quantized
+    codes: torch.Tensor | None = None  # the FP8 weight codes when the module stores them (FP8Linear)
 
     @property
     def fp8(self) -> bool:
@@ -160,10 +161,12 @@ def _norm(m: torch.nn.Module) -> NormSpec:
 
 
 def spec_from_module(module: torch.nn.Module, record: Any | None) -> TransformerSpec:
-    """Read a ComfyUI `CLIPTextModel` (quantized by this pack, or not) into a `TransformerSpec`.
+    """Read a quantized text transformer into a `TransformerSpec`.
 
-    `record` is the module's `QuantizedTower` (its scales say which layers are FP8); None exports every
-    layer in high precision (the FP16 baseline engine).
+    `module` is either ComfyUI's `CLIPTextModel` with ModelOpt quantizers and folded Q->DQ weights (the
+    fake-quant runtime; scales from `record`) or the pack's `FP8TextModel` (FP8 codes and scales stored in its
+    `FP8Linear` layers): both keep CLIPTextModel's layer names. `record` is the `QuantizedTower`; None exports
+    every layer in high precision (the FP16 baseline engine).
     """
     tm = getattr(module, "text_model", None)
     if tm is None or not hasattr(tm, "encoder") or not hasattr(tm, "final_layer_norm"):
@@ -173,10 +176,16 @@ def spec_from_module(module: torch.nn.Module, record: Any | None) -> Transformer
 
     def lin(name: str) -> LinearSpec:
         m = module.get_submodule(name)
+        w = m.weight.detach().cpu()
+        bias = None if m.bias is None else m.bias.detach().float().cpu()
+        if w.dtype == torch.float8_e4m3fn:  # FP8Linear: its codes and scales are what it computes with
+            ws = float(m.weight_scale)
+            if record is None:
+                return LinearSpec(name, w.float() * ws, bias)
+            isc = getattr(m, "input_scale", None)
+            return LinearSpec(name, w.float() * ws, bias, ws, None if isc is None else float(isc), codes=w)
         s = scales.get(name)
-        return LinearSpec(name, m.weight.detach().float().cpu(),
-                          None if m.bias is None else m.bias.detach().float().cpu(),
-                          None if s is None else float(s.weight_scale),
+        return LinearSpec(name, w.float(), bias, None if s is None else float(s.weight_scale),
                           None if s is None or s.input_scale is None else float(s.input_scale))
 
     blocks = []
@@ -248,7 +257,8 @@ def _linear(g: _Graph, x: str, lin: LinearSpec, fp8: bool, zp: str) -> str:
             s_in = g.const(base + "/input_scale", lin.input_scale)
             x = g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s_in, zp]), s_in, zp])
         # Stored transposed ([in, out]) so the graph is DQ -> MatMul, the pattern TensorRT fuses into an FP8 GEMM.
-        w = g.fp8_const(base + "/weight_fp8", to_fp8(lin.weight, lin.weight_scale).t().contiguous())
+        codes = lin.codes if lin.codes is not None else to_fp8(lin.weight, lin.weight_scale)
+        w = g.fp8_const(base + "/weight_fp8", codes.t().contiguous())
         w = g.op("DequantizeLinear", [w, g.const(base + "/weight_scale", lin.weight_scale), zp])
     else:
         w = g.const(base + "/weight", lin.weight.t().contiguous())
@@ -294,11 +304,11 @@ def _attention(g: _Graph, x: str, b: BlockSpec, spec: TransformerSpec, fp8: bool
     return _linear(g, merged, b.o, fp8, zp)
 
 
-def build_onnx(spec: TransformerSpec, *, compute_dtype: torch.dtype = torch.float16, fp8: bool = True):
+def build_onnx(spec: TransformerSpec, *, compute_dtype: torch.dtype = torch.float32, fp8: bool = True):
     """The ONNX model (onnx.ModelProto) of `spec`: FP8 Q/DQ where the spec has scales (unless fp8=False).
 
-    compute_dtype: the precision of everything that is not an FP8 matmul (float16 for engines; float32 gives
-    the PyTorch encoder's numerics more closely).
+    compute_dtype: the precision of everything that is not an FP8 matmul: float32 (the PyTorch FP8 path's) or
+    float16.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -337,7 +347,7 @@ def build_onnx(spec: TransformerSpec, *, compute_dtype: torch.dtype = torch.floa
 
 
 def export_text_transformer(module: torch.nn.Module, record: Any | None = None, *,
-                            compute_dtype: torch.dtype = torch.float16, fp8: bool = True):
+                            compute_dtype: torch.dtype = torch.float32, fp8: bool = True):
     """Shortcut: `build_onnx(spec_from_module(module, record))`."""
     return build_onnx(spec_from_module(module, record), compute_dtype=compute_dtype, fp8=fp8)
 
