@@ -87,7 +87,8 @@ def main() -> int:
     rows += [("Read weights and scales from the module", f"{t_spec:.2f} s"),
              ("Cache key (sha256 of every exported tensor)", f"{t_digest:.2f} s"),
              ("ONNX export (graph + FP8 initializers) + serialize", f"{t_export + t_ser:.2f} s"),
-             ("ONNX size FP8 / FP16", f"{len(data8) / 2**20:.1f} MB / {len(onnx16.SerializeToString()) / 2**20:.1f} MB")]
+             ("ONNX size FP8 / FP16",
+              f"{len(data8) / 2**20:.1f} MB / {len(onnx16.SerializeToString()) / 2**20:.1f} MB")]
 
     profile = build.Profile(max_rows=8)
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import call, encode, pack_module
+from conftest import encode, pack_module
 
 
 def tr(pack, name):
@@ -81,7 +81,7 @@ def test_same_inputs_reuse_changed_inputs_rebuild(pack, real_build, tmp_path, mo
     (lambda e, m: m.write_text("{not json"), "unreadable"),
     (lambda e, m: m.write_text(json.dumps({**json.loads(m.read_text()), "key": "0" * 64})), "another engine"),
     (lambda e, m: e.unlink(), "missing"),
-])
+], ids=["truncated", "edited", "no-manifest", "bad-manifest", "foreign-manifest", "engine-deleted"])
 def test_damaged_or_foreign_engine_is_rebuilt_with_a_warning(pack, tmp_path, counted, caplog, damage, why):
     cache_mod = tr(pack, "cache")
     cache = cache_mod.EngineCache(tmp_path)

@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import CALIBRATION_SMALL, call, cosine, encode, pack_module
+from conftest import CALIBRATION_SMALL, cosine, encode, pack_module
 from test_quantize_clip import quantize
 
 

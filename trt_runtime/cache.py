@@ -128,7 +128,8 @@ class EngineCache:
             return None, f"{engine.name} is missing"
         size = engine.stat().st_size
         if size != manifest.get("engine_bytes"):
-            return None, f"{engine.name} has {size} bytes, its manifest says {manifest.get('engine_bytes')} (truncated?)"
+            return None, (f"{engine.name} has {size} bytes, its manifest says {manifest.get('engine_bytes')} "
+                          "(truncated?)")
         if sha256_file(engine) != manifest.get("sha256"):
             return None, f"{engine.name} does not match the sha256 in its manifest (edited or corrupted)"
         return CachedEngine(engine, manifest, built=False), ""

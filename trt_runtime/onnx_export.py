@@ -278,7 +278,8 @@ def _activation(g: _Graph, x: str, kind: str) -> str:
         return g.op("Mul", [x, g.op("Sigmoid", [g.op("Mul", [x, g.const(g.name("qg"), 1.702)])])])
     if kind == "gelu":  # exact: 0.5 x (1 + erf(x / sqrt 2))
         e = g.op("Erf", [g.op("Mul", [x, g.const(g.name("rs2"), 1 / math.sqrt(2))])])
-        return g.op("Mul", [g.op("Mul", [x, g.const(g.name("half"), 0.5)]), g.op("Add", [e, g.const(g.name("one"), 1.0)])])
+        half = g.op("Mul", [x, g.const(g.name("half"), 0.5)])
+        return g.op("Mul", [half, g.op("Add", [e, g.const(g.name("one"), 1.0)])])
     # gelu tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
     x3 = g.op("Mul", [g.op("Mul", [x, x]), x])
     inner = g.op("Mul", [g.op("Add", [x, g.op("Mul", [x3, g.const(g.name("c"), 0.044715)])]),
