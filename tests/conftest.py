@@ -58,3 +58,26 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean per-token cosine similarity."""
     return float(torch.nn.functional.cosine_similarity(a.float().flatten(0, -2), b.float().flatten(0, -2),
                                                        dim=-1).mean())
+
+
+def pack_module(pack, name: str):
+    """A submodule of the pack as ComfyUI loaded it, e.g. pack_module(pack, "trt_runtime.cache")."""
+    import importlib
+
+    return importlib.import_module(f"{pack.__name__}.{name}")
+
+
+CALIBRATION_SMALL = "a cat\na castle at night\n(a red car:1.2)\nportrait of an old fisherman, weathered skin"
+
+
+@pytest.fixture(scope="session")
+def fp8_clip(comfy, pack):
+    """(original CLIP-L, FP8 W8A8 clone on the fp8 runtime, the same on the fake-quant runtime), calibrated once
+    by the quantize node on a few prompts."""
+    from test_quantize_clip import quantize
+
+    (clip,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
+    fake = quantize(comfy, clip, calibration_prompts=CALIBRATION_SMALL, runtime="fake-quant")["result"][0]
+    with torch.inference_mode():
+        fp8, _ = pack_module(pack, "quant.runtime").to_fp8_runtime(fake, "fp8")
+    return clip, fp8, fake

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import logging
+
+from .ui import interrupt_check, progress_bar
+
+log = logging.getLogger("comfyui-fp8-clip")
+
+
+def _register_tensorrt_folder() -> None:
+    # At import, so ComfyUI lists models/tensorrt with .engine files like its own folders. Cheap: no TensorRT import.
+    try:
+        import folder_paths
+
+        from ..trt_runtime.cache import register_folder
+        register_folder(folder_paths)
+    except Exception as e:  # noqa: BLE001  (outside ComfyUI, or an odd folder_paths: the node registers lazily)
+        log.debug("tensorrt model folder not registered at import: %s", e)
+
+
+_register_tensorrt_folder()
+
+
+class BuildTensorRTEngine:
+    NODE_ID = "FP8CLIPTensorRTEngine"
+    DISPLAY_NAME = "Build TensorRT Engine for FP8 CLIP"
+    CATEGORY = "advanced/fp8 clip"
+    DESCRIPTION = ("Builds (once, then cached in models/tensorrt) a TensorRT engine from the FP8 CLIP of 'Quantize "
+                   "CLIP to FP8' and returns a CLIP whose text encoder runs on it. Where the engine cannot run "
+                   "(no NVIDIA GPU, a GPU without FP8 support in the installed TensorRT, no TensorRT), the CLIP "
+                   "comes back unchanged and the status says why.")
+    RETURN_TYPES = ("CLIP", "STRING")
+    RETURN_NAMES = ("clip", "status")
+    OUTPUT_TOOLTIPS = ("The CLIP on the TensorRT engine (or unchanged, see status).",
+                       "What happened: engine built or found in the cache, or why it is not used.")
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": ("CLIP", {"tooltip": "The clip output of 'Quantize CLIP to FP8 (calibrated)'."}),
+            "max_batch_rows": ("INT", {
+                "default": 8, "min": 1, "max": 64,
+                "tooltip": "Largest batch the engine accepts, in rows of 77 tokens: a prompt takes one row per "
+                           "77 tokens and one more when it has (word:1.2) weights. Changing it rebuilds."}),
+            "activations": (["float32", "float16"], {
+                "default": "float32",
+                "tooltip": "Precision between the FP8 matmuls. float32 reproduces the quality report's numbers; "
+                           "float16 moves less memory but rounds once more. Changing it rebuilds."}),
+        }}
+
+    def build(self, clip, max_batch_rows, activations="float32"):
+        import comfy.model_management
+        import folder_paths
+
+        from ..trt_runtime.availability import engine_support
+        from ..trt_runtime.cache import register_folder
+        from ..trt_runtime.pipeline import engine_clip
+
+        root = register_folder(folder_paths)[0]
+        bar = progress_bar()
+        support = engine_support(comfy.model_management.get_torch_device())
+        out, status = engine_clip(clip, max_batch_rows, support, cache_root=root, activations=activations,
+                                  progress=lambda f, phase: bar(int(f * 100), 100),
+                                  check_interrupt=interrupt_check())
+        log.info(status)
+        return {"ui": {"text": [status]}, "result": (out, status)}

@@ -1,0 +1,227 @@
+"""The engine cache: reuse, rebuild on change, never trust a damaged file, one build at a time, nothing left
+behind by a failed write, and clear errors for folders it cannot use."""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import encode, pack_module
+
+
+def tr(pack, name):
+    return pack_module(pack, f"trt_runtime.{name}")
+
+
+@pytest.fixture(scope="module")
+def real_build(pack, fp8_clip):
+    """One real TensorRT for RTX build of the FP8 CLIP-L (1 row): its bytes stand in for every build below."""
+    av, build, ox = tr(pack, "availability"), tr(pack, "build"), tr(pack, "onnx_export")
+    rtx = av.build_only_support()
+    ((module, record),) = pack_module(pack, "quant.artifact").quantized_towers(fp8_clip[1]).values()
+    result = build.build_engine(ox.export_text_transformer(module, record), build.Profile(max_rows=1, opt_rows=1),
+                                rtx.flavour, target=rtx.target)
+    return result, rtx, module, record
+
+
+@pytest.fixture
+def counted(real_build):
+    calls = []
+
+    def build():
+        calls.append(1)
+        return real_build[0]
+    build.calls = calls
+    return build
+
+
+COMPONENTS = {"export": "abc", "flavour": "tensorrt-rtx", "trt_version": "1.7.1.116", "target": "portable",
+              "profile": {"min_rows": 1, "opt_rows": 2, "max_rows": 8}}
+
+
+def leftovers(root):
+    return sorted(p.name for p in root.iterdir() if p.name != ".locks")
+
+
+def test_same_inputs_reuse_changed_inputs_rebuild(pack, real_build, tmp_path, monkeypatch):
+    pipeline, build, av = tr(pack, "pipeline"), tr(pack, "build"), tr(pack, "availability")
+    _, rtx, module, record = real_build
+    builds = []
+    monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: builds.append(k["target"]) or real_build[0])
+    cache = tr(pack, "cache").EngineCache(tmp_path / "tensorrt")  # missing: created on first use
+
+    def prepare(profile=build.Profile(max_rows=8), support=rtx):
+        return pipeline.prepare_engine(module, record, profile=profile, support=support, cache=cache)
+
+    first = prepare()
+    assert first.built and first.path.exists() and len(builds) == 1
+    again = prepare()
+    assert not again.built and again.path == first.path and len(builds) == 1  # same inputs: no build
+    assert prepare(build.Profile(max_rows=4)).built and len(builds) == 2  # profile
+    newer = tr(pack, "flavour").Flavour(rtx.flavour.name, rtx.flavour.module, "1.8.0")
+    assert prepare(support=av.Support(True, "", newer, rtx.target)).built  # TensorRT upgrade
+    assert prepare(support=av.Support(True, "", rtx.flavour, "sm89")).built  # another GPU architecture
+    assert pipeline.prepare_engine(module, record, profile=build.Profile(max_rows=8), support=rtx, cache=cache,
+                                   activations="float16").built  # another activation precision
+    assert len(builds) == 5 and len(list(cache.root.glob("*.engine"))) == 5
+    assert not prepare().built and len(builds) == 5  # and the first one is still found
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda e, m: e.write_bytes(e.read_bytes()[:-1000]), "truncated"),
+    (lambda e, m: e.write_bytes(e.read_bytes()[:500] + b"X" + e.read_bytes()[501:]), "sha256"),
+    (lambda e, m: m.unlink(), "no manifest"),
+    (lambda e, m: m.write_text("{not json"), "unreadable"),
+    (lambda e, m: m.write_text(json.dumps({**json.loads(m.read_text()), "key": "0" * 64})), "another engine"),
+    (lambda e, m: e.unlink(), "missing"),
+], ids=["truncated", "edited", "no-manifest", "bad-manifest", "foreign-manifest", "engine-deleted"])
+def test_damaged_or_foreign_engine_is_rebuilt_with_a_warning(pack, tmp_path, counted, caplog, damage, why):
+    cache_mod = tr(pack, "cache")
+    cache = cache_mod.EngineCache(tmp_path)
+    key = cache_mod.engine_key(COMPONENTS)
+    good = cache.get_or_build(key, COMPONENTS, counted, tower="clip_l")
+    damage(good.path, good.path.with_suffix(".json"))
+    assert cache.check(key, COMPONENTS, "clip_l")[0] is None  # what get_or_build consults before any use
+    with caplog.at_level(logging.WARNING):
+        again = cache.get_or_build(key, COMPONENTS, counted, tower="clip_l")
+    assert again.built and len(counted.calls) == 2
+    assert any(why in w for w in again.warnings) and why in caplog.text and "rebuilding" in caplog.text
+    assert cache.check(key, COMPONENTS, "clip_l")[0] is not None  # intact again
+    assert leftovers(tmp_path) == sorted([good.path.name, good.path.with_suffix(".json").name])
+
+
+def test_engine_edited_after_the_check_is_not_handed_to_tensorrt(pack, tmp_path, counted):
+    cache_mod = tr(pack, "cache")
+    found = cache_mod.EngineCache(tmp_path).get_or_build(cache_mod.engine_key(COMPONENTS), COMPONENTS, counted,
+                                                          tower="clip_l")
+    found.path.write_bytes(b"\0" * found.manifest["engine_bytes"])
+    with pytest.raises(cache_mod.EngineCacheError, match="changed after it was checked"):
+        found.read()
+
+
+def test_two_builds_of_one_key_at_once_make_one_engine(pack, tmp_path, real_build):
+    cache_mod = tr(pack, "cache")
+    calls = []
+
+    def slow_build():
+        calls.append(1)
+        time.sleep(1.0)
+        return real_build[0]
+
+    key = cache_mod.engine_key(COMPONENTS)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache_mod.EngineCache(tmp_path).get_or_build(
+        key, COMPONENTS, slow_build, tower="clip_l"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(r.built for r in results) == [False, True]
+    assert results[0].path == results[1].path and len(list(tmp_path.glob("*.engine"))) == 1
+
+
+def test_a_build_that_dies_leaves_nothing(pack, tmp_path):
+    cache_mod = tr(pack, "cache")
+
+    def dies():
+        raise RuntimeError("builder crashed")
+
+    with pytest.raises(RuntimeError, match="builder crashed"):
+        cache_mod.EngineCache(tmp_path).get_or_build("k" * 64, COMPONENTS, dies, tower="clip_l")
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])  # 1: writing the engine, 2: writing its manifest
+def test_full_disk_during_the_write_leaves_nothing_and_says_so(pack, tmp_path, counted, monkeypatch, fail_at):
+    cache_mod = tr(pack, "cache")
+    n = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        n.append(1)
+        if len(n) == fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(cache_mod.os, "fsync", fsync)
+    with pytest.raises(cache_mod.EngineCacheError, match=r"Not enough disk space to write fp8clip-clip_l-.*"
+                                                         r"Free some space.*nothing was left behind") as e:
+        cache_mod.EngineCache(tmp_path).get_or_build(cache_mod.engine_key(COMPONENTS), COMPONENTS, counted,
+                                                     tower="clip_l")
+    assert leftovers(tmp_path) == []
+    assert e.value.result is not None  # the engine that was built is still usable from memory
+
+
+def test_cache_folder_that_cannot_be_created(pack, tmp_path, counted):
+    cache_mod = tr(pack, "cache")
+    (tmp_path / "models").write_text("a file where the folder should be")
+    with pytest.raises(cache_mod.EngineCacheError, match=r"Cannot create the TensorRT engine folder .*models/"
+                                                         r"tensorrt.*extra_model_paths\.yaml"):
+        cache_mod.EngineCache(tmp_path / "models" / "tensorrt").get_or_build("k" * 64, COMPONENTS, counted,
+                                                                             tower="clip_l")
+    assert counted.calls == []
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    immutable = False
+    try:
+        (d / "probe").touch()
+    except OSError:
+        pass
+    else:  # running as root: permission bits do not apply; an immutable folder does
+        (d / "probe").unlink()
+        immutable = subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode == 0
+        if not immutable:
+            pytest.skip("cannot make a read-only folder here (root without chattr)")
+    yield d
+    if immutable:
+        subprocess.run(["chattr", "-i", str(d)], check=True)
+    d.chmod(0o755)
+
+
+def test_cache_folder_that_is_not_writable(pack, read_only_dir, counted):
+    cache_mod = tr(pack, "cache")
+    with pytest.raises(cache_mod.EngineCacheError, match=r"folder .*/ro is not writable.*make it writable"):
+        cache_mod.EngineCache(read_only_dir).get_or_build("k" * 64, COMPONENTS, counted, tower="clip_l")
+
+
+def test_unusable_cache_folder_still_gives_an_engine_clip_and_says_it_is_not_cached(comfy, pack, fp8_clip,
+                                                                                     real_build, tmp_path, monkeypatch):
+    pipeline, runners, ox = tr(pack, "pipeline"), tr(pack, "runners"), tr(pack, "onnx_export")
+    _, rtx, _, _ = real_build
+    monkeypatch.setattr(pipeline, "make_runner", lambda engine, support, module, record: runners.OrtRunner(
+        ox.export_text_transformer(module, record)))
+    (tmp_path / "models").write_text("not a folder")
+    with torch.inference_mode():
+        out, status = pipeline.engine_clip(fp8_clip[1], 1, rtx, cache_root=tmp_path / "models" / "tensorrt")
+    assert "Not cached: Cannot create the TensorRT engine folder" in status
+    assert type(out.patcher.object_patches["clip_l.transformer"]).__name__ == "EngineTextModel"
+    assert encode(comfy, out, "a cat")[0].shape == (1, 77, 768)
+
+
+def test_tensorrt_model_folder_is_registered_for_engine_files(comfy, pack, tmp_path):
+    fp = comfy.folder_paths
+    paths, exts = fp.folder_names_and_paths["tensorrt"]  # registered when ComfyUI imported the pack
+    assert str(comfy.base / "models" / "tensorrt") in paths and ".engine" in exts
+    d = comfy.base / "models" / "tensorrt"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "listed-test.engine").write_bytes(b"x")
+    (d / "listed-test.json").write_text("{}")
+    try:
+        names = fp.get_filename_list("tensorrt")
+        assert "listed-test.engine" in names and "listed-test.json" not in names
+        assert tr(pack, "cache").register_folder(fp)[0] == paths[0]  # idempotent, keeps what others added
+    finally:
+        (d / "listed-test.engine").unlink()
+        (d / "listed-test.json").unlink()

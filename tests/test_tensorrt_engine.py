@@ -1,0 +1,320 @@
+"""TensorRT engines for the FP8 CLIP, for real up to execution.
+
+What runs here: export, TensorRT for RTX's parser and builder (no GPU needed), the cache, the node in a real
+ComfyUI, the fallback decisions. What cannot: executing an engine (TensorRT for RTX refuses compute capability
+9.0, the GPUs this project has, and deserializing needs a GPU). Where a test needs the engine's output, the
+node's runner is swapped for onnxruntime running the very ONNX graph the engine was built from; everything
+around it (cache, key, engine module, clip skip, pooled output, projection, textual inversion) is the real code.
+The engine's graph matches the PyTorch FP8 path to >= 0.999 (see test_tensorrt_export.py); through ComfyUI's
+encode path the tests below ask for 0.999 for the conditioning and 0.998 for the pooled output (one token).
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import call, cosine, encode, pack_module
+
+PROMPT = "a photo of an astronaut riding a horse, detailed, 4k"
+
+
+def tr(pack, name):
+    return pack_module(pack, f"trt_runtime.{name}")
+
+
+def tower(pack, clip):
+    ((module, record),) = pack_module(pack, "quant.artifact").quantized_towers(clip).values()
+    return module, record
+
+
+@pytest.fixture(scope="module")
+def rtx(pack):
+    support = tr(pack, "availability").build_only_support()
+    if not support.ok:
+        pytest.fail(f"TensorRT for RTX must be installed for these tests (harness/setup.sh does): {support.reason}")
+    return support
+
+
+@pytest.fixture(scope="module")
+def fp8_engine(pack, fp8_clip, rtx):
+    """A real FP8 engine for the full-size CLIP-L fixture (TensorRT for RTX, portable) and its progress trace."""
+    ox, build = tr(pack, "onnx_export"), tr(pack, "build")
+    seen = []
+    result = build.build_engine(ox.export_text_transformer(*tower(pack, fp8_clip[1])), build.Profile(max_rows=8),
+                                rtx.flavour, target=rtx.target, progress=lambda f, phase: seen.append(f))
+    return result, seen
+
+
+def test_real_engine_is_fp8_sized(pack, fp8_clip, rtx, fp8_engine):
+    ox, build = tr(pack, "onnx_export"), tr(pack, "build")
+    module, _ = tower(pack, fp8_clip[1])
+    fp16 = build.build_engine(ox.export_text_transformer(module, None, fp8=False), build.Profile(max_rows=8),
+                              rtx.flavour, target=rtx.target)
+    fp8 = fp8_engine[0]
+    mb = 2 ** 20
+    params = sum(lin.weight.numel() for lin in ox.spec_from_module(module, None).linears())
+    print(f"\nengines: FP8 {len(fp8.engine) / mb:.1f} MB, FP16 {len(fp16.engine) / mb:.1f} MB; "
+          f"{params / 1e6:.1f}M Linear weights ({params * 2 / mb:.0f} MB in fp16)")
+    assert len(fp8.engine) < 0.65 * len(fp16.engine)
+    assert len(fp8.engine) < 0.6 * params * 2  # well under the weights' fp16 bytes: they are stored in FP8
+    assert len(fp16.engine) > params * 2  # the FP16 engine does hold fp16 weights (the comparison is fair)
+
+
+def test_binding_plan_read_from_the_built_network(pack, fp8_engine):
+    ox = tr(pack, "onnx_export")
+    plan = fp8_engine[0].plan
+    assert plan == ox.io_contract(768, 12)
+    assert [(t.name, t.mode, t.dtype, t.shape) for t in plan] == [
+        ("embeds", "input", "float32", (-1, 77, 768)), ("last_hidden", "output", "float32", (-1, 77, 768)),
+        ("hidden_states", "output", "float32", (-1, 12, 77, 768))]
+    bufs = tr(pack, "bindings").allocate_outputs(plan, 3, torch.device("cpu"))
+    assert {k: tuple(v.shape) for k, v in bufs.items()} == {"last_hidden": (3, 77, 768),
+                                                           "hidden_states": (3, 12, 77, 768)}
+
+
+def test_engine_whose_io_differs_is_refused_with_the_difference_named(pack, fp8_engine):
+    bindings, ox = tr(pack, "bindings"), tr(pack, "onnx_export")
+    plan = fp8_engine[0].plan
+    other = [ox.TensorIO(t.name, t.mode, "float16" if t.name == "last_hidden" else t.dtype, t.shape) for t in plan]
+    with pytest.raises(bindings.EngineMismatchError, match=r"'last_hidden' is output float16.*expected output "
+                                                           r"float32.*Delete the engine file"):
+        bindings.check_plan(other, plan)
+    with pytest.raises(bindings.EngineMismatchError, match="missing 'hidden_states'"):
+        bindings.check_plan(plan[:2], plan)
+
+
+def test_build_reports_progress_to_the_end(fp8_engine):
+    seen = fp8_engine[1]
+    assert len(seen) > 10 and seen[-1] == 1.0
+    assert all(b >= a for a, b in zip(seen, seen[1:]))  # never goes backwards in the UI
+
+
+def test_interrupt_during_build_stops_it(pack, fp8_clip, rtx):
+    import comfy.model_management as mm
+
+    ox, build = tr(pack, "onnx_export"), tr(pack, "build")
+    steps = []
+
+    def cancel_after_3():
+        steps.append(1)
+        if len(steps) == 3:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            build.build_engine(ox.export_text_transformer(*tower(pack, fp8_clip[1])), build.Profile(max_rows=2),
+                               rtx.flavour, target=rtx.target, check_interrupt=cancel_after_3)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(steps) == 3
+
+
+# --- when the engine can run, and when not ----------------------------------------------------------------
+
+def _fake_gpu(monkeypatch, cc, name="NVIDIA Test GPU"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: cc)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
+
+
+def test_availability_decisions(pack, monkeypatch, rtx):
+    av, fl = tr(pack, "availability"), tr(pack, "flavour")
+    s = av.engine_support(torch.device("cpu"), rtx.flavour)
+    assert not s.ok and "not a CUDA GPU" in s.reason
+    monkeypatch.setattr(av, "find_tensorrt", lambda prefer=None: (None, "No TensorRT is installed (...). "
+                                                                       + fl.INSTALL_HINT))
+    s = av.engine_support(torch.device("cuda:0"))
+    assert not s.ok and "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings" in s.reason
+
+    _fake_gpu(monkeypatch, (9, 0), "NVIDIA H100")
+    s = av.engine_support(torch.device("cuda:0"), rtx.flavour)
+    assert not s.ok and "NVIDIA H100 (compute capability 9.0)" in s.reason and "Standard TensorRT" in s.reason
+    standard = fl.Flavour(fl.STANDARD, object(), "10.16")
+    s = av.engine_support(torch.device("cuda:0"), standard)
+    assert s.ok and s.target == "sm90-NVIDIA H100"  # standard engines are per GPU model
+
+    _fake_gpu(monkeypatch, (8, 6), "NVIDIA GeForce RTX 3090")
+    s = av.engine_support(torch.device("cuda:0"), rtx.flavour)
+    assert not s.ok and "8.9 and 12.x only" in s.reason and "no FP8 tensor cores" in s.reason
+    _fake_gpu(monkeypatch, (8, 9), "NVIDIA GeForce RTX 4090")
+    s = av.engine_support(torch.device("cuda:0"), rtx.flavour)
+    assert s.ok and s.target == "sm89"
+    _fake_gpu(monkeypatch, (12, 0), "NVIDIA GeForce RTX 5090")
+    assert av.engine_support(torch.device("cuda:0"), rtx.flavour).target == "sm120"
+
+
+def test_rtx_builder_refuses_fp8_for_ampere_so_availability_must(pack, fp8_clip, rtx):
+    ox, build = tr(pack, "onnx_export"), tr(pack, "build")
+    with pytest.raises(build.EngineBuildError, match="sm86"):
+        build.build_engine(ox.export_text_transformer(*tower(pack, fp8_clip[1])), build.Profile(max_rows=2),
+                           rtx.flavour, target="sm86")
+
+
+def test_node_on_a_machine_without_cuda_says_why_and_returns_the_pytorch_clip(comfy, fp8_clip):
+    q = fp8_clip[1]
+    out, status = call(comfy, "FP8CLIPTensorRTEngine", clip=q, max_batch_rows=8)
+    assert out is q
+    assert status.startswith("TensorRT engine not used:") and "not a CUDA GPU" in status
+    assert "keeps running in PyTorch" in status
+    assert torch.equal(encode(comfy, out, PROMPT)[0], encode(comfy, q, PROMPT)[0])
+
+
+def test_node_needs_a_quantized_clip(comfy, fp8_clip):
+    with pytest.raises(ValueError, match="not quantized by this pack.*Quantize CLIP to FP8"):
+        call(comfy, "FP8CLIPTensorRTEngine", clip=fp8_clip[0], max_batch_rows=8)
+
+
+def test_engine_that_cannot_be_loaded_falls_back_to_pytorch(comfy, pack, fp8_clip, rtx, monkeypatch):
+    """Everything says 'go' (a GPU the flavour supports), but TensorRT cannot load the engine: here the real
+    TrtRunner fails to deserialize it (no CUDA driver). The workflow goes on, on the PyTorch path."""
+    av = tr(pack, "availability")
+    forced = av.Support(True, "TensorRT for RTX on a GPU that is not there", rtx.flavour, "sm89",
+                        torch.device("cuda:0"))
+    monkeypatch.setattr(av, "engine_support", lambda device=None, flavour=None: forced)
+    q = fp8_clip[1]
+    out, status = call(comfy, "FP8CLIPTensorRTEngine", clip=q, max_batch_rows=3)
+    assert out is q
+    assert status.startswith("TensorRT engine not used: the engine is ready but could not be loaded")
+    assert torch.equal(encode(comfy, out, PROMPT)[0], encode(comfy, q, PROMPT)[0])
+
+
+# --- the node end to end, with onnxruntime executing the engine's graph -------------------------------------
+
+@pytest.fixture
+def engine_node(comfy, pack, rtx, monkeypatch):
+    """The node as on a supported GPU: real export, build and cache; the engine's graph runs in onnxruntime.
+
+    Returns a counter of real engine builds."""
+    av, pipeline, runners, ox, build = (tr(pack, n) for n in ("availability", "pipeline", "runners",
+                                                             "onnx_export", "build"))
+    ok = av.Support(True, rtx.reason, rtx.flavour, rtx.target, torch.device("cpu"))
+    monkeypatch.setattr(av, "engine_support", lambda device=None, flavour=None: ok)
+
+    def ort_runner(engine, support, module, record):
+        data = engine.read()  # the engine file passes the cache's checks
+        dtype = pipeline.ACTIVATIONS[engine.manifest["components"]["compute_dtype"]]
+        runner = runners.OrtRunner(ox.export_text_transformer(module, record, compute_dtype=dtype))
+        runner.device_bytes = lambda: len(data)  # what TrtRunner reports before the engine is loaded
+        return runner
+
+    monkeypatch.setattr(pipeline, "make_runner", ort_runner)
+    builds = []
+    real = build.build_engine
+    monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: builds.append(1) or real(*a, **k))
+    return builds
+
+
+def engine_files(comfy):
+    return sorted((comfy.base / "models" / "tensorrt").glob("*.engine"))
+
+
+def test_node_builds_caches_and_reuses_the_engine(comfy, fp8_clip, engine_node):
+    import shutil
+
+    q = fp8_clip[1]
+    shutil.rmtree(comfy.base / "models" / "tensorrt", ignore_errors=True)  # a missing folder is created
+    out, status = call(comfy, "FP8CLIPTensorRTEngine", clip=q, max_batch_rows=8)
+    assert out is not q and len(engine_node) == 1 and "built in" in status
+    (engine,) = engine_files(comfy)
+    manifest = json.loads(engine.with_suffix(".json").read_text())
+    assert manifest["engine_bytes"] == engine.stat().st_size and len(manifest["sha256"]) == 64
+    assert manifest["components"]["profile"] == {"min_rows": 1, "opt_rows": 2, "max_rows": 8}
+    assert manifest["components"]["flavour"] == "tensorrt-rtx" and manifest["components"]["target"] == "portable"
+    assert manifest["source"]["kept"] == ["text_projection"] and manifest["source"]["fp8_layers"] == 72
+    assert str(engine) in status and "FP8 weights" in status
+
+    again, status2 = call(comfy, "FP8CLIPTensorRTEngine", clip=q, max_batch_rows=8)
+    assert len(engine_node) == 1 and "found in the cache, no build" in status2  # second run: no build
+    assert engine_files(comfy) == [engine]
+
+    _, status3 = call(comfy, "FP8CLIPTensorRTEngine", clip=q, max_batch_rows=4)
+    assert len(engine_node) == 2 and "built in" in status3  # another profile: another engine
+
+
+@pytest.fixture
+def engine_clip(comfy, fp8_clip, engine_node):
+    return call(comfy, "FP8CLIPTensorRTEngine", clip=fp8_clip[1], max_batch_rows=8)[0]
+
+
+def test_engine_clip_encodes_like_the_pytorch_fp8_clip(comfy, fp8_clip, engine_clip):
+    original, q, _ = fp8_clip
+    (ref, ref_pooled), (got, pooled) = encode(comfy, q, PROMPT), encode(comfy, engine_clip, PROMPT)
+    assert got.shape == ref.shape == (1, 77, 768) and pooled.shape == (1, 768)
+    print(f"\nengine CLIP vs PyTorch FP8 CLIP: conditioning {cosine(got, ref):.5f}, pooled "
+          f"{cosine(pooled, ref_pooled):.5f}")
+    assert cosine(got, ref) > 0.999 and cosine(pooled, ref_pooled) > 0.998
+    assert cosine(got, encode(comfy, original, PROMPT)[0]) > 0.99
+    # the input CLIP is untouched and its transformer is still the PyTorch one
+    assert type(q.patcher.object_patches["clip_l.transformer"]).__name__ == "FP8TextModel"
+
+
+def test_engine_clip_clip_skip_weights_long_prompts_and_embeddings(comfy, fp8_clip, engine_clip):
+    q = fp8_clip[1]
+    (q_skip,) = call(comfy, "CLIPSetLastLayer", clip=q, stop_at_clip_layer=-2)
+    (e_skip,) = call(comfy, "CLIPSetLastLayer", clip=engine_clip, stop_at_clip_layer=-2)
+    r, e = encode(comfy, q_skip, PROMPT)[0], encode(comfy, e_skip, PROMPT)[0]
+    assert cosine(r, e) > 0.999 and cosine(e, encode(comfy, engine_clip, PROMPT)[0]) < 0.99  # another layer
+
+    weighted = "a (red:1.5) balloon over a (grey:0.6) city"
+    assert cosine(encode(comfy, q, weighted)[0], encode(comfy, engine_clip, weighted)[0]) > 0.999
+
+    long = ", ".join(f"detail number {i}" for i in range(60))
+    r, e = encode(comfy, q, long)[0], encode(comfy, engine_clip, long)[0]
+    assert e.shape == r.shape and e.shape[1] >= 3 * 77 and cosine(r, e) > 0.999
+
+    emb = comfy.files["embedding"].rsplit(".", 1)[0]
+    with_emb = f"a portrait in the style of embedding:{emb}"
+    r, e = encode(comfy, q, with_emb)[0], encode(comfy, engine_clip, with_emb)[0]
+    assert cosine(r, e) > 0.999
+    assert cosine(e, encode(comfy, engine_clip, "a portrait in the style of")[0]) < 0.995  # embedding used
+
+
+def test_prompt_longer_than_the_profile_names_the_limit_and_the_fix(comfy, fp8_clip, engine_node):
+    small = call(comfy, "FP8CLIPTensorRTEngine", clip=fp8_clip[1], max_batch_rows=2)[0]
+    assert encode(comfy, small, "a (red:1.2) cat")[0].shape == (1, 77, 768)  # 2 rows: fits
+    long = ", ".join(f"detail number {i}" for i in range(60))
+    with pytest.raises(ValueError, match=r"needs 4 rows of 77 tokens.*at most 2\. Raise max_batch_rows on the "
+                                         r"'Build TensorRT Engine for FP8 CLIP' node to at least 4"):
+        encode(comfy, small, long)
+
+
+def test_engine_memory_is_reported_to_comfyui(comfy, pack, fp8_clip, engine_clip):
+    original, q, _ = fp8_clip
+    em = engine_clip.patcher.object_patches["clip_l.transformer"]
+    assert type(em).__name__ == "EngineTextModel"
+    engine_bytes = em.runner.device_bytes()
+    torch_side = sum(t.nbytes for t in em.state_dict().values())  # token embedding, projection, final LayerNorm
+    assert engine_bytes > 80 * 2**20 and torch_side > 49408 * 768  # an FP8 engine; FP8 token table
+    # ComfyUI budgets the engine plus the torch layers beside it, not the FP8 Linear weights a second time
+    assert engine_clip.patcher.model_size() == pytest.approx(engine_bytes + torch_side, rel=0.01)
+    assert engine_clip.patcher.model_size() < original.patcher.model_size()
+
+
+def test_quantizing_an_engine_clip_again_is_refused(comfy, engine_clip):
+    from test_quantize_clip import quantize
+
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(comfy, engine_clip, calibration_prompts="a cat")
+    with pytest.raises(ValueError, match="already runs on a TensorRT engine"):
+        call(comfy, "FP8CLIPTensorRTEngine", clip=engine_clip, max_batch_rows=8)
+
+
+def test_status_reaches_the_ui_through_the_executor(comfy):
+    from harness.host import run_graph
+
+    prompt = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": comfy.files["clip_l"],
+                                                           "type": "stable_diffusion"}},
+              "2": {"class_type": "FP8CLIPQuantize", "inputs": {
+                  "clip": ["1", 0], "calibration_prompts": "a cat", "keep_high_precision": "*text_projection",
+                  "method": "max", "quantize": "weights+activations", "min_cosine": 0.9, "runtime": "auto",
+                  "fp8_token_embedding": True}},
+              "3": {"class_type": "FP8CLIPTensorRTEngine", "inputs": {"clip": ["2", 0], "max_batch_rows": 8,
+                                                                      "activations": "float32"}},
+              "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": PROMPT}},
+              "5": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}}
+    out = run_graph(comfy, prompt)
+    assert re.match(r"TensorRT engine not used: .*not a CUDA GPU", out["5"]["text"][0])

@@ -1,0 +1,360 @@
+"""The quantized CLIP text transformer as a standard ONNX graph with FP8 Q/DQ, written from its weights.
+
+Why not `torch.onnx.export`: ModelOpt's modules export custom `trt::TRT_FP8*` nodes that onnxruntime cannot
+load, and the graph we need is small and regular. Writing it from the weights and the calibrated scales gives
+standard `QuantizeLinear`/`DequantizeLinear` (opset 19, float8e4m3fn zero point) that both onnxruntime and
+TensorRT read, with the weights stored as FP8 initializers (so the engine is FP8-sized).
+
+Graph contract (see `io_contract`): input `embeds` [batch, 77, width] float32, the token embeddings ComfyUI computes
+(position embeddings are added inside, as `CLIPTextModel_` does). Outputs, float32:
+- `last_hidden` [batch, 77, width]: after the final LayerNorm;
+- `hidden_states` [batch, layers, 77, width]: every block's output before the final LayerNorm, so any clip
+  skip (with or without the final LayerNorm) is served by a gather and a LayerNorm in torch.
+The pooled output (a gather at num_tokens-1) and the text projection run in torch after the engine.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..quant.errors import FP8ClipError
+
+EXPORT_VERSION = 1  # bump when the graph written here changes: it is part of every engine cache key
+OPSET = 19  # first opset with float8 QuantizeLinear/DequantizeLinear
+IR_VERSION = 9
+FP8_MAX = 448.0
+
+INPUT = "embeds"
+LAST_HIDDEN = "last_hidden"
+HIDDEN_STATES = "hidden_states"
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    name: str
+    mode: str  # "input" | "output"
+    dtype: str  # torch dtype name
+    shape: tuple[int, ...]  # -1: dynamic (the batch)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "mode": self.mode, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def io_contract(width: int, layers: int, seq: int = 77) -> list[TensorIO]:
+    """The names, dtypes and shapes of the exported graph's inputs and outputs (and so of the engine's)."""
+    return [TensorIO(INPUT, "input", "float32", (-1, seq, width)),
+            TensorIO(LAST_HIDDEN, "output", "float32", (-1, seq, width)),
+            TensorIO(HIDDEN_STATES, "output", "float32", (-1, layers, seq, width))]
+
+
+@dataclass
+class LinearSpec:
+    name: str
+    weight: torch.Tensor  # [out, in] as the module computes with it (already Q->DQ for FP8 layers)
+    bias: torch.Tensor | None
+    weight_scale: float | None = None  # None: kept in high precision
+    input_scale: float | None = None  # None: activations not quantized
+    codes: torch.Tensor | None = None  # the FP8 weight codes when the module stores them (FP8Linear)
+
+    @property
+    def fp8(self) -> bool:
+        return self.weight_scale is not None
+
+
+@dataclass
+class NormSpec:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+
+@dataclass
+class BlockSpec:
+    ln1: NormSpec
+    q: LinearSpec
+    k: LinearSpec
+    v: LinearSpec
+    o: LinearSpec
+    ln2: NormSpec
+    fc1: LinearSpec
+    fc2: LinearSpec
+
+
+@dataclass
+class TransformerSpec:
+    """Everything the graph is written from; its digest is what identifies the engine's contents."""
+    width: int
+    heads: int
+    activation: str
+    position: torch.Tensor  # [77, width]
+    blocks: list[BlockSpec]
+    final_ln: NormSpec
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seq(self) -> int:
+        return int(self.position.shape[0])
+
+    def linears(self) -> list[LinearSpec]:
+        return [lin for b in self.blocks for lin in (b.q, b.k, b.v, b.o, b.fc1, b.fc2)]
+
+    def io(self) -> list[TensorIO]:
+        return io_contract(self.width, len(self.blocks), self.seq)
+
+    def digest(self, compute_dtype: torch.dtype, fp8: bool) -> str:
+        """sha256 over every tensor and setting the graph is written from, plus EXPORT_VERSION."""
+        h = hashlib.sha256()
+        h.update(repr((EXPORT_VERSION, OPSET, self.width, self.heads, self.activation, str(compute_dtype),
+                       fp8)).encode())
+
+        def t(name: str, x: torch.Tensor | None) -> None:
+            h.update(name.encode() + b"\0")
+            if x is None:
+                return
+            x = x.detach().to("cpu").contiguous()
+            h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.view(torch.uint8).numpy().tobytes() if x.dtype.itemsize == 1 else x.numpy().tobytes())
+
+        def n(name: str, ln: NormSpec) -> None:
+            t(name + ".w", ln.weight)
+            t(name + ".b", ln.bias)
+            h.update(repr(ln.eps).encode())
+
+        t("position", self.position)
+        for i, b in enumerate(self.blocks):
+            n(f"{i}.ln1", b.ln1)
+            n(f"{i}.ln2", b.ln2)
+        n("final_ln", self.final_ln)
+        for lin in self.linears():
+            t(lin.name + ".weight", lin.weight)
+            t(lin.name + ".bias", lin.bias)
+            h.update(repr((lin.weight_scale, lin.input_scale) if fp8 else None).encode())
+        return h.hexdigest()
+
+
+_ACTIVATIONS = {
+    "quick_gelu": lambda a: a * torch.sigmoid(1.702 * a),
+    "gelu": lambda a: torch.nn.functional.gelu(a),
+    "gelu_pytorch_tanh": lambda a: torch.nn.functional.gelu(a, approximate="tanh"),
+}
+
+
+def _activation_name(fn: Any) -> str:
+    # ComfyUI stores the activation as a bare lambda: identify it by what it computes.
+    x = torch.linspace(-6, 6, 97)
+    with torch.no_grad():
+        y = fn(x)
+    for name, ref in _ACTIVATIONS.items():
+        if torch.allclose(y, ref(x), atol=1e-6):
+            return name
+    raise FP8ClipError(f"The text encoder uses an activation the TensorRT export does not know ({fn!r}); "
+                       f"supported: {', '.join(_ACTIVATIONS)}. Use the CLIP without the TensorRT node.")
+
+
+def _norm(m: torch.nn.Module) -> NormSpec:
+    return NormSpec(m.weight.detach().float().cpu(), m.bias.detach().float().cpu(), float(m.eps))
+
+
+def spec_from_module(module: torch.nn.Module, record: Any | None) -> TransformerSpec:
+    """Read a quantized text transformer into a `TransformerSpec`.
+
+    `module` is either ComfyUI's `CLIPTextModel` with ModelOpt quantizers and folded Q->DQ weights (the
+    fake-quant runtime; scales from `record`) or the pack's `FP8TextModel` (FP8 codes and scales stored in its
+    `FP8Linear` layers): both keep CLIPTextModel's layer names. `record` is the `QuantizedTower`; None exports
+    every layer in high precision (the FP16 baseline engine).
+    """
+    tm = getattr(module, "text_model", None)
+    if tm is None or not hasattr(tm, "encoder") or not hasattr(tm, "final_layer_norm"):
+        raise FP8ClipError(f"Expected a ComfyUI CLIPTextModel, got {type(module).__name__}: only CLIP text "
+                           "encoders can be exported to TensorRT by this node.")
+    scales = dict(record.scales) if record is not None else {}
+
+    def lin(name: str) -> LinearSpec:
+        m = module.get_submodule(name)
+        w = m.weight.detach().cpu()
+        bias = None if m.bias is None else m.bias.detach().float().cpu()
+        if w.dtype == torch.float8_e4m3fn:  # FP8Linear: its codes and scales are what it computes with
+            ws = float(m.weight_scale)
+            if record is None:
+                return LinearSpec(name, w.float() * ws, bias)
+            isc = getattr(m, "input_scale", None)
+            return LinearSpec(name, w.float() * ws, bias, ws, None if isc is None else float(isc), codes=w)
+        s = scales.get(name)
+        return LinearSpec(name, w.float(), bias, None if s is None else float(s.weight_scale),
+                          None if s is None or s.input_scale is None else float(s.input_scale))
+
+    blocks = []
+    for i, layer in enumerate(tm.encoder.layers):
+        p = f"text_model.encoder.layers.{i}."
+        blocks.append(BlockSpec(_norm(layer.layer_norm1), lin(p + "self_attn.q_proj"), lin(p + "self_attn.k_proj"),
+                                lin(p + "self_attn.v_proj"), lin(p + "self_attn.out_proj"), _norm(layer.layer_norm2),
+                                lin(p + "mlp.fc1"), lin(p + "mlp.fc2")))
+    first = tm.encoder.layers[0]
+    width = int(first.self_attn.q_proj.weight.shape[1])
+    meta = {}
+    if record is not None:
+        meta = {"family": record.family, "tower": record.tower, "calibration": record.fingerprint,
+                "recipe": record.recipe.to_json(), "kept": list(record.kept)}
+    return TransformerSpec(width=width, heads=int(first.self_attn.heads),
+                           activation=_activation_name(first.mlp.activation),
+                           position=tm.embeddings.position_embedding.weight.detach().float().cpu(),
+                           blocks=blocks, final_ln=_norm(tm.final_layer_norm), meta=meta)
+
+
+def to_fp8(w: torch.Tensor, scale: float) -> torch.Tensor:
+    """The FP8 codes of a per-tensor-scaled weight (scale = amax/448, saturating as QuantizeLinear does)."""
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+class _Graph:
+    """A tiny builder over onnx.helper: unique names, initializers from torch tensors."""
+
+    def __init__(self, dtype: torch.dtype):
+        from onnx import TensorProto
+
+        self.dtype = dtype
+        self.onnx_dtype = {torch.float16: TensorProto.FLOAT16, torch.float32: TensorProto.FLOAT}[dtype]
+        self.np_dtype = {torch.float16: np.float16, torch.float32: np.float32}[dtype]
+        self.nodes: list = []
+        self.inits: list = []
+        self._n = 0
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def const(self, name: str, value: Any, dtype: Any = None) -> str:
+        from onnx import numpy_helper
+
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        self.inits.append(numpy_helper.from_array(arr.astype(dtype or self.np_dtype), name))
+        return name
+
+    def fp8_const(self, name: str, codes: torch.Tensor) -> str:
+        from onnx import TensorProto, helper
+
+        raw = codes.contiguous().view(torch.uint8).numpy().tobytes()
+        self.inits.append(helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, list(codes.shape), raw, raw=True))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs: Any) -> str:
+        from onnx import helper
+
+        out = out or self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=self.name(op_type), **attrs))
+        return out
+
+
+def _linear(g: _Graph, x: str, lin: LinearSpec, fp8: bool, zp: str) -> str:
+    base = lin.name.replace(".", "/")
+    if fp8 and lin.fp8:
+        if lin.input_scale is not None:
+            s_in = g.const(base + "/input_scale", lin.input_scale)
+            x = g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s_in, zp]), s_in, zp])
+        # Stored transposed ([in, out]) so the graph is DQ -> MatMul, the pattern TensorRT fuses into an FP8 GEMM.
+        codes = lin.codes if lin.codes is not None else to_fp8(lin.weight, lin.weight_scale)
+        w = g.fp8_const(base + "/weight_fp8", codes.t().contiguous())
+        w = g.op("DequantizeLinear", [w, g.const(base + "/weight_scale", lin.weight_scale), zp])
+    else:
+        w = g.const(base + "/weight", lin.weight.t().contiguous())
+    y = g.op("MatMul", [x, w])
+    if lin.bias is not None:
+        y = g.op("Add", [y, g.const(base + "/bias", lin.bias)])
+    return y
+
+
+def _layer_norm(g: _Graph, x: str, ln: NormSpec, name: str) -> str:
+    return g.op("LayerNormalization", [x, g.const(name + "/gamma", ln.weight), g.const(name + "/beta", ln.bias)],
+                axis=-1, epsilon=ln.eps)
+
+
+def _activation(g: _Graph, x: str, kind: str) -> str:
+    if kind == "quick_gelu":
+        return g.op("Mul", [x, g.op("Sigmoid", [g.op("Mul", [x, g.const(g.name("qg"), 1.702)])])])
+    if kind == "gelu":  # exact: 0.5 x (1 + erf(x / sqrt 2))
+        e = g.op("Erf", [g.op("Mul", [x, g.const(g.name("rs2"), 1 / math.sqrt(2))])])
+        half = g.op("Mul", [x, g.const(g.name("half"), 0.5)])
+        return g.op("Mul", [half, g.op("Add", [e, g.const(g.name("one"), 1.0)])])
+    # gelu tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    x3 = g.op("Mul", [g.op("Mul", [x, x]), x])
+    inner = g.op("Mul", [g.op("Add", [x, g.op("Mul", [x3, g.const(g.name("c"), 0.044715)])]),
+                         g.const(g.name("k"), math.sqrt(2 / math.pi))])
+    return g.op("Mul", [g.op("Mul", [x, g.const(g.name("half"), 0.5)]),
+                        g.op("Add", [g.op("Tanh", [inner]), g.const(g.name("one"), 1.0)])])
+
+
+def _attention(g: _Graph, x: str, b: BlockSpec, spec: TransformerSpec, fp8: bool, zp: str, mask: str) -> str:
+    seq, heads, d = spec.seq, spec.heads, spec.width // spec.heads
+    split = g.const(g.name("split_shape"), [0, seq, heads, d], np.int64)  # 0 keeps the (dynamic) batch
+
+    def heads_first(t: str, perm: list[int]) -> str:
+        return g.op("Transpose", [g.op("Reshape", [t, split])], perm=perm)
+
+    q = heads_first(_linear(g, x, b.q, fp8, zp), [0, 2, 1, 3])  # [B, H, S, d]
+    k = heads_first(_linear(g, x, b.k, fp8, zp), [0, 2, 3, 1])  # [B, H, d, S]
+    v = heads_first(_linear(g, x, b.v, fp8, zp), [0, 2, 1, 3])
+    scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q, k]), g.const(g.name("scale"), 1 / math.sqrt(d))]), mask])
+    ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
+    merged = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]),
+                              g.const(g.name("merge_shape"), [0, seq, spec.width], np.int64)])
+    return _linear(g, merged, b.o, fp8, zp)
+
+
+def build_onnx(spec: TransformerSpec, *, compute_dtype: torch.dtype = torch.float32, fp8: bool = True):
+    """The ONNX model (onnx.ModelProto) of `spec`: FP8 Q/DQ where the spec has scales (unless fp8=False).
+
+    compute_dtype: the precision of everything that is not an FP8 matmul: float32 (the PyTorch FP8 path's) or
+    float16.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = _Graph(compute_dtype)
+    zp = g.fp8_const("fp8_zero_point", torch.zeros((), dtype=torch.float8_e4m3fn))
+    seq = spec.seq
+    x = g.op("Cast", [INPUT], to=g.onnx_dtype)
+    x = g.op("Add", [x, g.const("position_embedding", spec.position.unsqueeze(0))])
+    # Causal mask: a large negative (not -inf) keeps fp16 softmax finite, as ComfyUI's -finfo.max does in fp32.
+    neg = -1e4 if compute_dtype == torch.float16 else -torch.finfo(torch.float32).max
+    mask = g.const("causal_mask", torch.full((seq, seq), neg).triu(1))
+    hidden = []
+    for i, b in enumerate(spec.blocks):
+        p = f"layers.{i}"
+        x = g.op("Add", [x, _attention(g, _layer_norm(g, x, b.ln1, p + ".ln1"), b, spec, fp8, zp, mask)])
+        h = _linear(g, _layer_norm(g, x, b.ln2, p + ".ln2"), b.fc1, fp8, zp)
+        x = g.op("Add", [x, _linear(g, _activation(g, h, spec.activation), b.fc2, fp8, zp)])
+        hidden.append(g.op("Unsqueeze", [x, g.const(g.name("axis1"), [1], np.int64)]))
+    g.op("Cast", [g.op("Concat", hidden, axis=1)], HIDDEN_STATES, to=TensorProto.FLOAT)
+    g.op("Cast", [_layer_norm(g, x, spec.final_ln, "final_layer_norm")], LAST_HIDDEN, to=TensorProto.FLOAT)
+
+    def vi(t: TensorIO):
+        return helper.make_tensor_value_info(t.name, TensorProto.FLOAT, ["batch" if d < 0 else d for d in t.shape])
+
+    io = spec.io()
+    graph = helper.make_graph(g.nodes, "fp8clip_text_transformer", [vi(t) for t in io if t.mode == "input"],
+                              [vi(t) for t in io if t.mode == "output"], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="comfyui-fp8-clip", producer_version=str(EXPORT_VERSION))
+    model.ir_version = IR_VERSION
+    meta = {"export_version": str(EXPORT_VERSION), "compute_dtype": str(compute_dtype), "fp8": str(fp8),
+            **{k: str(v) for k, v in spec.meta.items()}}
+    onnx.helper.set_model_props(model, meta)
+    return model
+
+
+def export_text_transformer(module: torch.nn.Module, record: Any | None = None, *,
+                            compute_dtype: torch.dtype = torch.float32, fp8: bool = True):
+    """Shortcut: `build_onnx(spec_from_module(module, record))`."""
+    return build_onnx(spec_from_module(module, record), compute_dtype=compute_dtype, fp8=fp8)
+
+
+def fp8_weight_bytes(model) -> int:
+    """Bytes of FP8 initializers in an exported model (how much of it is stored in FP8)."""
+    from onnx import TensorProto
+
+    return sum(len(t.raw_data) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT8E4M3FN)

@@ -1,0 +1,162 @@
+"""Quantized CLIP in -> CLIP whose text transformer runs on a cached TensorRT engine out, with a status text.
+
+export (only when the engine is not cached) -> build -> cache -> runner -> `EngineTextModel` swapped into a new
+clone with `patcher.add_object_patch`. Where the engine cannot run, the input CLIP comes back unchanged (its
+PyTorch FP8 path keeps working) and the status says why.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..quant import artifact
+from ..quant.errors import FP8ClipError
+from ..quant.patching import weight_bytes
+from .availability import Support
+from .bindings import EngineMismatchError, plan_from_dicts
+from .build import BuildResult, EngineBuildError, Profile, build_engine
+from .cache import CachedEngine, EngineCache, EngineCacheError, engine_key
+from .engine_module import EngineTextModel
+from .onnx_export import EXPORT_VERSION, TransformerSpec, build_onnx, spec_from_module
+from .runners import EngineLoadError, Runner, TrtRunner
+
+log = logging.getLogger("comfyui-fp8-clip")
+
+# Precision of everything between the FP8 GEMMs. float32 reproduces the PyTorch FP8 path (and so the quality
+# report) to 0.999+ cosine; float16 moves less memory but rounds every activation again (0.998 on the test
+# fixture). As the PyTorch FP8 runtime does on GPUs, float32 is the default.
+ACTIVATIONS = {"float32": torch.float32, "float16": torch.float16}
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class Engine:
+    """An engine ready to hand to a runner: on disk (cached) or, when the cache is unusable, in memory."""
+    key: str
+    manifest: dict[str, Any]
+    built: bool
+    path: Path | None
+    data: bytes | None = None
+    note: str = ""
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        return CachedEngine(self.path, self.manifest, built=self.built).read()
+
+
+def components(spec: TransformerSpec, support: Support, profile: Profile, activations: str) -> dict[str, Any]:
+    """Everything that changes the engine (the cache key is their hash)."""
+    return {"export": spec.digest(ACTIVATIONS[activations], fp8=True), "export_version": EXPORT_VERSION,
+            "compute_dtype": activations, "fp8": True,
+            "flavour": support.flavour.name, "trt_version": support.flavour.version, "target": support.target,
+            "profile": profile.to_dict()}
+
+
+def prepare_engine(module: torch.nn.Module, record: Any, *, profile: Profile, support: Support,
+                   cache: EngineCache | None, activations: str = "float32", progress: Progress | None = None,
+                   check_interrupt: Callable[[], None] | None = None) -> Engine:
+    """The engine for this quantized tower: from the cache when it holds it intact, else exported and built."""
+    if activations not in ACTIVATIONS:
+        raise FP8ClipError(f"Unknown activation precision {activations!r}; use one of {', '.join(ACTIVATIONS)}.")
+    spec = spec_from_module(module, record)
+    comps = components(spec, support, profile, activations)
+    key = engine_key(comps)
+    describe = {**spec.meta, "fp8_layers": sum(lin.fp8 for lin in spec.linears()),
+                "layers": len(spec.blocks), "width": spec.width}
+
+    def build() -> BuildResult:
+        if progress:
+            progress(0.0, "exporting ONNX")
+        model = build_onnx(spec, compute_dtype=ACTIVATIONS[activations], fp8=True)
+        if progress:
+            progress(0.05, "building engine")
+        scaled = (lambda f, phase: progress(0.05 + 0.95 * f, phase)) if progress else None
+        return build_engine(model, profile, support.flavour, target=support.target, progress=scaled,
+                            check_interrupt=check_interrupt)
+
+    if cache is not None:
+        try:
+            found = cache.get_or_build(key, comps, build, tower=record.tower, describe=describe)
+            note = " ".join(found.warnings)
+            return Engine(key, found.manifest, found.built, found.path, note=note)
+        except EngineCacheError as e:
+            if e.result is None:
+                result = build()
+            else:
+                result = e.result
+            log.warning("%s The engine is used from memory and rebuilt next time.", e)
+            return _in_memory(key, comps, result, f"Not cached: {e}")
+    return _in_memory(key, comps, build(), "")
+
+
+def _in_memory(key: str, comps: dict[str, Any], result: BuildResult, note: str) -> Engine:
+    manifest = {"key": key, "components": comps, "engine_bytes": len(result.engine),
+                "io": [t.to_dict() for t in result.plan], "build_seconds": round(result.build_seconds, 3)}
+    return Engine(key, manifest, True, None, data=result.engine, note=note)
+
+
+def make_runner(engine: Engine, support: Support, module: torch.nn.Module, record: Any) -> Runner:
+    """The TensorRT runner for `engine`, loaded now so a GPU that refuses it is found before any encode."""
+    runner = TrtRunner(engine.read, plan_from_dicts(engine.manifest["io"]), support.flavour, support.device,
+                       engine.manifest["engine_bytes"])
+    runner.load()
+    return runner
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.0f} MB"
+
+
+def engine_clip(clip: Any, max_rows: int, support: Support, *, cache_root: str | Path | None,
+                activations: str = "float32", progress: Progress | None = None,
+                check_interrupt: Callable[[], None] | None = None) -> tuple[Any, str]:
+    """(CLIP on the engine, status); or (the input CLIP, status saying why not) where the engine cannot run."""
+    towers = artifact.quantized_towers(clip) if clip is not None and hasattr(clip, "patcher") else {}
+    if not towers:
+        raise FP8ClipError("This CLIP is not quantized by this pack. Connect the clip output of 'Quantize CLIP "
+                           "to FP8 (calibrated)' to this node.")
+    if any(isinstance(m, EngineTextModel) for m, _ in towers.values()):
+        raise FP8ClipError("This CLIP already runs on a TensorRT engine. Connect the clip output of 'Quantize "
+                           "CLIP to FP8 (calibrated)' instead.")
+    fallback = "The CLIP keeps running in PyTorch (same FP8 numerics, no engine)."
+    if not support.ok:
+        return clip, f"TensorRT engine not used: {support.reason}\n{fallback}"
+    profile = Profile.for_max_rows(max_rows)
+    cache = EngineCache(cache_root) if cache_root is not None else None
+    out = clip.clone()
+    size = clip.patcher.model_size()
+    lines = [f"TensorRT engine: {support.reason}",
+             f"  profile: 1 to {profile.max_rows} rows of 77 tokens (max_batch_rows); FP8 matmuls, {activations} "
+             "activations"]
+    for path, (module, record) in towers.items():
+        try:
+            engine = prepare_engine(module, record, profile=profile, support=support, cache=cache,
+                                    activations=activations, progress=progress, check_interrupt=check_interrupt)
+        except (EngineBuildError, EngineCacheError) as e:
+            log.warning("TensorRT engine not used: %s", e)
+            return clip, f"TensorRT engine not used: {e}\n{fallback}"
+        try:
+            runner = make_runner(engine, support, module, record)
+        except Exception as e:  # noqa: BLE001  (whatever the GPU/driver/TensorRT says: fall back, never crash)
+            msg = str(e) if isinstance(e, (EngineLoadError, EngineMismatchError)) else f"{type(e).__name__}: {e}"
+            log.warning("TensorRT engine not used: could not load it: %s", msg)
+            return clip, (f"TensorRT engine not used: the engine is ready but could not be loaded ({msg}).\n"
+                          f"{fallback}")
+        how = (f"built in {engine.manifest.get('build_seconds', 0):.1f} s" if engine.built
+               else "found in the cache, no build")
+        where = f", {engine.path}" if engine.path else ""
+        status = f"  {record.tower}: {how} ({_mb(engine.manifest['engine_bytes'])}, FP8 weights){where}"
+        lines.append(status + (f"\n  note: {engine.note}" if engine.note else ""))
+        em = EngineTextModel(module, runner, max_rows=profile.max_rows, status=status.strip())
+        out.patcher.add_object_patch(path, em)
+        # ComfyUI sizes models from their state_dict; the engine's memory is not in it, so say it here.
+        size += em.vram_bytes() - weight_bytes(module)
+    out.patcher.size = max(int(size), 1)
+    lines.append(f"  memory reported to ComfyUI: {_mb(out.patcher.size)}")
+    return out, "\n".join(lines)
