@@ -1,8 +1,9 @@
 """ComfyUI node classes: thin adapters from widgets to quant/ and trt_runtime/."""
 from .compare import CompareConditioning
 from .quantize_clip import QuantizeCLIP
+from .save_load import LoadFP8CLIP, SaveFP8CLIP
 
-NODES = (QuantizeCLIP, CompareConditioning)
+NODES = (QuantizeCLIP, CompareConditioning, SaveFP8CLIP, LoadFP8CLIP)
 
 NODE_CLASS_MAPPINGS = {n.NODE_ID: n for n in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {n.NODE_ID: n.DISPLAY_NAME for n in NODES}
