@@ -53,16 +53,25 @@ class SaveFP8CLIP:
                                                "several towers (SDXL) gets one file per tower: _clip_l, _clip_g."}),
             "format": (list(FORMATS), {"default": FORMATS[0]}),
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace a file of the same name."}),
+        }, "optional": {
+            "evaluation_prompts": ("STRING", {
+                "multiline": True, "default": "",
+                "tooltip": "stock-compatible only: prompts to measure its quality on, one per line. Empty: the 24 "
+                           "built-in held-out prompts."}),
         }}
 
-    def save(self, clip, filename, format, overwrite=False):
+    def save(self, clip, filename, format, overwrite=False, evaluation_prompts=""):
         import folder_paths
 
         folder = folder_paths.get_folder_paths(FOLDER)[0]
         if format == FORMATS[1]:
             from ..quant.stock_export import export_stock_compatible, quality_text
 
-            paths, quality = export_stock_compatible(clip, folder, filename, overwrite, progress=progress_bar())
+            from ..quant.prompts import HELD_OUT_PROMPTS, parse_prompts
+
+            held_out = parse_prompts(evaluation_prompts or "") or list(HELD_OUT_PROMPTS)
+            paths, quality = export_stock_compatible(clip, folder, filename, overwrite, held_out=held_out,
+                                                     progress=progress_bar())
             text = quality_text(quality)
         else:
             from ..quant.serialize import save_fp8_clip

@@ -71,11 +71,19 @@ def export_stock_compatible(clip: Any, folder: str | os.PathLike, name: str, ove
     modules = {t.name: patched_copy(clip, t.path) for t in towers}
     payload = {t.name: cast_tower(modules[t.name], t.name, keep) for t in towers}
     stock = clone_with(clip, {t.path: modules[t.name] for t in towers})  # computes exactly as stock will
+    if not held_out:
+        raise FP8ClipError("No prompts to measure the stock-compatible quality on.")
+    # All prompts with one CLIP, then with the other: each switch makes ComfyUI re-patch the shared model.
+    ref = []
+    for i, p in enumerate(held_out):
+        ref.append(encode(clip, p))
+        if progress:
+            progress(i + 1, 2 * len(held_out))
     scores = []
     for i, p in enumerate(held_out):
-        scores.append(score(p, encode(clip, p), encode(stock, p)))
+        scores.append(score(p, ref[i], encode(stock, p)))
         if progress:
-            progress(i + 1, len(held_out))
+            progress(len(held_out) + i + 1, 2 * len(held_out))
     pooled = [s.pooled_cosine for s in scores if s.pooled_cosine is not None]
     quality = {"prompts": len(scores), "cond_min": min(s.cond_cosine for s in scores),
                "cond_mean": sum(s.cond_cosine for s in scores) / len(scores),
