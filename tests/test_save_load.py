@@ -32,12 +32,17 @@ def clip(comfy):
 
 
 @pytest.fixture(scope="module")
-def qclip(pack, clip):
-    """What the quantize node returns (runtime auto: FP8 weights in memory), on short prompt sets for speed."""
+def quantized(pack, clip):
+    """(fake-quant CLIP, what the quantize node returns with runtime auto), on short prompt sets for speed."""
     with torch.inference_mode():
         fake, _ = mod(pack, "calibrate").quantize_clip(clip, CAL.splitlines(), mod(pack, "recipe").Recipe(),
                                                        held_out=EVAL.splitlines())
-        return mod(pack, "runtime").to_fp8_runtime(fake, "auto")[0]
+        return fake, mod(pack, "runtime").to_fp8_runtime(fake, "auto")[0]
+
+
+@pytest.fixture(scope="module")
+def qclip(quantized):
+    return quantized[1]
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +206,15 @@ def test_saving_never_overwrites_unless_asked_and_is_atomic(comfy, qclip, saved,
     copy = te_dir / "fp8test" / "clip_l_fp8_copy.safetensors"
     assert load_file(str(copy)).keys() == load_file(str(saved)).keys()
     assert not [p for p in (te_dir / "fp8test").iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_saving_the_fake_quant_preview_writes_the_same_file(comfy, quantized, saved, te_dir):
+    call(comfy, "FP8CLIPSave", clip=quantized[0], filename="fp8test/from_fake", format="fp8 + scales (Load FP8 CLIP)",
+         overwrite=True)
+    a, b = load_file(str(te_dir / "fp8test" / "from_fake.safetensors")), load_file(str(saved))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) if a[k].dtype == torch.float8_e4m3fn
+               else torch.equal(a[k], b[k]) for k in a)
 
 
 def test_saving_an_unquantized_clip_in_fp8_format_is_refused(comfy, clip):
