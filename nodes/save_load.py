@@ -109,14 +109,15 @@ class LoadFP8CLIP:
         }, "optional": {
             "clip_name2": (["none", *files], {"default": "none",
                                                "tooltip": "The other tower's file (SDXL), or a stock T5 file."}),
+            "clip_name3": (["none", *files], {"default": "none", "tooltip": "SD3: the third file (T5)."}),
         }}
 
-    def load(self, clip_name, type="auto", runtime="auto", clip_name2="none"):
+    def load(self, clip_name, type="auto", runtime="auto", clip_name2="none", clip_name3="none"):
         import folder_paths
 
         from ..quant.serialize import load_fp8_clip, summary_text
 
-        names = [clip_name] + ([clip_name2] if clip_name2 and clip_name2 != "none" else [])
+        names = [clip_name] + [n for n in (clip_name2, clip_name3) if n and n != "none"]
         clip, files = load_fp8_clip([_full_path(n) for n in names], type, runtime,
                                     embedding_directory=folder_paths.get_folder_paths("embeddings"))
         text = "\n".join(f"{f.tower}: {summary_text(f.meta('fp8clip.report', {}) or {})}" for f in files)

@@ -60,10 +60,15 @@ def versions() -> dict[str, str]:
     return out
 
 
+OTHER_TOWERS = ("t5xxl", "t5xl", "t5base", "umt5xxl", "llama")  # parts of a bundle this pack does not quantize
+
+
 def bundle_info(clip: Any, towers: Sequence[str]) -> dict[str, Any]:
-    names = [c.__name__ for c in type(clip.cond_stage_model).__mro__]
+    csm = clip.cond_stage_model
+    names = [c.__name__ for c in type(csm).__mro__]
     cls = next((n for n in names if n in BUNDLE_TYPES), names[0])
-    return {"class": cls, "towers": list(towers), "clip_type": BUNDLE_TYPES.get(cls)}
+    others = [n for n in OTHER_TOWERS if getattr(csm, n, None) is not None]
+    return {"class": cls, "towers": list(towers), "others": others, "clip_type": BUNDLE_TYPES.get(cls)}
 
 
 def tower_file_names(name: str, towers: Sequence[str]) -> list[str]:
@@ -179,13 +184,17 @@ def resolve_clip_type(requested: str, files: Sequence[ff.TowerFile]) -> str:
 
 
 def check_bundle(files: Sequence[ff.TowerFile], n_stock: int) -> None:
-    """Name the missing file when a tower of a multi-tower CLIP (SDXL...) is loaded without its partner."""
+    """Name the missing files when one tower of a bundle (SDXL, Flux, SD3) is loaded without the others: ComfyUI
+    would otherwise build a different CLIP type from the towers it got (a lone CLIP-L becomes SD1.5)."""
     have = {f.tower for f in files}
     for f in files:
         wanted = [t for t in f.bundle.get("towers", []) if t not in have]
-        if wanted and n_stock == 0:
-            raise FP8ClipError(f"This file is the {f.tower} tower of a {f.family} CLIP; also select its "
-                               f"{', '.join(wanted)} file in clip_name2 (saved next to it by 'Save FP8 CLIP').")
+        others = f.bundle.get("others", [])
+        if n_stock < len(wanted) + len(others):  # a stock file may stand in for an unquantized partner
+            what = [f"its {t} file (saved next to it by 'Save FP8 CLIP')" for t in wanted]
+            what += [f"the {t} file you use with it (stock, not quantized)" for t in others]
+            raise FP8ClipError(f"This file is the {f.tower} tower of a {f.family} CLIP; also select "
+                               f"{' and '.join(what)} in clip_name2/clip_name3.")
 
 
 def load_fp8_clip(paths: Sequence[str | os.PathLike], clip_type: str = "auto", runtime: str = "auto",

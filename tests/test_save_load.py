@@ -295,7 +295,13 @@ def test_file_from_a_newer_pack_version(comfy, saved, te_dir):
 def test_one_tower_of_a_multi_tower_clip_alone_names_the_missing_file(comfy, saved, te_dir):
     bundle = json.dumps({"class": "SDXLClipModel", "towers": ["clip_g", "clip_l"], "clip_type": "sdxl"})
     msg = _bad(comfy, te_dir, "sdxl_clip_l.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.bundle": bundle}))
-    assert "also select its clip_g file in clip_name2" in msg
+    assert "also select its clip_g file" in msg and "clip_name2" in msg
+
+
+def test_the_clip_l_of_a_flux_clip_asks_for_its_t5(comfy, saved, te_dir):
+    bundle = json.dumps({"class": "FluxClipModel", "towers": ["clip_l"], "others": ["t5xxl"], "clip_type": "flux"})
+    msg = _bad(comfy, te_dir, "flux_clip_l.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.bundle": bundle}))
+    assert "also select the t5xxl file you use with it" in msg
 
 
 def test_pickle_files_are_never_opened(pack, tmp_path):
