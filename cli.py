@@ -1,0 +1,224 @@
+"""Command line: the nodes' code without the UI, for servers and scripts that convert models ahead of time.
+
+    python -m fp8clip quantize IN.safetensors OUT.safetensors [--prompts FILE] [--keep PATTERN ...]
+    python -m fp8clip info FILE.safetensors
+    python -m fp8clip build-engine ...
+
+(`python -m fp8clip` from the pack folder, or `python path/to/comfyui-fp8-clip ...` from anywhere.)
+ComfyUI's modules are imported in this process (no server, no UI); the ComfyUI folder comes from --comfyui,
+else COMFYUI_PATH, else the ComfyUI whose custom_nodes/ holds this pack.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+PACK_DIR = Path(__file__).resolve().parent
+
+
+class CLIError(Exception):
+    pass
+
+
+def find_comfyui(explicit: str | None) -> Path:
+    candidates = [(explicit, "--comfyui"), (os.environ.get("COMFYUI_PATH"), "COMFYUI_PATH")]
+    for value, source in candidates:
+        if value:
+            d = Path(value).expanduser().resolve()
+            if not (d / "comfy" / "sd.py").is_file():
+                raise CLIError(f"{source}={value} is not a ComfyUI folder (no comfy/sd.py in it).")
+            return d
+    if PACK_DIR.parent.name == "custom_nodes" and (PACK_DIR.parent.parent / "comfy" / "sd.py").is_file():
+        return PACK_DIR.parent.parent
+    raise CLIError("Where is ComfyUI? Pass --comfyui PATH or set COMFYUI_PATH (this pack is not inside a "
+                   "ComfyUI custom_nodes folder).")
+
+
+def boot_comfyui(comfy_dir: Path, cpu: bool) -> None:
+    """Import ComfyUI's model code in this process with its own argument defaults (plus --cpu, also when no
+    GPU is visible: ComfyUI would stop at start-up otherwise)."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    cpu = cpu or not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
+    sys.path.insert(0, str(comfy_dir))
+    sys.argv = ["main.py", *(["--cpu"] if cpu else [])]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args  # noqa: F401  (parses sys.argv)
+    import comfy.sd  # noqa: F401
+
+
+def progress_printer(label: str) -> Callable[[int, int], None]:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        if tqdm is not None:
+            bar = state.get("bar") or state.setdefault("bar", tqdm(total=total, desc=label, unit="prompt",
+                                                                      file=sys.stderr))
+            bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
+        else:
+            print(f"\r{label}: {done}/{total}", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+    return update
+
+
+def read_lines(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    from .quant.prompts import parse_prompts
+
+    return parse_prompts(Path(path).read_text(encoding="utf-8"))
+
+
+def output_paths(out: Path, towers: list[str]) -> list[Path]:
+    from .quant.serialize import tower_file_names
+
+    return [out.parent / n for n in tower_file_names(out.name, towers)]
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    boot_comfyui(find_comfyui(a.comfyui), a.cpu)
+    import comfy.sd
+    import folder_paths
+
+    from .quant.errors import FP8ClipError
+    from .quant.fileformat import read_header
+    from .quant.prompts import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS
+    from .quant.recipe import DEFAULT_KEEP, Recipe
+
+    inputs = [Path(a.input), *([Path(a.input2)] if a.input2 else [])]
+    for p in inputs:
+        if not p.is_file():
+            raise CLIError(f"{p}: no such file.")
+        read_header(p)  # safetensors only: never unpickle; clear message for damaged files
+    out = Path(a.output)
+    if out.suffix.lower() != ".safetensors":
+        raise CLIError(f"{out}: the output must be a .safetensors file.")
+    ctype = getattr(comfy.sd.CLIPType, a.type.upper(), None)
+    if ctype is None:
+        raise CLIError(f"Unknown --type {a.type!r} for this ComfyUI.")
+    t0 = time.perf_counter()
+    clip = comfy.sd.load_clip(ckpt_paths=[str(p) for p in inputs],
+                              embedding_directory=folder_paths.get_folder_paths("embeddings"), clip_type=ctype)
+    print(f"Loaded {', '.join(p.name for p in inputs)} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    held_out = read_lines(a.eval_prompts) or list(HELD_OUT_PROMPTS)
+    import torch
+
+    if a.format == "stock-compatible":
+        from .quant.stock_export import export_stock_compatible, quality_text
+
+        with torch.inference_mode():
+            paths, quality = export_stock_compatible(clip, out.parent, out.name, a.overwrite, held_out=held_out,
+                                                     keep=tuple(a.keep or DEFAULT_KEEP),
+                                                     progress=progress_printer("measuring"))
+        print(quality_text(quality))
+    else:
+        from .quant.calibrate import quantize_clip
+        from .quant.serialize import save_fp8_clip
+
+        recipe = Recipe(keep=tuple(a.keep) if a.keep is not None else DEFAULT_KEEP, method=a.method,
+                        scope=a.scope, fp8_embedding=not a.no_fp8_embedding)
+        prompts = read_lines(a.prompts) or list(CALIBRATION_PROMPTS)
+        taken = [p for p in output_paths(out, ["x"]) if p.exists() and not a.overwrite]
+        if taken:  # before the minutes of calibration (save_fp8_clip checks again, for every tower file)
+            raise CLIError(f"{taken[0]} exists; pass --overwrite to replace it.")
+        with torch.inference_mode():
+            qclip, report = quantize_clip(clip, prompts, recipe, held_out=held_out, min_cosine=a.min_cosine,
+                                          progress=progress_printer("calibrating + evaluating"))
+            paths = save_fp8_clip(qclip, out.parent, out.name, a.overwrite)
+        print(report.text())
+    for p in paths:
+        print(f"Saved {p} ({p.stat().st_size / 2**20:.0f} MiB)")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    import json
+
+    from .quant import fileformat as ff
+
+    entries, meta = ff.read_header(Path(a.file))
+    if ff.H_STOCK in meta:
+        from .quant.stock_export import quality_text
+        print(quality_text(json.loads(meta[ff.H_STOCK])["quality"]))
+        return 0
+    ff.check_header(Path(a.file).name, entries, meta)
+    for k in (ff.H_FAMILY, ff.H_TOWER, ff.H_FINGERPRINT, ff.H_KEPT, ff.H_RECIPE, ff.H_VERSIONS):
+        print(f"{k.split('.', 1)[1]}: {meta.get(k, '')}")
+    print(meta.get(ff.H_REPORT_TEXT, ""))
+    return 0
+
+
+def cmd_build_engine(a: argparse.Namespace, rest: list[str]) -> int:
+    """Hook for trt_runtime: `trt_runtime/cli.py` with `main(argv) -> int` provides this subcommand."""
+    import importlib
+    import importlib.util
+
+    pkg = __name__.rsplit(".", 1)[0]
+    if importlib.util.find_spec(f"{pkg}.trt_runtime.build") is None or \
+            importlib.util.find_spec(f"{pkg}.trt_runtime.cli") is None:
+        raise CLIError("build-engine is not available in this version of comfyui-fp8-clip (no TensorRT engine "
+                       "builder in trt_runtime/). Update the pack.")
+    return importlib.import_module(f"{pkg}.trt_runtime.cli").main(rest)
+
+
+def parser() -> argparse.ArgumentParser:
+    from .quant.recipe import METHODS, SCOPES
+
+    ap = argparse.ArgumentParser(prog="python -m fp8clip", description="Calibrated FP8 CLIP text encoders for "
+                                 "ComfyUI, without the UI.")
+    ap.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH, else the ComfyUI holding this pack)")
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    sub = ap.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="calibrate a CLIP file to FP8 and save it with its quality report")
+    q.add_argument("input", help="CLIP text-encoder .safetensors (clip_l, clip_g...)")
+    q.add_argument("output", help="output .safetensors (several towers: _clip_l/_clip_g are appended)")
+    q.add_argument("--input2", help="second text-encoder file (SDXL clip_g, Flux t5xxl), as DualCLIPLoader takes")
+    q.add_argument("--type", default="stable_diffusion", help="CLIP type as in Load CLIP (stable_diffusion, sdxl, "
+                                                              "sd3, flux...); default stable_diffusion")
+    q.add_argument("--prompts", help="calibration prompts, one per line (default: the 64 built-in)")
+    q.add_argument("--eval-prompts", help="held-out prompts for the report (default: the 24 built-in)")
+    q.add_argument("--keep", nargs="*", metavar="PATTERN", help="layers kept in high precision (default: "
+                                                                "*text_projection)")
+    q.add_argument("--method", choices=METHODS, default="max")
+    q.add_argument("--scope", choices=SCOPES, default=SCOPES[0])
+    q.add_argument("--no-fp8-embedding", action="store_true", help="keep the token embedding in fp16")
+    q.add_argument("--min-cosine", type=float, default=0.99)
+    q.add_argument("--format", choices=("fp8clip", "stock-compatible"), default="fp8clip",
+                   help="fp8clip: calibrated FP8 + scales for 'Load FP8 CLIP'; stock-compatible: weights-only FP8 "
+                        "that stock loaders read")
+    q.add_argument("--overwrite", action="store_true")
+    i = sub.add_parser("info", help="print what a saved FP8 CLIP file holds")
+    i.add_argument("file")
+    sub.add_parser("build-engine", help="build a TensorRT engine (needs the TensorRT runtime of the pack)",
+                   add_help=False)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    ap = parser()
+    from .quant.errors import FP8ClipError
+
+    try:
+        if "build-engine" in argv:
+            k = argv.index("build-engine")
+            a = ap.parse_args(argv[: k + 1])
+            return cmd_build_engine(a, argv[k + 1:])
+        a = ap.parse_args(argv)
+        return {"quantize": cmd_quantize, "info": cmd_info}[a.command](a)
+    except (CLIError, FP8ClipError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

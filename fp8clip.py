@@ -1,0 +1,35 @@
+"""Launcher for the pack's command line: `python -m fp8clip ...` from the pack folder, or `python <pack folder> ...`.
+
+The pack folder (comfyui-fp8-clip) is not a valid module name, and its sub-packages use relative imports, so
+this registers the folder as the package `comfyui_fp8_clip` (without running its ComfyUI `__init__.py`) and
+runs `cli.main`.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from pathlib import Path
+
+PACK_DIR = Path(__file__).resolve().parent
+PACKAGE = "comfyui_fp8_clip"
+
+
+def load_pack() -> types.ModuleType:
+    if PACKAGE not in sys.modules:
+        pkg = types.ModuleType(PACKAGE)
+        pkg.__path__ = [str(PACK_DIR)]
+        pkg.__file__ = str(PACK_DIR / "__init__.py")
+        sys.modules[PACKAGE] = pkg
+    # The pack folder on sys.path would shadow ComfyUI's own top-level `nodes` module with the pack's nodes/.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != PACK_DIR]
+    return sys.modules[PACKAGE]
+
+
+def main(argv: list[str] | None = None) -> int:
+    load_pack()
+    return importlib.import_module(PACKAGE + ".cli").main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""File names from widgets -> paths inside a models folder, and writes that never leave half a file behind."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from .errors import FP8ClipError
+
+EXTENSION = ".safetensors"
+
+
+def resolve_in_folder(folder: str | os.PathLike, name: str, extension: str = EXTENSION) -> Path:
+    """`name` (may contain sub-folders) as a path inside `folder`; anything that could escape it is refused."""
+    raw = (name or "").strip()
+    if not raw:
+        raise FP8ClipError("The file name is empty. Enter a name such as 'fp8/clip_l_fp8'.")
+    parts = PurePosixPath(raw.replace("\\", "/")).parts
+    if raw.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", raw) or ".." in parts or raw.startswith("~"):
+        raise FP8ClipError(f"File name {name!r} points outside the models folder. Use a plain name, optionally "
+                           "with sub-folders ('fp8/clip_l_fp8'), without '..', '~', a drive or a leading '/'.")
+    if any(p.startswith(".") for p in parts):
+        raise FP8ClipError(f"File name {name!r} has a part starting with '.'; use a plain name.")
+    rel = "/".join(parts)
+    if not rel.lower().endswith(extension):
+        rel += extension
+    base = Path(folder).resolve()
+    path = (base / rel).resolve()
+    if os.path.commonpath([base, path]) != str(base):  # a symlinked sub-folder pointing elsewhere
+        raise FP8ClipError(f"File name {name!r} resolves outside the models folder {base}.")
+    return path
+
+
+def write_atomic(path: Path, write: Callable[[str], None], overwrite: bool) -> Path:
+    """`write(tmp_path)` then move the finished file into place: readers never see a partial file, and an
+    existing file is replaced only when `overwrite` is set (checked again at the final step, without a race)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise FP8ClipError(f"{path.name} already exists in {path.parent}. Choose another file name, or set "
+                           "'overwrite' to replace it.")
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if the name was taken meanwhile, unlike os.replace
+            except FileExistsError:
+                raise FP8ClipError(f"{path.name} was created by someone else while saving; nothing was "
+                                   "overwritten. Choose another file name.") from None
+            except OSError:  # file systems without hard links
+                if path.exists():
+                    raise FP8ClipError(f"{path.name} already exists; nothing was overwritten.") from None
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,270 @@
+"""A quantized CLIP <-> files in `fileformat`'s layout: one file per quantized text tower.
+
+Loading builds the CLIP through ComfyUI's own text-encoder loader (`comfy.sd.load_text_encoder_state_dicts`),
+fed the file's weights dequantized to fp16 under their standard names. That way ComfyUI itself detects the
+model and builds the tokenizer, the cond_stage_model bundle (SD1, SDXL, SD3, Flux...), textual-inversion
+support and the ModelPatcher exactly as for the original file, on every host version, instead of this pack
+re-implementing its model detection. The FP8 tower is then built with the same code the quantize node uses
+(`FP8TextModel.from_quantized`), filled with the file's exact tensors (strict: every name and shape must
+match), and swapped into a clone by object patch. Same tensors, same code: the same outputs, bit for bit.
+The high-precision copy stays in the base model on the offload device, as it does after quantizing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import artifact, fileformat as ff
+from .errors import FP8ClipError
+from .fp8_text_model import FP8TextModel
+from .modelopt_bridge import LayerScales
+from .patching import clone_with, weight_bytes
+from .paths import write_atomic
+from .recipe import Recipe
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+LOAD_RUNTIMES = ("auto", "fp8", "fp8-compiled")
+
+# cond_stage_model class (most specific first, as found along its MRO) -> CLIPLoader/DualCLIPLoader type.
+BUNDLE_TYPES = {
+    "SDXLRefinerClipModel": "stable_diffusion", "SD2ClipModel": "stable_diffusion",
+    "StableCascadeClipModel": "stable_cascade", "SDXLClipModel": "sdxl", "SD3ClipModel": "sd3",
+    "FluxClipModel": "flux", "HiDreamTEModel": "hidream", "SD1ClipModel": "stable_diffusion",
+}
+
+
+def versions() -> dict[str, str]:
+    """Versions that produced a file: the pack, ModelOpt, torch, ComfyUI (for bug reports and cache keys)."""
+    from importlib import metadata
+
+    out = {"torch": torch.__version__}
+    try:
+        import tomllib
+        out["comfyui-fp8-clip"] = tomllib.loads((PACK_DIR / "pyproject.toml").read_text())["project"]["version"]
+    except Exception:
+        out["comfyui-fp8-clip"] = "unknown"
+    try:
+        out["nvidia-modelopt"] = metadata.version("nvidia-modelopt")
+    except metadata.PackageNotFoundError:
+        out["nvidia-modelopt"] = "not installed"
+    try:
+        import comfyui_version
+        out["comfyui"] = comfyui_version.__version__
+    except Exception:
+        pass
+    return out
+
+
+OTHER_TOWERS = ("t5xxl", "t5xl", "t5base", "umt5xxl", "llama")  # parts of a bundle this pack does not quantize
+
+
+def bundle_info(clip: Any, towers: Sequence[str]) -> dict[str, Any]:
+    csm = clip.cond_stage_model
+    names = [c.__name__ for c in type(csm).__mro__]
+    cls = next((n for n in names if n in BUNDLE_TYPES), names[0])
+    others = [n for n in OTHER_TOWERS if getattr(csm, n, None) is not None]
+    return {"class": cls, "towers": list(towers), "others": others, "clip_type": BUNDLE_TYPES.get(cls)}
+
+
+def tower_file_names(name: str, towers: Sequence[str]) -> list[str]:
+    """One tower: `name`; several (SDXL...): `name_clip_l`, `name_clip_g`, as ComfyUI's CLIPSave names them."""
+    stem = name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
+    if len(towers) == 1:
+        return [stem + ".safetensors"]
+    return [f"{stem}_{t}.safetensors" for t in towers]
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+    lines = [f"{report.get('family', '?')}, {report.get('scope', '?')}, method '{report.get('method', '?')}'",
+             f"cosine vs the unquantized encoder on {len(report.get('prompts', []))} held-out prompts (min / mean): "
+             f"conditioning {f(report.get('cond_min'))} / {f(report.get('cond_mean'))}, pooled "
+             f"{f(report.get('pooled_min'))} / {f(report.get('pooled_mean'))}"]
+    lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
+    return "\n".join(lines)
+
+
+# --- saving ------------------------------------------------------------------------------------------------
+
+def fp8_towers(clip: Any) -> dict[str, tuple[FP8TextModel, artifact.QuantizedTower]]:
+    """tower name -> (FP8 module, record) for every text tower of `clip` quantized by this pack."""
+    found = artifact.quantized_towers(clip) if hasattr(clip, "patcher") else {}
+    if not found:
+        raise FP8ClipError("This CLIP is not quantized by this pack. Connect the output of 'Quantize CLIP to FP8' "
+                           "(or 'Load FP8 CLIP') to save it.")
+    out = {}
+    for _, (module, rec) in sorted(found.items()):
+        if rec.tower not in ff.TEXT_TOWERS:
+            raise FP8ClipError(f"Saving a {rec.tower!r} model is not supported by this version; text towers only.")
+        if not isinstance(module, FP8TextModel):  # fake-quant runtime: the same conversion as the fp8 runtime
+            module = FP8TextModel.from_quantized(module, rec.scales, fp8_embedding=rec.recipe.fp8_embedding)
+        out[rec.tower] = (module, rec)
+    return out
+
+
+def tower_payload(module: torch.nn.Module, rec: artifact.QuantizedTower, bundle: dict[str, Any]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, layout, comfy_meta = ff.pack_tensors(module.state_dict(), rec.scales.keys())
+    header = ff.header_strings({
+        ff.FORMAT_KEY: str(ff.FORMAT_VERSION), ff.H_NOTE: ff.NOTE, ff.H_FAMILY: rec.family, ff.H_TOWER: rec.tower,
+        ff.H_BUNDLE: bundle, ff.H_RECIPE: rec.recipe.to_json(), ff.H_FINGERPRINT: rec.fingerprint,
+        ff.H_KEPT: list(rec.kept), ff.H_REPORT: rec.report, ff.H_REPORT_TEXT: summary_text(rec.report),
+        ff.H_VERSIONS: versions(), ff.H_LAYOUT: layout, ff.COMFY_QUANT_HEADER: comfy_meta,
+    })
+    return tensors, header
+
+
+def save_fp8_clip(clip: Any, folder: str | os.PathLike, name: str, overwrite: bool = False) -> list[Path]:
+    """Write every quantized tower of `clip` into `folder` (atomic; no file is replaced unless `overwrite`)."""
+    from safetensors.torch import save_file
+
+    from .paths import resolve_in_folder
+
+    towers = fp8_towers(clip)
+    paths = [resolve_in_folder(folder, n) for n in tower_file_names(name, list(towers))]
+    taken = [p.name for p in paths if p.exists()]
+    if taken and not overwrite:  # checked for all towers first: never leave half a set written
+        raise FP8ClipError(f"{', '.join(taken)} already exists in {paths[0].parent}. Choose another file name, or "
+                           "set 'overwrite' to replace it.")
+    bundle = bundle_info(clip, list(towers))
+    for path, (module, rec) in zip(paths, towers.values()):
+        tensors, header = tower_payload(module, rec, bundle)
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header), overwrite)
+    return paths
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+
+def recipe_from_json(text: str) -> Recipe:
+    d = json.loads(text)
+    known = {f.name for f in fields(Recipe)}
+    d = {k: v for k, v in d.items() if k in known}
+    if "keep" in d:
+        d["keep"] = tuple(d["keep"])
+    return Recipe(**d)
+
+
+def dequantized(tf: ff.TowerFile) -> dict[str, torch.Tensor]:
+    """The tower's weights in high precision under their standard names: what ComfyUI's loader builds on."""
+    sd = {}
+    for k, t in tf.tensors.items():
+        if k.endswith((".weight_scale", ".input_scale")):
+            continue
+        if t.dtype == ff.FP8:
+            s = tf.tensors[k[: -len("weight")] + "weight_scale"].float()
+            t = (t.float() * (s if s.numel() == 1 else s.reshape(-1, 1))).to(torch.float16)
+        sd[k] = t
+    return sd
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A stock (not this pack's) text-encoder file for another slot of the bundle (T5 for Flux...)."""
+    import comfy.utils
+
+    ff.read_header(path)  # safetensors only, with a clear message when damaged
+    sd, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    if hasattr(comfy.utils, "convert_old_quants"):  # as comfy.sd.load_clip does on hosts that have it
+        sd, _ = comfy.utils.convert_old_quants(sd, model_prefix="", metadata=metadata)
+    elif metadata and "_quantization_metadata" in metadata:
+        sd["_quantization_metadata"] = metadata["_quantization_metadata"]
+    return sd
+
+
+def resolve_clip_type(requested: str, files: Sequence[ff.TowerFile]) -> str:
+    if requested != "auto":
+        return requested
+    bundle = files[0].bundle
+    return bundle.get("clip_type") or "stable_diffusion"
+
+
+def check_bundle(files: Sequence[ff.TowerFile], n_stock: int) -> None:
+    """Name the missing files when one tower of a bundle (SDXL, Flux, SD3) is loaded without the others: ComfyUI
+    would otherwise build a different CLIP type from the towers it got (a lone CLIP-L becomes SD1.5)."""
+    have = {f.tower for f in files}
+    for f in files:
+        wanted = [t for t in f.bundle.get("towers", []) if t not in have]
+        others = f.bundle.get("others", [])
+        if n_stock < len(wanted) + len(others):  # a stock file may stand in for an unquantized partner
+            what = [f"its {t} file (saved next to it by 'Save FP8 CLIP')" for t in wanted]
+            what += [f"the {t} file you use with it (stock, not quantized)" for t in others]
+            raise FP8ClipError(f"This file is the {f.tower} tower of a {f.family} CLIP; also select "
+                               f"{' and '.join(what)} in clip_name2/clip_name3.")
+
+
+def load_fp8_clip(paths: Sequence[str | os.PathLike], clip_type: str = "auto", runtime: str = "auto",
+                  embedding_directory: Any = None, model_options: dict | None = None) -> tuple[Any, list[ff.TowerFile]]:
+    """A CLIP from files saved by `save_fp8_clip` (plus stock files for towers not quantized, e.g. T5)."""
+    import comfy.sd
+
+    from .runtime import plan
+
+    if runtime not in LOAD_RUNTIMES:
+        raise FP8ClipError(f"Runtime {runtime!r} cannot run a loaded FP8 CLIP (no original weights in the file). "
+                           f"Use one of: {', '.join(LOAD_RUNTIMES)}.")
+    files: list[ff.TowerFile] = []
+    state_dicts: list[dict] = []
+    n_stock = 0
+    for p in map(Path, paths):
+        _, meta = ff.read_header(p)
+        if ff.FORMAT_KEY in meta or not files and not n_stock and ff.H_STOCK not in meta:
+            tf = ff.read_tower_file(p)  # the first file must be this pack's: a clear error otherwise
+            files.append(tf)
+            state_dicts.append(dequantized(tf))
+        elif ff.H_STOCK in meta:
+            raise FP8ClipError(f"{p.name} is a stock-compatible export (weights-only FP8): load it with ComfyUI's "
+                               "own 'Load CLIP' / 'DualCLIPLoader'.")
+        else:
+            state_dicts.append(read_state_dict(p))
+            n_stock += 1
+    if not files:
+        raise FP8ClipError("None of the selected files was saved by 'Save FP8 CLIP'.")
+    if len({f.tower for f in files}) != len(files):
+        raise FP8ClipError("Two of the selected files hold the same tower "
+                           f"({', '.join(f.tower for f in files)}); select the files of different towers.")
+    check_bundle(files, n_stock)
+    ctype = resolve_clip_type(clip_type, files)
+    enum = getattr(comfy.sd.CLIPType, ctype.upper(), None)
+    if enum is None:
+        raise FP8ClipError(f"Unknown CLIP type {ctype!r} for this ComfyUI.")
+    clip = comfy.sd.load_text_encoder_state_dicts(state_dicts, embedding_directory=embedding_directory,
+                                                  clip_type=enum, model_options=dict(model_options or {}))
+    device = torch.device(clip.patcher.load_device)
+    swaps, size = {}, clip.patcher.model_size()
+    for tf in files:
+        fp8, rec = build_tower(clip, tf, ctype)
+        fp8.configure(lambda d, requested=runtime: plan(requested, d))
+        fp8.load_device = device
+        size += weight_bytes(fp8) - rec.source_bytes
+        swaps[f"{tf.tower}.transformer"] = fp8
+    out = clone_with(clip, swaps)
+    out.patcher.size = size  # what ComfyUI's memory management budgets for this clone
+    return out, files
+
+
+def build_tower(clip: Any, tf: ff.TowerFile, ctype: str) -> tuple[FP8TextModel, artifact.QuantizedTower]:
+    tower = getattr(clip.cond_stage_model, tf.tower, None)
+    src = getattr(tower, "transformer", None)
+    if src is None or not hasattr(src, "text_model"):
+        raise FP8ClipError(f"The file holds a {tf.tower} tower, but a '{ctype}' CLIP has none. Pick the type it was "
+                           f"saved from ({tf.bundle.get('clip_type') or 'auto'}).")
+    scales = {k: LayerScales(w, i) for k, (w, i) in tf.quantized.items()}
+    fp8 = FP8TextModel.from_quantized(src, scales, fp8_embedding=tf.fp8_embedding)
+    try:
+        missing, unexpected = fp8.load_state_dict(tf.tensors, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise FP8ClipError(f"The {tf.tower} file does not match the model ComfyUI detected for it: {e}") from None
+    if missing or unexpected:
+        raise FP8ClipError(f"The {tf.tower} file does not match the model ComfyUI detected for it (missing: "
+                           f"{missing[:3]}, unexpected: {unexpected[:3]}); the file is damaged or from another model.")
+    rec = artifact.QuantizedTower(
+        family=tf.family, tower=tf.tower, recipe=recipe_from_json(tf.header[ff.H_RECIPE]),
+        fingerprint=tf.header.get(ff.H_FINGERPRINT, ""), scales=scales, kept=list(tf.meta(ff.H_KEPT, [])),
+        source_bytes=weight_bytes(src), report=tf.meta(ff.H_REPORT, {}) or {})
+    artifact.attach(fp8, rec)
+    return fp8, rec

@@ -1,0 +1,366 @@
+"""Save FP8 CLIP / Load FP8 CLIP in a real ComfyUI: bit-exact reloads, ComfyUI's quantized layout, stock loaders
+that refuse the file instead of loading it wrong, the stock-compatible export, and every bad input."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import call, cosine, encode
+
+CAL = "a cat\na dog on a beach\n(a red car:1.2)"
+EVAL = "a house by a lake\na portrait of a woman, oil painting"
+PROMPTS = ("a photo of a dog running on the beach",
+           "(masterpiece:1.3), a phoenix rising from flames, (vivid colors:1.2)",
+           ", ".join(f"detail {i}" for i in range(60)))
+
+
+def mod(pack, name):
+    return importlib.import_module(f"{pack.__name__}.quant.{name}")
+
+
+@pytest.fixture(scope="module")
+def clip(comfy):
+    return call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")[0]
+
+
+@pytest.fixture(scope="module")
+def quantized(pack, clip):
+    """(fake-quant CLIP, what the quantize node returns with runtime auto), on short prompt sets for speed."""
+    with torch.inference_mode():
+        fake, _ = mod(pack, "calibrate").quantize_clip(clip, CAL.splitlines(), mod(pack, "recipe").Recipe(),
+                                                       held_out=EVAL.splitlines())
+        return fake, mod(pack, "runtime").to_fp8_runtime(fake, "auto")[0]
+
+
+@pytest.fixture(scope="module")
+def qclip(quantized):
+    return quantized[1]
+
+
+@pytest.fixture(scope="module")
+def te_dir(comfy) -> Path:
+    return Path(comfy.folder_paths.get_folder_paths("text_encoders")[0])
+
+
+@pytest.fixture(scope="module")
+def saved(comfy, qclip, te_dir) -> Path:
+    (info,) = call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/clip_l_fp8",
+                   format="fp8 + scales (Load FP8 CLIP)", overwrite=False)
+    path = te_dir / "fp8test" / "clip_l_fp8.safetensors"
+    assert f"Saved {path}" in info
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(comfy, saved):
+    clip, info = call(comfy, "FP8CLIPLoad", clip_name="fp8test/clip_l_fp8.safetensors", type="auto", runtime="auto")
+    return clip, info
+
+
+def rewrite(src: Path, dst: Path, drop=(), meta_update=None) -> Path:
+    """A copy of a saved file with tensors dropped or header entries changed (what damage or an edit does)."""
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+    tensors = {k: v for k, v in load_file(str(src)).items() if k not in drop}
+    meta.update(meta_update or {})
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_reload_is_bit_identical_to_the_quantized_clip(comfy, pack, qclip, loaded):
+    lclip, info = loaded
+    assert "clip_l: SD1.5 (CLIP-L), weights+activations" in info
+    emb = comfy.files["embedding"].rsplit(".", 1)[0]
+    (q_skip,) = call(comfy, "CLIPSetLastLayer", clip=qclip, stop_at_clip_layer=-2)
+    (l_skip,) = call(comfy, "CLIPSetLastLayer", clip=lclip, stop_at_clip_layer=-2)
+    cases = [(qclip, lclip, p) for p in PROMPTS] + [(qclip, lclip, f"a portrait, embedding:{emb}"),
+                                                    (q_skip, l_skip, PROMPTS[0])]
+    ref = [encode(comfy, a, text) for a, _, text in cases]  # one CLIP after the other: fewer model swaps
+    for (qc, qp), (_, b, text) in zip(ref, cases):
+        lc, lp = encode(comfy, b, text)
+        assert torch.equal(qc, lc) and torch.equal(qp, lp), text
+    (m, rec), = mod(pack, "artifact").quantized_towers(lclip).values()
+    fp8 = [x for x in m.modules() if isinstance(x, mod(pack, "fp8_ops").FP8Linear)]
+    assert len(fp8) == 72 and all(x.weight.dtype == torch.float8_e4m3fn for x in fp8)
+    assert lclip.patcher.model_size() == qclip.patcher.model_size()
+    (_, qrec), = mod(pack, "artifact").quantized_towers(qclip).values()
+    assert (rec.fingerprint, rec.kept, rec.recipe, rec.scales) == (qrec.fingerprint, qrec.kept, qrec.recipe, qrec.scales)
+
+
+def test_file_uses_comfyui_quantized_layout_and_carries_the_metadata(pack, qclip, saved):
+    (m, rec), = mod(pack, "artifact").quantized_towers(qclip).values()
+    layer = "text_model.encoder.layers.3.mlp.fc1"
+    with safe_open(str(saved), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+        w, ws, xs = f.get_tensor(layer + ".weight"), f.get_tensor(layer + ".weight_scale"), f.get_tensor(layer + ".input_scale")
+        cq = f.get_tensor(layer + ".comfy_quant")
+        kept = f.get_tensor("text_projection.weight")
+    assert w.dtype == torch.float8_e4m3fn and w.shape == (3072 * 768,)  # flattened: see the stock-loader test
+    assert ws.shape == xs.shape == () and ws.dtype == xs.dtype == torch.float32
+    assert json.loads(bytes(cq.tolist())) == {"format": "float8_e4m3fn"}
+    lin = m.get_submodule(layer)
+    assert torch.equal(w.reshape(3072, 768).view(torch.uint8), lin.weight.cpu().view(torch.uint8))
+    assert float(ws) == float(lin.weight_scale) == rec.scales[layer].weight_scale
+    assert float(xs) == rec.scales[layer].input_scale
+    assert kept.dtype == torch.float16 and kept.shape == (768, 768)
+    quant_layers = {k[: -len(".comfy_quant")] for k in keys if k.endswith(".comfy_quant")}
+    assert len(quant_layers) == 72 and "text_projection" not in quant_layers
+    assert set(json.loads(meta["_quantization_metadata"])["layers"]) == quant_layers
+    assert meta["fp8clip.format"] == "1" and meta["fp8clip.tower"] == "clip_l"
+    assert meta["fp8clip.family"] == "SD1.5 (CLIP-L)" and json.loads(meta["fp8clip.kept"]) == ["text_projection"]
+    assert meta["fp8clip.fingerprint"] == rec.fingerprint
+    assert json.loads(meta["fp8clip.recipe"])["scope"] == "weights+activations"
+    assert json.loads(meta["fp8clip.report"])["cond_min"] == rec.report["cond_min"]
+    assert set(json.loads(meta["fp8clip.versions"])) >= {"comfyui-fp8-clip", "nvidia-modelopt", "torch", "comfyui"}
+    assert json.loads(meta["fp8clip.bundle"])["clip_type"] == "stable_diffusion"
+    assert saved.stat().st_size < 0.55 * os.path.getsize(saved.parent.parent / "fp8clip-fixture-clip_l.safetensors")
+
+
+@pytest.mark.parametrize("loader", ["CLIPLoader/stable_diffusion", "CLIPLoader/sd3", "DualCLIPLoader/sdxl",
+                                    "CheckpointLoaderSimple"])
+def test_stock_loaders_refuse_the_file_instead_of_loading_it_wrong(comfy, saved, loader):
+    name = "fp8test/clip_l_fp8.safetensors"
+    if loader == "CheckpointLoaderSimple":
+        dst = comfy.base / "models" / "checkpoints" / "fp8test-clip_l_fp8.safetensors"
+        if not dst.exists():
+            os.link(saved, dst)
+        with pytest.raises(RuntimeError, match="Could not detect model type"):
+            call(comfy, loader, ckpt_name=dst.name)
+        return
+    node, ctype = loader.split("/")
+    args = (dict(clip_name=name, type=ctype) if node == "CLIPLoader"
+            else dict(clip_name1=name, clip_name2=comfy.files.get("clip_g", name), type=ctype))
+    with pytest.raises(RuntimeError, match=r"size mismatch for text_model\.(encoder|embeddings)\..*weight"):
+        call(comfy, node, **args)
+
+
+def test_stock_loader_error_reaches_the_ui(comfy, saved):
+    from harness.host import run_graph
+
+    prompt = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": "fp8test/clip_l_fp8.safetensors",
+                                                           "type": "stable_diffusion"}},
+              "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 0], "text": "a cat"}},
+              "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        run_graph(comfy, prompt)
+
+
+def test_load_node_runs_in_a_workflow(comfy, saved):
+    from harness.host import run_graph
+
+    prompt = {"1": {"class_type": "FP8CLIPLoad", "inputs": {"clip_name": "fp8test/clip_l_fp8.safetensors",
+                                                            "type": "auto", "runtime": "fp8"}},
+              "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 0], "text": "a cat"}},
+              "3": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+    out = run_graph(comfy, prompt)
+    assert "conditioning" in json.dumps(out)
+
+
+def test_stock_compatible_export_is_read_correctly_by_stock_and_its_quality_is_measured(comfy, pack, clip, te_dir):
+    held_out = list(PROMPTS) + ["a cat"]
+    (info,) = call(comfy, "FP8CLIPSave", clip=clip, filename="fp8test/clip_l_stock",
+                   format="stock-compatible (weights-only FP8)", overwrite=True, evaluation_prompts="\n".join(held_out))
+    path = te_dir / "fp8test" / "clip_l_stock.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        assert f.get_tensor("text_model.encoder.layers.0.mlp.fc1.weight").dtype == torch.float8_e4m3fn
+        assert f.get_tensor("text_projection.weight").dtype == torch.float16
+    q = json.loads(meta["fp8clip.stock_compatible"])["quality"]
+    assert q["prompts"] == 4 and q["held_out"] == "custom" and 0.9 < q["cond_min"] <= q["cond_mean"] < 1.0
+    assert f"conditioning {q['cond_min']:.4f} / {q['cond_mean']:.4f}" in info
+    # Stock reads it: its outputs give exactly the quality written into the header.
+    (stock,) = call(comfy, "CLIPLoader", clip_name="fp8test/clip_l_stock.safetensors", type="stable_diffusion")
+    ref = [encode(comfy, clip, p)[0] for p in held_out]
+    cos = [cosine(r, encode(comfy, stock, p)[0]) for r, p in zip(ref, held_out)]
+    assert min(cos) == pytest.approx(q["cond_min"], abs=1e-6)
+    assert sum(cos) / len(cos) == pytest.approx(q["cond_mean"], abs=1e-6)
+    assert path.stat().st_size < 0.55 * os.path.getsize(te_dir / comfy.files["clip_l"])
+    with pytest.raises(ValueError, match="stock-compatible export.*'Load CLIP'"):
+        call(comfy, "FP8CLIPLoad", clip_name="fp8test/clip_l_stock.safetensors", type="auto", runtime="auto")
+
+
+def test_stock_compatible_export_needs_the_original_clip(comfy, qclip):
+    with pytest.raises(ValueError, match="casts the original weights: connect the CLIP from your loader"):
+        call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/x", format="stock-compatible (weights-only FP8)",
+             overwrite=True)
+
+
+def test_saving_never_overwrites_unless_asked_and_is_atomic(comfy, qclip, saved, te_dir):
+    before = saved.read_bytes()[:4096], saved.stat().st_mtime_ns
+    with pytest.raises(ValueError, match="clip_l_fp8.safetensors already exists.*set 'overwrite'"):
+        call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/clip_l_fp8", format="fp8 + scales (Load FP8 CLIP)",
+             overwrite=False)
+    assert (saved.read_bytes()[:4096], saved.stat().st_mtime_ns) == before
+    call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/clip_l_fp8_copy.safetensors",
+         format="fp8 + scales (Load FP8 CLIP)", overwrite=False)
+    call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/clip_l_fp8_copy", format="fp8 + scales (Load FP8 CLIP)",
+         overwrite=True)
+    copy = te_dir / "fp8test" / "clip_l_fp8_copy.safetensors"
+    assert load_file(str(copy)).keys() == load_file(str(saved)).keys()
+    assert not [p for p in (te_dir / "fp8test").iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_saving_the_fake_quant_preview_writes_the_same_file(comfy, quantized, saved, te_dir):
+    call(comfy, "FP8CLIPSave", clip=quantized[0], filename="fp8test/from_fake", format="fp8 + scales (Load FP8 CLIP)",
+         overwrite=True)
+    a, b = load_file(str(te_dir / "fp8test" / "from_fake.safetensors")), load_file(str(saved))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) if a[k].dtype == torch.float8_e4m3fn
+               else torch.equal(a[k], b[k]) for k in a)
+
+
+def test_saving_an_unquantized_clip_in_fp8_format_is_refused(comfy, clip):
+    with pytest.raises(ValueError, match="not quantized by this pack.*'Quantize CLIP to FP8'"):
+        call(comfy, "FP8CLIPSave", clip=clip, filename="fp8test/x", format="fp8 + scales (Load FP8 CLIP)",
+             overwrite=False)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "fp8test/../../escaped", "/tmp/fp8clip-escaped", "~/escaped",
+                                  "C:\\escaped", "..\\escaped", "", "fp8test/.hidden"])
+def test_file_names_that_escape_the_models_folder_are_refused(comfy, qclip, te_dir, name):
+    with pytest.raises(ValueError, match="outside the models folder|file name is empty|starting with '.'"):
+        call(comfy, "FP8CLIPSave", clip=qclip, filename=name, format="fp8 + scales (Load FP8 CLIP)", overwrite=True)
+    assert not (te_dir.parent / "escaped.safetensors").exists()
+    assert not Path("/tmp/fp8clip-escaped.safetensors").exists()
+
+
+def test_load_refuses_names_outside_the_models_folder_and_pickles(comfy):
+    with pytest.raises(ValueError, match="outside the models folder"):
+        call(comfy, "FP8CLIPLoad", clip_name="../loras/" + comfy.files["lora"], type="auto", runtime="auto")
+
+
+def _bad(comfy, te_dir, name, make) -> str:
+    path = te_dir / "fp8test" / name
+    make(path)
+    with pytest.raises(ValueError) as e:
+        call(comfy, "FP8CLIPLoad", clip_name=f"fp8test/{name}", type="auto", runtime="auto")
+    return str(e.value)
+
+
+def test_truncated_file(comfy, saved, te_dir):
+    msg = _bad(comfy, te_dir, "truncated.safetensors",
+               lambda p: p.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2]))
+    assert "truncated or corrupt" in msg and "describes" in msg
+
+
+def test_corrupt_header(comfy, saved, te_dir):
+    def make(p):
+        data = bytearray(saved.read_bytes()[:200000])
+        data[8:40] = b"\x00\xff garbage garbage garbage \xfe"
+        p.write_bytes(bytes(data))
+    assert "header is not valid JSON" in _bad(comfy, te_dir, "corrupt.safetensors", make)
+
+
+def test_not_a_safetensors_file_at_all(comfy, te_dir):
+    msg = _bad(comfy, te_dir, "random.safetensors", lambda p: p.write_bytes(os.urandom(5000)))
+    assert "truncated or corrupt" in msg
+
+
+@pytest.mark.parametrize("fixture,expected", [
+    ("clip_l", "ordinary CLIP text encoder, not an FP8 CLIP saved by this pack.*'Load CLIP'"),
+    ("t5_stub", "is not a CLIP text encoder"),
+    ("lora", "is not a CLIP text encoder"),
+])
+def test_files_of_another_kind_are_refused_with_the_reason(comfy, te_dir, fixture, expected):
+    src = comfy.base / "models" / ("loras" if fixture == "lora" else "text_encoders") / comfy.files[fixture]
+    msg = _bad(comfy, te_dir, f"other-{fixture}.safetensors", lambda p: p.exists() or os.link(src, p))
+    assert __import__("re").search(expected, msg), msg
+
+
+def test_missing_weight_scale_of_a_quantized_layer(comfy, saved, te_dir):
+    layer = "text_model.encoder.layers.3.mlp.fc1"
+    msg = _bad(comfy, te_dir, "no-scale.safetensors", lambda p: rewrite(saved, p, drop=[layer + ".weight_scale"]))
+    assert f"layer {layer} is stored in FP8 but its weight_scale is missing" in msg
+
+
+def test_missing_input_scale_of_a_quantized_layer(comfy, saved, te_dir):
+    layer = "text_model.encoder.layers.5.self_attn.q_proj"
+    msg = _bad(comfy, te_dir, "no-input-scale.safetensors", lambda p: rewrite(saved, p, drop=[layer + ".input_scale"]))
+    assert f"layer {layer} was calibrated for FP8 activations but its input_scale is missing" in msg
+
+
+def test_file_from_a_newer_pack_version(comfy, saved, te_dir):
+    msg = _bad(comfy, te_dir, "newer.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.format": "7"}))
+    assert "newer comfyui-fp8-clip (file format 7" in msg and "Update the pack" in msg
+
+
+def test_one_tower_of_a_multi_tower_clip_alone_names_the_missing_file(comfy, saved, te_dir):
+    bundle = json.dumps({"class": "SDXLClipModel", "towers": ["clip_g", "clip_l"], "clip_type": "sdxl"})
+    msg = _bad(comfy, te_dir, "sdxl_clip_l.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.bundle": bundle}))
+    assert "also select its clip_g file" in msg and "clip_name2" in msg
+
+
+def test_the_clip_l_of_a_flux_clip_asks_for_its_t5(comfy, saved, te_dir):
+    bundle = json.dumps({"class": "FluxClipModel", "towers": ["clip_l"], "others": ["t5xxl"], "clip_type": "flux"})
+    msg = _bad(comfy, te_dir, "flux_clip_l.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.bundle": bundle}))
+    assert "also select the t5xxl file you use with it" in msg
+
+
+def test_pickle_files_are_never_opened(pack, tmp_path):
+    p = tmp_path / "model.ckpt"
+    p.write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ValueError, match="not a .safetensors file.*pickle"):
+        mod(pack, "fileformat").read_tower_file(p)
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+
+
+def cli(comfy, *args, cwd=None, module=False):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, *(["-m", "fp8clip"] if module else [str(PACK_DIR)]), *map(str, args)]
+    env = dict(os.environ, COMFYUI_PATH=str(comfy.host), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    return subprocess.run(cmd, cwd=cwd or comfy.base, capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_command_line_quantize_gives_the_nodes_result(comfy, pack, qclip, tmp_path):
+    (tmp_path / "cal.txt").write_text("# calibration\n" + CAL + "\n")
+    (tmp_path / "eval.txt").write_text(EVAL)
+    src = comfy.base / "models" / "text_encoders" / comfy.files["clip_l"]
+    out = tmp_path / "out" / "clip_l_fp8.safetensors"
+    r = cli(comfy, "quantize", src, out, "--prompts", tmp_path / "cal.txt", "--eval-prompts", tmp_path / "eval.txt",
+            "--keep", "*text_projection", cwd=PACK_DIR, module=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "FP8 E4M3 CLIP quality report: SD1.5 (CLIP-L)" in r.stdout and "on 2 held-out prompts" in r.stdout
+    assert f"Saved {out}" in r.stdout and "calibrating + evaluating" in r.stderr  # the progress bar
+    # Same prompts and recipe as the node's fixture: the same FP8 CLIP, bit for bit.
+    lclip, _ = mod(pack, "serialize").load_fp8_clip([out])
+    ref = encode(comfy, qclip, PROMPTS[1])
+    got = encode(comfy, lclip, PROMPTS[1])
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    again = cli(comfy, "quantize", src, out, "--prompts", tmp_path / "cal.txt")
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+    info = cli(comfy, "info", out)
+    assert info.returncode == 0 and "tower: clip_l" in info.stdout and "held-out prompts" in info.stdout
+
+
+def test_command_line_bad_input(comfy, tmp_path):
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04junk")
+    r = cli(comfy, "quantize", pickle, tmp_path / "out.safetensors")
+    assert r.returncode == 2 and "not a .safetensors file" in r.stderr and "Traceback" not in r.stderr
+    r = cli(comfy, "info", comfy.base / "models" / "text_encoders" / comfy.files["t5_stub"])
+    assert r.returncode == 2 and "is not a CLIP text encoder" in r.stderr
+    r = cli(comfy, "--comfyui", tmp_path, "quantize", pickle, tmp_path / "out.safetensors")
+    assert r.returncode == 2 and "is not a ComfyUI folder" in r.stderr
+
+
+def test_command_line_build_engine_hook(comfy):
+    r = cli(comfy, "build-engine", "--help")
+    trt_cli = (PACK_DIR / "trt_runtime" / "cli.py").exists() and (PACK_DIR / "trt_runtime" / "build.py").exists()
+    if not trt_cli:
+        assert r.returncode == 2 and "build-engine is not available in this version" in r.stderr
+    else:
+        assert "not available" not in r.stderr
