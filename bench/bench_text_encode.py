@@ -31,15 +31,33 @@ CASES = {
 }
 
 
-def boot(comfy: Path, extra: list[str]):
+def boot(comfy: Path, extra: list[str], dynamic_vram: bool = False):
     sys.path.insert(0, str(comfy))
     sys.argv = ["main.py", *extra]
     import comfy.options
 
     comfy.options.enable_args_parsing()
     import comfy.cli_args  # noqa: F401
+    if dynamic_vram:  # what ComfyUI v0.29's main.py does by default on NVIDIA GPUs
+        import comfy_aimdo.control
+        try:
+            comfy_aimdo.control.init(simple_vram_headroom=None)
+        except TypeError:
+            comfy_aimdo.control.init()
     import comfy.model_management  # noqa: F401
     import comfy.sd  # noqa: F401
+    if dynamic_vram:
+        import comfy.memory_management
+        import comfy.model_patcher
+        devices = comfy.model_management.get_all_torch_devices()
+        try:
+            ok = comfy_aimdo.control.init_devices((d.index, 0) for d in devices)
+        except TypeError:
+            ok = comfy_aimdo.control.init_devices(d.index for d in devices)
+        if not ok:
+            raise RuntimeError("comfy-aimdo did not initialise: dynamic VRAM unavailable")
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
 
 
 def load_pack():
@@ -114,12 +132,14 @@ def run_variant(args) -> dict:
     extra = []
     if args.variant == "stock-fp8":
         extra.append("--fp8_e4m3fn-text-enc")
-    boot(Path(args.comfy), extra)
+    boot(Path(args.comfy), extra, args.dynamic_vram)
     import comfy.sd
 
-    out = {"variant": args.variant, "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    out = {"variant": args.variant, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "dynamic_vram": args.dynamic_vram}
     path = fixture(Path(args.fixture))
     clip = comfy.sd.load_clip(ckpt_paths=[str(path)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    out["patcher"] = type(clip.patcher).__name__
     n = 10 if args.quick else 40
     with torch.inference_mode():
         if args.variant.startswith("stock"):
@@ -144,6 +164,8 @@ def run_variant(args) -> dict:
         fq = {p: calibrate.encode(fake, p) for p in held}
         variants = [("cuda_graph", "float32"), ("cuda_graph", "float16"), ("compiled", "float32"),
                     ("eager", "float32")]
+        if args.quick:
+            variants = variants[:1]
         out["runtimes"] = {}
         for executor, act in variants:
             name = f"fp8 scaled_mm, {executor}, {act} activations"
@@ -186,7 +208,8 @@ def table(results: list[dict]) -> str:
             if "cases" in res:
                 rows.append((f"pack: {name}", res["cases"], res["memory"]))
     cases = list(CASES)
-    lines = [f"Device: {stock['device']}, torch {stock['torch']}. Median ms per case (ratio: stock / this).", "",
+    lines = [f"Device: {stock['device']}, torch {stock['torch']}, ComfyUI patcher {stock.get('patcher')}"
+             f"{' (dynamic VRAM)' if stock.get('dynamic_vram') else ''}. Median ms per case (ratio: stock / this).", "",
              "| variant | " + " | ".join(cases) + " | resident weights MB | peak MB | growth over 50 calls MB |",
              "|---|" + "---|" * (len(cases) + 3)]
     for name, c, mem in rows:
@@ -216,6 +239,7 @@ def main() -> int:
     ap.add_argument("--variant")
     ap.add_argument("--variants", default="stock,stock-fp8,pack")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dynamic-vram", action="store_true", help="ComfyUI v0.29's default on NVIDIA (comfy-aimdo)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +251,7 @@ def main() -> int:
     results = []
     for v in args.variants.split(","):
         cmd = [sys.executable, __file__, "--comfy", args.comfy, "--out", str(out), "--fixture", args.fixture,
-               "--variant", v] + (["--quick"] if args.quick else [])
+               "--variant", v] + (["--quick"] if args.quick else []) + (["--dynamic-vram"] if args.dynamic_vram else [])
         print("==>", v, flush=True)
         subprocess.run(cmd, check=False)
         f = out / f"{v}.json"

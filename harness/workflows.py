@@ -45,7 +45,8 @@ class Graph:
                 "links": self.links, "groups": [], "config": {}, "extra": {"fp8clip_note": note}, "version": 0.4}
 
 
-QUANTIZE_WIDGETS = [DEFAULT_CALIBRATION_TEXT, "*text_projection", "max", "weights+activations", 0.99, "auto", True]
+QUANTIZE_WIDGETS = [DEFAULT_CALIBRATION_TEXT, "*text_projection", "max", "weights+activations", 0.99, "auto", True,
+                    ""]  # evaluation_prompts: empty = the built-in held-out set
 
 
 def sd15_txt2img() -> dict:

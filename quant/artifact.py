@@ -33,14 +33,18 @@ def attach(module: torch.nn.Module, record: QuantizedTower) -> None:
 
 
 def record_of(module: Any) -> QuantizedTower | None:
-    return getattr(module, ATTR, None)
+    from .proxy import unwrap
+
+    return unwrap(module).__dict__.get(ATTR) if isinstance(unwrap(module), torch.nn.Module) else None
 
 
 def quantized_towers(clip: Any) -> dict[str, tuple[torch.nn.Module, QuantizedTower]]:
-    """Object-patch path -> (module, record) for every tower of `clip` quantized by this pack."""
+    """Object-patch path -> (quantized module, record) for every tower of `clip` quantized by this pack."""
+    from .proxy import unwrap
+
     out = {}
     for path, obj in getattr(clip.patcher, "object_patches", {}).items():
         rec = record_of(obj)
         if rec is not None:
-            out[path] = (obj, rec)
+            out[path] = (unwrap(obj), rec)
     return out

@@ -57,14 +57,15 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
 
     copies = {t.name: patched_copy(clip, t.path) for t in towers}
     source_bytes = {n: weight_bytes(m) for n, m in copies.items()}
+    container = torch.nn.ModuleDict(copies)
+    names = modelopt_bridge.linear_layer_names(container)
+    to_quantize, kept, unmatched = recipe.split(names)
+    # Original weights (checkpoint dtype, CPU) for the per-layer errors; taken before the fp32 cast.
+    reference = {n: container.get_submodule(n).weight.detach().to("cpu", copy=True) for n in to_quantize}
     for m in copies.values():
         to_float32(m)
         if recipe.fp8_embedding:
             fake_quant_embedding(m)
-    container = torch.nn.ModuleDict(copies)
-    names = modelopt_bridge.linear_layer_names(container)
-    to_quantize, kept, unmatched = recipe.split(names)
-    reference = {n: container.get_submodule(n).weight.detach().to("cpu", copy=True) for n in to_quantize}
     qclip = clone_with(clip, {t.path: copies[t.name] for t in towers})
 
     def forward_loop(_: torch.nn.Module) -> None:

@@ -23,7 +23,9 @@ def patched_copy(clip: Any, path: str) -> torch.nn.Module:
     """
     import comfy.lora
 
-    src = clip.patcher.get_model_object(path)
+    from .proxy import unwrap
+
+    src = unwrap(clip.patcher.get_model_object(path))
     module = copy.deepcopy(src)
     for m in module.modules():  # drop ComfyUI's lowvram/LoRA hooks that the deep copy carried over
         if hasattr(m, "weight_function"):
@@ -79,10 +81,24 @@ def clone_with(clip: Any, modules: dict[str, torch.nn.Module]) -> Any:
     else:  # ComfyUI's ClipVisionModel has no clone(): a shallow copy with its own patcher clone
         out = copy.copy(clip)
         out.patcher = clip.patcher.clone()
+    from comfy.patcher_extension import CallbacksMP
+
+    from .proxy import RefuseLaterWeightPatches, TowerProxy, original_of, unwrap
+
     for path, module in modules.items():
         prefix = path + "."
         for key in [k for k in out.patcher.patches if k.startswith(prefix)]:
             del out.patcher.patches[key]
-        out.patcher.add_object_patch(path, module)
+        # get_model_object gives this clone's object patch (maybe a proxy) or the shared model's module (maybe
+        # another clone's proxy, patched in while that clone is loaded); either way its original is the tower.
+        original = original_of(out.patcher.get_model_object(path))
+        proxy = TowerProxy(unwrap(module), original, out.patcher.load_device, out.patcher.offload_device)
+        out.patcher.add_object_patch(path, proxy)
+        # Keyed by path: the callbacks of the tower this one replaces (and the memory they hold) go.
+        key = f"fp8clip:{path}"
+        for call_type, cb in ((CallbacksMP.ON_DETACH, proxy.offload),
+                              (CallbacksMP.ON_LOAD, RefuseLaterWeightPatches(path))):
+            out.patcher.remove_callbacks_with_key(call_type, key)
+            out.patcher.add_callback_with_key(call_type, key, cb)
     out.patcher.patches_uuid = uuid.uuid4()  # patches changed: never reuse weights patched for the source
     return out

@@ -87,6 +87,9 @@ def to_fp8_runtime(qclip: Any, requested: str = "auto", compile_ok: bool | None 
         size += weight_bytes(fp8) - record.source_bytes
         swaps[path] = fp8
     out = clone_with(qclip, swaps)
+    # A child of the CLIP the fake-quant clone came from: a reference to that clone would keep its fp32
+    # calibration copy alive as long as this CLIP lives.
+    out.patcher.parent = getattr(qclip.patcher, "parent", None) or qclip.patcher
     out.patcher.size = size  # what ComfyUI's memory management budgets for this clone
     return out, p
 

@@ -57,10 +57,14 @@ def require_clip(clip: Any) -> None:
             "Connect a CLIP output to the clip input.")
 
 
-def _is_clip_text_tower(tower: Any) -> bool:
-    transformer = getattr(tower, "transformer", None)
-    return transformer is not None and hasattr(transformer, "text_model") and hasattr(
-        getattr(transformer, "text_model"), "encoder")
+def _is_clip_text_tower(clip: Any, name: str) -> bool:
+    from .proxy import unwrap
+
+    try:  # through object patches: the shared model may hold another clone's FP8 tower right now
+        transformer = unwrap(clip.patcher.get_model_object(f"{name}.transformer"))
+    except AttributeError:
+        return False
+    return hasattr(getattr(transformer, "text_model", None), "encoder")
 
 
 def text_family(clip: Any) -> tuple[Family, list[TextTower]]:
@@ -69,8 +73,7 @@ def text_family(clip: Any) -> tuple[Family, list[TextTower]]:
     csm = clip.cond_stage_model
     towers, others = [], []
     for name in CLIP_TOWERS:
-        tower = getattr(csm, name, None)
-        if tower is not None and _is_clip_text_tower(tower):
+        if getattr(csm, name, None) is not None and _is_clip_text_tower(clip, name):
             towers.append(TextTower(name))
     for name in OTHER_TOWERS:
         if getattr(csm, name, None) is not None:

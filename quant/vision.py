@@ -33,7 +33,12 @@ def require_clip_vision(cv: Any) -> str:
     if not all(hasattr(cv, a) for a in ("patcher", "model", "encode_image")):
         raise FP8ClipError(f"Expected a CLIP_VISION (from Load CLIP Vision), got {type(cv).__name__}.")
     model_type = getattr(cv, "model_type", None) or getattr(getattr(cv, "model", None), "model_type", None)
-    vm = getattr(cv.model, "vision_model", None)
+    from .proxy import unwrap
+
+    try:  # through object patches: the shared model may hold another clone's FP8 tower right now
+        vm = unwrap(cv.patcher.get_model_object(PATH))
+    except AttributeError:
+        vm = None
     layers = getattr(getattr(vm, "encoder", None), "layers", None)
     if (model_type not in (None, "clip_vision_model") or layers is None
             or getattr(vm, "embeddings", None) is None or getattr(vm.embeddings, "class_embedding", None) is None):
@@ -139,14 +144,15 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
 
     copy_ = patched_copy(cv, PATH)
     source_bytes = weight_bytes(copy_)
-    to_float32(copy_)
     container = torch.nn.ModuleDict({PATH: copy_})
     linears = modelopt_bridge.linear_layer_names(container)
     convs = [n for n, m in container.named_modules() if isinstance(m, torch.nn.Conv2d)]
     to_quantize, kept, unmatched = recipe.split(linears + convs)
     to_quantize = [n for n in to_quantize if n in linears]
     kept = kept + [c for c in convs if c not in kept]  # convolutions are never quantized
+    # Original weights (checkpoint dtype, CPU) for the per-layer errors; taken before the fp32 cast.
     reference = {n: container.get_submodule(n).weight.detach().to("cpu", copy=True) for n in to_quantize}
+    to_float32(copy_)
     qcv = clone_with(cv, {PATH: copy_})
 
     def forward_loop(_: torch.nn.Module) -> None:

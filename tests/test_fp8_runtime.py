@@ -129,3 +129,19 @@ def test_out_of_memory_during_conversion_leaves_nothing_half_converted(comfy, pa
         mod(pack, "runtime").to_fp8_runtime(fake, "auto")
     assert dict(fake.patcher.object_patches) == before
     assert torch.equal(encode(comfy, fake, PROMPTS[0])[0], ref)
+
+
+def test_fp8_clip_does_not_keep_the_calibration_copy_alive(comfy, pack, clip):
+    """The fp32 Q->DQ copy used for calibration is freed once the FP8 CLIP exists (RAM, not a cache)."""
+    import gc
+    import weakref
+
+    fake = quantize(comfy, clip, runtime="fake-quant", calibration_prompts="a cat",
+                    evaluation_prompts="a dog")["result"][0]
+    fake_tower = weakref.ref(tower(pack, fake))
+    fp8, _ = mod(pack, "runtime").to_fp8_runtime(fake, "auto")
+    encode(comfy, fp8, PROMPTS[0])
+    del fake
+    gc.collect()
+    assert fake_tower() is None
+    assert encode(comfy, fp8, PROMPTS[0])[0].shape == (1, 77, 768)

@@ -123,3 +123,11 @@ def test_quantizing_again_while_a_quantized_clone_is_loaded(comfy, clip):
     first = encode(comfy, q1, PROMPT)[0]  # q1 is now patched into the shared model
     q2 = quantize(comfy, clip, calibration_prompts="a cat\na house")["result"][0]
     assert torch.equal(encode(comfy, q2, PROMPT)[0], first)
+
+
+def test_lora_after_quantizing_is_refused_not_ignored(comfy, quantized):
+    """A LoRA applied to the FP8 CLIP cannot be baked into FP8 weights: say so instead of dropping it."""
+    _, lq = call(comfy, "LoraLoader", model=None, clip=quantized[0], lora_name=comfy.files["lora"],
+                 strength_model=0.0, strength_clip=1.0)
+    with pytest.raises(Exception, match="Apply LoRAs to the CLIP before the Quantize node"):
+        encode(comfy, lq, PROMPT)
