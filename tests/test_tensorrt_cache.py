@@ -206,7 +206,8 @@ def test_unusable_cache_folder_still_gives_an_engine_clip_and_says_it_is_not_cac
     with torch.inference_mode():
         out, status = pipeline.engine_clip(fp8_clip[1], 1, rtx, cache_root=tmp_path / "models" / "tensorrt")
     assert "Not cached: Cannot create the TensorRT engine folder" in status
-    assert type(out.patcher.object_patches["clip_l.transformer"]).__name__ == "EngineTextModel"
+    ((em, _),) = pack_module(pack, "quant.artifact").quantized_towers(out).values()
+    assert type(em).__name__ == "EngineTextModel"
     assert encode(comfy, out, "a cat")[0].shape == (1, 77, 768)
 
 

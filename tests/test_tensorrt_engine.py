@@ -240,7 +240,7 @@ def engine_clip(comfy, fp8_clip, engine_node):
     return call(comfy, "FP8CLIPTensorRTEngine", clip=fp8_clip[1], max_batch_rows=8)[0]
 
 
-def test_engine_clip_encodes_like_the_pytorch_fp8_clip(comfy, fp8_clip, engine_clip):
+def test_engine_clip_encodes_like_the_pytorch_fp8_clip(comfy, pack, fp8_clip, engine_clip):
     original, q, _ = fp8_clip
     (ref, ref_pooled), (got, pooled) = encode(comfy, q, PROMPT), encode(comfy, engine_clip, PROMPT)
     assert got.shape == ref.shape == (1, 77, 768) and pooled.shape == (1, 768)
@@ -249,7 +249,7 @@ def test_engine_clip_encodes_like_the_pytorch_fp8_clip(comfy, fp8_clip, engine_c
     assert cosine(got, ref) > 0.999 and cosine(pooled, ref_pooled) > 0.998
     assert cosine(got, encode(comfy, original, PROMPT)[0]) > 0.99
     # the input CLIP is untouched and its transformer is still the PyTorch one
-    assert type(q.patcher.object_patches["clip_l.transformer"]).__name__ == "FP8TextModel"
+    assert type(tower(pack, q)[0]).__name__ == "FP8TextModel"
 
 
 def test_engine_clip_clip_skip_weights_long_prompts_and_embeddings(comfy, fp8_clip, engine_clip):
@@ -284,7 +284,7 @@ def test_prompt_longer_than_the_profile_names_the_limit_and_the_fix(comfy, fp8_c
 
 def test_engine_memory_is_reported_to_comfyui(comfy, pack, fp8_clip, engine_clip):
     original, q, _ = fp8_clip
-    em = engine_clip.patcher.object_patches["clip_l.transformer"]
+    em = tower(pack, engine_clip)[0]
     assert type(em).__name__ == "EngineTextModel"
     engine_bytes = em.runner.device_bytes()
     torch_side = sum(t.nbytes for t in em.state_dict().values())  # token embedding, projection, final LayerNorm

@@ -119,7 +119,7 @@ def test_onnxruntime_w8a8_matches_pytorch_fp8_encoder(comfy, pack, fp8_clip, run
 def test_float16_activations_are_as_close_to_the_original_as_the_pytorch_fp8_path(comfy, pack, fp8_clip):
     original, q, _ = fp8_clip
     (last, hidden), (ref_last, ref_hidden), embeds = _run_both(comfy, pack, q, torch.float16)
-    orig = original.patcher.get_model_object("clip_l.transformer")
+    orig = pack_module(pack, "quant.proxy").original_of(original.patcher.get_model_object("clip_l.transformer"))
     with torch.inference_mode():
         unq = orig(None, None, embeds=embeds, num_tokens=[77] * len(embeds), dtype=torch.float32)[0]
     graph_vs_orig, torch_vs_orig = cosine(last, unq), cosine(ref_last, unq)

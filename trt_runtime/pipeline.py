@@ -1,7 +1,7 @@
 """Quantized CLIP in -> CLIP whose text transformer runs on a cached TensorRT engine out, with a status text.
 
 export (only when the engine is not cached) -> build -> cache -> runner -> `EngineTextModel` swapped into a new
-clone with `patcher.add_object_patch`. Where the engine cannot run, the input CLIP comes back unchanged (its
+clone (`quant.patching.clone_with`). Where the engine cannot run, the input CLIP comes back unchanged (its
 PyTorch FP8 path keeps working) and the status says why.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from ..quant import artifact
 from ..quant.errors import FP8ClipError
-from ..quant.patching import weight_bytes
+from ..quant.patching import clone_with, weight_bytes
 from .availability import Support
 from .bindings import EngineMismatchError, plan_from_dicts
 from .build import BuildResult, EngineBuildError, Profile, build_engine
@@ -129,8 +129,8 @@ def engine_clip(clip: Any, max_rows: int, support: Support, *, cache_root: str |
         return clip, f"TensorRT engine not used: {support.reason}\n{fallback}"
     profile = Profile.for_max_rows(max_rows)
     cache = EngineCache(cache_root) if cache_root is not None else None
-    out = clip.clone()
     size = clip.patcher.model_size()
+    swaps = {}
     lines = [f"TensorRT engine: {support.reason}",
              f"  profile: 1 to {profile.max_rows} rows of 77 tokens (max_batch_rows); FP8 matmuls, {activations} "
              "activations"]
@@ -154,9 +154,10 @@ def engine_clip(clip: Any, max_rows: int, support: Support, *, cache_root: str |
         status = f"  {record.tower}: {how} ({_mb(engine.manifest['engine_bytes'])}, FP8 weights){where}"
         lines.append(status + (f"\n  note: {engine.note}" if engine.note else ""))
         em = EngineTextModel(module, runner, max_rows=profile.max_rows, status=status.strip())
-        out.patcher.add_object_patch(path, em)
+        swaps[path] = em
         # ComfyUI sizes models from their state_dict; the engine's memory is not in it, so say it here.
         size += em.vram_bytes() - weight_bytes(module)
+    out = clone_with(clip, swaps)
     out.patcher.size = max(int(size), 1)
     lines.append(f"  memory reported to ComfyUI: {_mb(out.patcher.size)}")
     return out, "\n".join(lines)
