@@ -61,6 +61,7 @@ def memory(cv, batch) -> dict:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     mm.load_models_gpu([cv.patcher], force_full_load=True)
+    cv.encode_image(batch[:1], crop=True)  # lazily placed weights (the pack's FP8 tower) count too
     torch.cuda.synchronize()
     resident = torch.cuda.memory_allocated() - base
     cv.encode_image(batch, crop=True)

@@ -1,27 +1,32 @@
-"""What ComfyUI patches in for a quantized tower: a proxy that forwards calls and holds no weights.
+"""What ComfyUI patches in for a quantized tower: a proxy that computes with the quantized tower and, to
+ComfyUI's weight machinery, looks like the original one.
 
-ComfyUI's loaders walk the patched model by name: v0.29's dynamic-VRAM patcher backs up every parameter
-and buffer it finds and, after undoing the object patches, writes those backups back by name, i.e. into the
-ORIGINAL tower (corrupting the input CLIP, or crashing on names the original lacks). So the quantized tower
-lives outside the module tree ComfyUI sees, places itself on the device it runs on, and goes back to the
-offload device when ComfyUI unloads the model.
-
-Its state_dict is the original tower's: object patches must not change the keys ComfyUI sees, or a LoRA
-loaded onto the quantized CLIP would find no keys and be dropped with a few warnings (instead of the clear
-error `RefuseLaterWeightPatches` gives), and CLIPSave would write a CLIP without this tower.
+ComfyUI's patchers walk the model by name. v0.29's dynamic-VRAM patcher backs up parameters by name and
+writes the backups back by name on the next load, with the object patches already applied; a module tree
+holding the quantized tower would get unquantized weights written into it (or crash on names it lacks).
+So the quantized tower lives outside the module tree (not a submodule: invisible to .to()/named_*()),
+places itself on the device it runs on and goes back to the offload device when ComfyUI unloads the model,
+while weight names (state_dict, attribute paths such as `text_model.encoder...`) resolve to the original
+tower: backups land where they came from, a LoRA loaded onto the quantized CLIP finds its keys (and
+`RefuseLaterWeightPatches` then stops it with the fix, instead of ComfyUI dropping it with a few warnings),
+and CLIPSave writes the original tower, never FP8 codes without their scales.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
-# Roots of the weight names of CLIP towers: reaching for them means something wants to patch weights.
+# Proxies whose tower sits on its load device. One set at a time: ComfyUI cannot see (or free) this memory.
+_RESIDENT: "weakref.WeakSet[TowerProxy]" = weakref.WeakSet()
+
+# Roots of the weight names of CLIP towers: they resolve to the original tower.
 WEIGHT_ROOTS = frozenset({"text_model", "text_projection", "embeddings", "encoder", "pre_layrnorm",
                           "post_layernorm", "visual_projection"})
 
 
-class WeightPatchAfterQuantization(AttributeError):
+class WeightPatchAfterQuantization(RuntimeError):
     pass
 
 
@@ -35,6 +40,11 @@ class TowerProxy(torch.nn.Module):
         object.__setattr__(self, "offload_device", torch.device(offload_device))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.load_device != self.offload_device and self not in _RESIDENT:
+            for other in list(_RESIDENT):  # a tower another clone left on the GPU (see offload)
+                if other.impl is not self.impl:
+                    other.offload_now()
+            _RESIDENT.add(self)
         self.place(self.load_device)
         return self.impl(*args, **kwargs)
 
@@ -44,8 +54,15 @@ class TowerProxy(torch.nn.Module):
                                                          and device.index is None):
             self.impl.to(device)
 
-    def offload(self, *args: Any, **kwargs: Any) -> None:
-        """ON_DETACH callback: ComfyUI unloaded this model, so free the tower's VRAM too."""
+    def offload(self, patcher: Any = None, unpatch_all: bool = True, *args: Any, **kwargs: Any) -> None:
+        """ON_DETACH callback. Only a full unload frees the tower: v0.29 detaches (unpatch_all=False) every
+        clone of a model before each load, the clone about to run again included, and keeps their weights
+        where they are; moving the tower then would cost a copy and a CUDA-graph capture per encode."""
+        if unpatch_all:
+            self.offload_now()
+
+    def offload_now(self) -> None:
+        _RESIDENT.discard(self)
         if self.offload_device != self.load_device:
             self.place(self.offload_device)
 
@@ -59,11 +76,8 @@ class TowerProxy(torch.nn.Module):
         self.impl.set_input_embeddings(embeddings)
 
     def __getattr__(self, name: str) -> Any:
-        if name in WEIGHT_ROOTS:
-            raise WeightPatchAfterQuantization(
-                f"The FP8 tower's weights cannot be patched after quantization (a LoRA or model merge applied "
-                f"to the quantized CLIP, reaching for '{name}'). Apply LoRAs to the CLIP before the Quantize "
-                "node: they are baked into the FP8 weights there.")
+        if name in WEIGHT_ROOTS and "original" in self.__dict__:
+            return getattr(self.__dict__["original"], name)
         try:
             return super().__getattr__(name)
         except AttributeError:
