@@ -3,9 +3,10 @@ from .compare import CompareConditioning
 from .quantize_clip import QuantizeCLIP
 from .quantize_clip_vision import QuantizeCLIPVision
 from .save_load import LoadFP8CLIP, SaveFP8CLIP
-from .tensorrt_engine import BuildTensorRTEngine
+from .tensorrt_engine import BuildTensorRTEngine, BuildTensorRTEngineVision
 
-NODES = (QuantizeCLIP, QuantizeCLIPVision, CompareConditioning, SaveFP8CLIP, LoadFP8CLIP, BuildTensorRTEngine)
+NODES = (QuantizeCLIP, QuantizeCLIPVision, CompareConditioning, SaveFP8CLIP, LoadFP8CLIP, BuildTensorRTEngine,
+         BuildTensorRTEngineVision)
 
 NODE_CLASS_MAPPINGS = {n.NODE_ID: n for n in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {n.NODE_ID: n.DISPLAY_NAME for n in NODES}

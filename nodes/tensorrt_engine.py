@@ -65,3 +65,52 @@ class BuildTensorRTEngine:
                                   check_interrupt=interrupt_check())
         log.info(status)
         return {"ui": {"text": [status]}, "result": (out, status)}
+
+
+class BuildTensorRTEngineVision:
+    NODE_ID = "FP8CLIPVisionTensorRTEngine"
+    DISPLAY_NAME = "Build TensorRT Engine for FP8 CLIP Vision"
+    CATEGORY = "advanced/fp8 clip"
+    DESCRIPTION = ("Builds (once, then cached in models/tensorrt) a TensorRT engine from the FP8 CLIP_VISION of "
+                   "'Quantize CLIP Vision to FP8' (pixel values in: patch embedding to the last block on the "
+                   "engine) and returns a CLIP_VISION for CLIPVisionEncode that runs on it. Where the engine cannot "
+                   "run (no NVIDIA GPU, a GPU without FP8 support in the installed TensorRT, no TensorRT), the "
+                   "CLIP_VISION comes back unchanged and the status says why.")
+    RETURN_TYPES = ("CLIP_VISION", "STRING")
+    RETURN_NAMES = ("clip_vision", "status")
+    OUTPUT_TOOLTIPS = ("The CLIP vision model on the TensorRT engine (or unchanged, see status).",
+                       "What happened: engine built or found in the cache, or why it is not used.")
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip_vision": ("CLIP_VISION", {"tooltip": "The clip_vision output of 'Quantize CLIP Vision to FP8 "
+                                                       "(calibrated)'."}),
+            "max_images": ("INT", {
+                "default": 4, "min": 1, "max": 64,
+                "tooltip": "Largest batch of images the engine accepts in one encode. Changing it rebuilds."}),
+            "activations": (["float32", "float16"], {
+                "default": "float32",
+                "tooltip": "Precision between the FP8 matmuls. float32 reproduces the quality report's numbers; "
+                           "float16 moves less memory but rounds once more. Changing it rebuilds."}),
+        }}
+
+    def build(self, clip_vision, max_images, activations="float32"):
+        import comfy.model_management
+        import folder_paths
+
+        from ..trt_runtime.availability import engine_support
+        from ..trt_runtime.cache import register_folder
+        from ..trt_runtime.pipeline import engine_clip_vision
+
+        root = register_folder(folder_paths)[0]
+        bar = progress_bar()
+        # Where ComfyUI runs this image encoder (its own load device), which is where the engine must run.
+        device = getattr(clip_vision, "load_device", None) or comfy.model_management.get_torch_device()
+        out, status = engine_clip_vision(clip_vision, max_images, engine_support(device), cache_root=root,
+                                         activations=activations,
+                                         progress=lambda f, phase: bar(int(f * 100), 100),
+                                         check_interrupt=interrupt_check())
+        log.info(status)
+        return {"ui": {"text": [status]}, "result": (out, status)}

@@ -64,7 +64,11 @@ def _is_clip_text_tower(clip: Any, name: str) -> bool:
         transformer = unwrap(clip.patcher.get_model_object(f"{name}.transformer"))
     except AttributeError:
         return False
-    return hasattr(getattr(transformer, "text_model", None), "encoder")
+    from .artifact import record_of
+
+    # A tower this pack quantized was a CLIP text tower, whatever runs it now (a TensorRT engine has no
+    # encoder): recognising it lets the quantize node say "already quantized" instead of "no CLIP tower".
+    return record_of(transformer) is not None or hasattr(getattr(transformer, "text_model", None), "encoder")
 
 
 def text_family(clip: Any) -> tuple[Family, list[TextTower]]:

@@ -128,9 +128,10 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
                          held_out: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None,
                          check_interrupt: Callable[[], None] = lambda: None) -> tuple[Any, VisionReport]:
     """Calibrate FP8 scales for the vision transformer of `cv`; return the quantized copy and its report."""
-    model = require_clip_vision(cv)
-    if artifact.record_of(cv.patcher.get_model_object(PATH)) is not None:
+    # Before the model check: a CLIP_VISION on a TensorRT engine has no encoder left to recognise.
+    if hasattr(cv, "patcher") and artifact.record_of(cv.patcher.get_model_object(PATH)) is not None:
         raise FP8ClipError("This CLIP_VISION is already quantized to FP8 by this node. Connect the original one.")
+    model = require_clip_vision(cv)
     images = calibration_images() if images is None else check_images(images)
     test = held_out_images()[0] if held_out is None else check_images(held_out, "evaluation images")
     batches = [images[i:i + 8] for i in range(0, images.shape[0], 8)]

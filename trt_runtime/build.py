@@ -13,7 +13,7 @@ from ..quant.errors import FP8ClipError
 from .availability import PORTABLE
 from .bindings import plan_from_network
 from .flavour import RTX, Flavour
-from .onnx_export import INPUT, TensorIO
+from .onnx_export import INPUT, PIXELS, TensorIO
 
 Progress = Callable[[float, str], None]  # (fraction 0..1, phase name)
 
@@ -24,7 +24,8 @@ class EngineBuildError(FP8ClipError):
 
 @dataclass(frozen=True)
 class Profile:
-    """Batch rows of 77 tokens the engine accepts. A prompt is 1 row per 77 tokens, +1 row when it has weights."""
+    """Batch rows the engine accepts: rows of 77 tokens (a prompt is 1 row per 77 tokens, +1 row when it has
+    weights), or images for a vision engine."""
     max_rows: int = 8
     opt_rows: int = 2  # one row plus the empty row prompt weighting adds
     min_rows: int = 1
@@ -132,14 +133,16 @@ def build_engine(onnx_model: Any, profile: Profile, flavour: Flavour, *, target:
         raise EngineBuildError(f"{flavour.label} could not parse the exported ONNX graph: {'; '.join(errors)}")
     parse_s = time.perf_counter() - t0
     plan = plan_from_network(network)
-    inp = next((t for t in plan if t.name == INPUT), None)
-    if inp is None:
-        raise EngineBuildError(f"The exported graph has no input {INPUT!r}.")
+    inputs = [t for t in plan if t.mode == "input"]
+    if len(inputs) != 1 or inputs[0].name not in (INPUT, PIXELS):
+        raise EngineBuildError(f"The exported graph must have one input, {INPUT!r} or {PIXELS!r}; it has "
+                               f"{[t.name for t in inputs]}.")
+    inp = inputs[0]
     config = builder.create_builder_config()
     _set_targets(flavour, config, target)
     opt = builder.create_optimization_profile()
-    seq_width = inp.shape[1:]
-    opt.set_shape(INPUT, (profile.min_rows, *seq_width), (profile.opt_rows, *seq_width),
+    seq_width = inp.shape[1:]  # [77, width] tokens or [3, H, W] pixels: only the batch is dynamic
+    opt.set_shape(inp.name, (profile.min_rows, *seq_width), (profile.opt_rows, *seq_width),
                   (profile.max_rows, *seq_width))
     config.add_optimization_profile(opt)
     monitor = None

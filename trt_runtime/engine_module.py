@@ -1,10 +1,15 @@
-"""A drop-in for ComfyUI's CLIPTextModel whose encoder runs on a TensorRT engine.
+"""Drop-ins for ComfyUI's CLIPTextModel and CLIPVision whose encoders run on a TensorRT engine.
 
 Same call as `comfy.clip_model.CLIPTextModel` and the same outputs `(last_hidden, intermediate, projected_pooled,
 pooled)`. The token embedding stays a torch module (`get_input_embeddings()`, so textual inversion and
 `embedding:` prompts work); the engine takes the embeddings and returns the last hidden state and every block's
 output; clip skip, the final LayerNorm on an intermediate layer, the pooled gather and the text projection run
 in torch on the quantized module's own layers.
+
+`EngineVisionModel` has CLIPVision's call and outputs `(last_hidden, intermediate, pooled)`: the engine takes the
+pixel values (patch embedding to the last block inside) and returns the last hidden state and every block's
+output; the intermediate layer ComfyUI asks for (-2, or 'all') and post_layernorm on the class token run in
+torch; the visual projection stays in ComfyUI's CLIPVisionModelProjection around it.
 """
 from __future__ import annotations
 
@@ -21,18 +26,12 @@ class EngineProfileError(FP8ClipError):
     """The prompt needs more rows than the engine's optimization profile holds."""
 
 
-class EngineTextModel(torch.nn.Module):
+class EngineTower(torch.nn.Module):
+    """What both drop-ins share: the runner beside the torch layers, the record, GPU memory that follows
+    ComfyUI's loads and offloads."""
+
     def __init__(self, source: torch.nn.Module, runner: Runner, *, max_rows: int, status: str = ""):
         super().__init__()
-        tm = source.text_model
-        self.num_layers = source.num_layers
-        self.dtype = getattr(source, "dtype", None)
-        self.eos_token_id = getattr(tm, "eos_token_id", None)
-        # Shared with the quantized module, not copied. Names differ from CLIPTextModel's on purpose: a LoRA
-        # applied after this node must not patch half of an encoder whose other half is baked into the engine.
-        self.embeddings = tm.embeddings
-        self.final_layer_norm = tm.final_layer_norm
-        self.text_projection = source.text_projection
         self.max_rows = int(max_rows)
         self.status = status
         self._on_cuda = False
@@ -44,18 +43,16 @@ class EngineTextModel(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"max_rows={self.max_rows}, runner={type(self.runner).__name__}"
 
-    def get_input_embeddings(self) -> torch.nn.Module:
-        return self.embeddings.token_embedding
-
-    def set_input_embeddings(self, embeddings: torch.nn.Module) -> None:
-        self.embeddings.token_embedding = embeddings
+    def _probe(self) -> torch.Tensor:
+        """A torch weight that moves whenever ComfyUI moves this module."""
+        raise NotImplementedError
 
     def _apply(self, fn, *args, **kwargs):
         # ComfyUI offloads a model with .to(offload_device): release the engine's GPU memory with it (it is
         # loaded again on the next encode). Only on a move off the GPU: a text encoder ComfyUI keeps on the
         # CPU is moved to the CPU on every load, and must not reload the engine each time.
         out = super()._apply(fn, *args, **kwargs)
-        on_cuda = self.embeddings.token_embedding.weight.device.type == "cuda"
+        on_cuda = self._probe().device.type == "cuda"
         if self._on_cuda and not on_cuda:
             self.runner.release()
         self._on_cuda = on_cuda
@@ -65,6 +62,44 @@ class EngineTextModel(torch.nn.Module):
         """GPU memory when loaded: the engine (weights + activations) and the torch layers kept beside it."""
         torch_bytes = sum(t.numel() * t.element_size() for t in self.state_dict().values())
         return self.runner.device_bytes() + torch_bytes
+
+    def _select(self, hidden: torch.Tensor, intermediate_output: Any, num_layers: int) -> torch.Tensor | None:
+        """The intermediate output ComfyUI asks for, from every block's output [rows, layers, seq, width]."""
+        if intermediate_output is None:
+            return None
+        if intermediate_output == "all":
+            return hidden
+        if isinstance(intermediate_output, int):
+            idx = intermediate_output if intermediate_output >= 0 else num_layers + intermediate_output
+            if not 0 <= idx < num_layers:
+                raise FP8ClipError(f"Layer {intermediate_output} was asked for (clip skip or intermediate output), "
+                                   f"but this model has {num_layers} layers.")
+            return hidden[:, idx]
+        raise FP8ClipError(f"Intermediate output {intermediate_output!r} is not supported by the TensorRT "
+                           "engine (use a layer index, or 'all').")
+
+
+class EngineTextModel(EngineTower):
+    def __init__(self, source: torch.nn.Module, runner: Runner, *, max_rows: int, status: str = ""):
+        super().__init__(source, runner, max_rows=max_rows, status=status)
+        tm = source.text_model
+        self.num_layers = source.num_layers
+        self.dtype = getattr(source, "dtype", None)
+        self.eos_token_id = getattr(tm, "eos_token_id", None)
+        # Shared with the quantized module, not copied. Names differ from CLIPTextModel's on purpose: a LoRA
+        # applied after this node must not patch half of an encoder whose other half is baked into the engine.
+        self.embeddings = tm.embeddings
+        self.final_layer_norm = tm.final_layer_norm
+        self.text_projection = source.text_projection
+
+    def _probe(self) -> torch.Tensor:
+        return self.embeddings.token_embedding.weight
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embeddings.token_embedding
+
+    def set_input_embeddings(self, embeddings: torch.nn.Module) -> None:
+        self.embeddings.token_embedding = embeddings
 
     def forward(self, input_tokens=None, attention_mask=None, embeds=None, num_tokens=None,
                 intermediate_output=None, final_layer_norm_intermediate=True, dtype=torch.float32,
@@ -84,21 +119,9 @@ class EngineTextModel(torch.nn.Module):
         last, hidden = self.runner(embeds.float())
         last, hidden = last.to(embeds.device), hidden.to(embeds.device)
 
-        inter = None
-        if intermediate_output is not None:
-            if intermediate_output == "all":
-                inter = hidden
-            elif isinstance(intermediate_output, int):
-                idx = intermediate_output if intermediate_output >= 0 else self.num_layers + intermediate_output
-                if not 0 <= idx < self.num_layers:
-                    raise FP8ClipError(f"Clip skip selects layer {intermediate_output}, but this CLIP has "
-                                       f"{self.num_layers} layers.")
-                inter = hidden[:, idx]
-            else:
-                raise FP8ClipError(f"Intermediate output {intermediate_output!r} is not supported by the "
-                                   "TensorRT engine (use a layer index, or 'all').")
-            if final_layer_norm_intermediate:
-                inter = self.final_layer_norm(inter)
+        inter = self._select(hidden, intermediate_output, self.num_layers)
+        if inter is not None and final_layer_norm_intermediate:
+            inter = self.final_layer_norm(inter)
 
         if num_tokens is not None:
             pooled = last[torch.arange(rows, device=last.device), torch.as_tensor(num_tokens, device=last.device) - 1]
@@ -106,3 +129,33 @@ class EngineTextModel(torch.nn.Module):
             eos = (torch.round(input_tokens).to(torch.int, device=last.device) == self.eos_token_id).int().argmax(-1)
             pooled = last[torch.arange(rows, device=last.device), eos]
         return last, inter, self.text_projection(pooled), pooled
+
+
+class EngineVisionModel(EngineTower):
+    def __init__(self, source: torch.nn.Module, runner: Runner, *, max_rows: int, pixels: tuple[int, int, int],
+                 status: str = ""):
+        super().__init__(source, runner, max_rows=max_rows, status=status)
+        self.num_layers = len(source.encoder.layers)
+        self.pixels = tuple(pixels)
+        # Shared with the quantized module. Not named post_layernorm: the tower's weight names must not look
+        # patchable here (the rest of the encoder is baked into the engine).
+        self.pooled_norm = source.post_layernorm
+
+    def _probe(self) -> torch.Tensor:
+        return self.pooled_norm.weight
+
+    def forward(self, pixel_values: torch.Tensor, attention_mask=None, intermediate_output=None):
+        rows = pixel_values.shape[0]
+        if rows > self.max_rows:
+            raise EngineProfileError(
+                f"This batch has {rows} images, but the TensorRT engine was built for at most {self.max_rows}. "
+                f"Raise max_images on the 'Build TensorRT Engine for FP8 CLIP Vision' node to at least {rows} "
+                "(the engine is rebuilt once), or encode fewer images at a time.")
+        if tuple(pixel_values.shape[1:]) != self.pixels:
+            raise FP8ClipError(f"The TensorRT engine takes images of {list(self.pixels)} (channels, height, width), "
+                               f"got {list(pixel_values.shape[1:])}. Encode through CLIPVisionEncode, which resizes "
+                               "to the model's size.")
+        last, hidden = self.runner(pixel_values.float())
+        last, hidden = last.to(pixel_values.device), hidden.to(pixel_values.device)
+        inter = self._select(hidden, intermediate_output, self.num_layers)
+        return last, inter, self.pooled_norm(last[:, 0, :])

@@ -1,8 +1,8 @@
-"""Quantized CLIP in -> CLIP whose text transformer runs on a cached TensorRT engine out, with a status text.
+"""Quantized CLIP (or CLIP_VISION) in -> a clone whose transformer runs on a cached TensorRT engine, with a status.
 
-export (only when the engine is not cached) -> build -> cache -> runner -> `EngineTextModel` swapped into a new
-clone (`quant.patching.clone_with`). Where the engine cannot run, the input CLIP comes back unchanged (its
-PyTorch FP8 path keeps working) and the status says why.
+export (only when the engine is not cached) -> build -> cache -> runner -> `EngineTextModel` / `EngineVisionModel`
+swapped into a new clone (`quant.patching.clone_with`). Where the engine cannot run, the input comes back
+unchanged (its PyTorch FP8 path keeps working) and the status says why.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .availability import Support
 from .bindings import EngineMismatchError, plan_from_dicts
 from .build import BuildResult, EngineBuildError, Profile, build_engine
 from .cache import CachedEngine, EngineCache, EngineCacheError, engine_key
-from .engine_module import EngineTextModel
+from .engine_module import EngineTextModel, EngineTower, EngineVisionModel
 from .onnx_export import EXPORT_VERSION, TransformerSpec, build_onnx, spec_from_module
 from .runners import EngineLoadError, Runner, TrtRunner
 
@@ -67,7 +67,7 @@ def prepare_engine(module: torch.nn.Module, record: Any, *, profile: Profile, su
     spec = spec_from_module(module, record)
     comps = components(spec, support, profile, activations)
     key = engine_key(comps)
-    describe = {**spec.meta, "fp8_layers": sum(lin.fp8 for lin in spec.linears()),
+    describe = {**spec.meta, "kind": spec.kind, "fp8_layers": sum(lin.fp8 for lin in spec.linears()),
                 "layers": len(spec.blocks), "width": spec.width}
 
     def build() -> BuildResult:
@@ -113,51 +113,90 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.0f} MB"
 
 
+@dataclass(frozen=True)
+class Target:
+    """What differs between engining a CLIP and a CLIP_VISION: words for the status and the drop-in module."""
+    noun: str  # "CLIP" | "CLIP_VISION"
+    source_node: str  # the node whose output this needs
+    wrap: Callable[[torch.nn.Module, Runner, Profile, Engine, str], EngineTower]
+
+
+TEXT = Target("CLIP", "'Quantize CLIP to FP8 (calibrated)'",
+              lambda m, r, p, e, s: EngineTextModel(m, r, max_rows=p.max_rows, status=s))
+
+
+def _pixels(engine: Engine) -> tuple[int, ...]:
+    (inp,) = [t for t in plan_from_dicts(engine.manifest["io"]) if t.mode == "input"]
+    return tuple(inp.shape[1:])
+
+
+VISION = Target("CLIP_VISION", "'Quantize CLIP Vision to FP8 (calibrated)'",
+                lambda m, r, p, e, s: EngineVisionModel(m, r, max_rows=p.max_rows, pixels=_pixels(e), status=s))
+
+
 def engine_clip(clip: Any, max_rows: int, support: Support, *, cache_root: str | Path | None,
                 activations: str = "float32", progress: Progress | None = None,
                 check_interrupt: Callable[[], None] | None = None) -> tuple[Any, str]:
     """(CLIP on the engine, status); or (the input CLIP, status saying why not) where the engine cannot run."""
-    towers = artifact.quantized_towers(clip) if clip is not None and hasattr(clip, "patcher") else {}
-    if not towers:
-        raise FP8ClipError("This CLIP is not quantized by this pack. Connect the clip output of 'Quantize CLIP "
-                           "to FP8 (calibrated)' to this node.")
-    if any(isinstance(m, EngineTextModel) for m, _ in towers.values()):
-        raise FP8ClipError("This CLIP already runs on a TensorRT engine. Connect the clip output of 'Quantize "
-                           "CLIP to FP8 (calibrated)' instead.")
-    fallback = "The CLIP keeps running in PyTorch (same FP8 numerics, no engine)."
-    if not support.ok:
-        return clip, f"TensorRT engine not used: {support.reason}\n{fallback}"
     profile = Profile.for_max_rows(max_rows)
+    header = (f"  profile: 1 to {profile.max_rows} rows of 77 tokens (max_batch_rows); FP8 matmuls, {activations} "
+              "activations")
+    return _engine_model(clip, TEXT, profile, header, support, cache_root=cache_root, activations=activations,
+                         progress=progress, check_interrupt=check_interrupt)
+
+
+def engine_clip_vision(clip_vision: Any, max_images: int, support: Support, *, cache_root: str | Path | None,
+                       activations: str = "float32", progress: Progress | None = None,
+                       check_interrupt: Callable[[], None] | None = None) -> tuple[Any, str]:
+    """(CLIP_VISION on the engine, status); or (the input, status saying why not) where the engine cannot run."""
+    # Optimized for one image (IP-Adapter, unCLIP, Redux encode one reference at a time); batches up to max.
+    profile = Profile(max_rows=max_images, opt_rows=1, min_rows=1)
+    header = f"  profile: 1 to {profile.max_rows} images (max_images); FP8 matmuls, {activations} activations"
+    return _engine_model(clip_vision, VISION, profile, header, support, cache_root=cache_root,
+                         activations=activations, progress=progress, check_interrupt=check_interrupt)
+
+
+def _engine_model(model: Any, target: Target, profile: Profile, header: str, support: Support, *,
+                  cache_root: str | Path | None, activations: str, progress: Progress | None,
+                  check_interrupt: Callable[[], None] | None) -> tuple[Any, str]:
+    towers = artifact.quantized_towers(model) if model is not None and hasattr(model, "patcher") else {}
+    if not towers:
+        raise FP8ClipError(f"This {target.noun} is not quantized by this pack. Connect the output of "
+                           f"{target.source_node} to this node.")
+    if any(isinstance(m, EngineTower) for m, _ in towers.values()):
+        raise FP8ClipError(f"This {target.noun} already runs on a TensorRT engine. Connect the output of "
+                           f"{target.source_node} instead.")
+    fallback = f"The {target.noun} keeps running in PyTorch (same FP8 numerics, no engine)."
+    if not support.ok:
+        return model, f"TensorRT engine not used: {support.reason}\n{fallback}"
     cache = EngineCache(cache_root) if cache_root is not None else None
-    size = clip.patcher.model_size()
+    size = model.patcher.model_size()
     swaps = {}
-    lines = [f"TensorRT engine: {support.reason}",
-             f"  profile: 1 to {profile.max_rows} rows of 77 tokens (max_batch_rows); FP8 matmuls, {activations} "
-             "activations"]
+    lines = [f"TensorRT engine: {support.reason}", header]
     for path, (module, record) in towers.items():
         try:
             engine = prepare_engine(module, record, profile=profile, support=support, cache=cache,
                                     activations=activations, progress=progress, check_interrupt=check_interrupt)
         except (EngineBuildError, EngineCacheError) as e:
             log.warning("TensorRT engine not used: %s", e)
-            return clip, f"TensorRT engine not used: {e}\n{fallback}"
+            return model, f"TensorRT engine not used: {e}\n{fallback}"
         try:
             runner = make_runner(engine, support, module, record)
         except Exception as e:  # noqa: BLE001  (whatever the GPU/driver/TensorRT says: fall back, never crash)
             msg = str(e) if isinstance(e, (EngineLoadError, EngineMismatchError)) else f"{type(e).__name__}: {e}"
             log.warning("TensorRT engine not used: could not load it: %s", msg)
-            return clip, (f"TensorRT engine not used: the engine is ready but could not be loaded ({msg}).\n"
-                          f"{fallback}")
+            return model, (f"TensorRT engine not used: the engine is ready but could not be loaded ({msg}).\n"
+                           f"{fallback}")
         how = (f"built in {engine.manifest.get('build_seconds', 0):.1f} s" if engine.built
                else "found in the cache, no build")
         where = f", {engine.path}" if engine.path else ""
         status = f"  {record.tower}: {how} ({_mb(engine.manifest['engine_bytes'])}, FP8 weights){where}"
         lines.append(status + (f"\n  note: {engine.note}" if engine.note else ""))
-        em = EngineTextModel(module, runner, max_rows=profile.max_rows, status=status.strip())
+        em = target.wrap(module, runner, profile, engine, status.strip())
         swaps[path] = em
         # ComfyUI sizes models from their state_dict; the engine's memory is not in it, so say it here.
         size += em.vram_bytes() - weight_bytes(module)
-    out = clone_with(clip, swaps)
+    out = clone_with(model, swaps)
     out.patcher.size = max(int(size), 1)
     lines.append(f"  memory reported to ComfyUI: {_mb(out.patcher.size)}")
     return out, "\n".join(lines)

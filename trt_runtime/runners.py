@@ -1,7 +1,8 @@
 """What executes the exported transformer: a TensorRT engine on the GPU, or onnxruntime on the CPU.
 
-A runner takes the token embeddings [rows, 77, width] (float32) and returns (last_hidden, hidden_states) as
-float32 torch tensors on its own device. `EngineTextModel` does everything else in torch.
+A runner takes the graph's one input (token embeddings [rows, 77, width], or pixel values [images, 3, H, W] for
+a vision engine; float32) and returns (last_hidden, hidden_states) as float32 torch tensors on its own device.
+`EngineTextModel` / `EngineVisionModel` do everything else in torch.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from ..quant.errors import FP8ClipError
 from .bindings import EngineMismatchError, allocate_outputs, check_plan, plan_from_engine
 from .flavour import Flavour
-from .onnx_export import HIDDEN_STATES, INPUT, LAST_HIDDEN, TensorIO
+from .onnx_export import HIDDEN_STATES, LAST_HIDDEN, TensorIO
 
 
 class EngineLoadError(FP8ClipError):
@@ -41,6 +42,7 @@ class TrtRunner:
                  device: torch.device, engine_file_bytes: int):
         self.device = torch.device(device)
         self.plan = plan
+        self.input = next(t.name for t in plan if t.mode == "input")
         self.flavour = flavour
         self._read = engine_bytes
         self._file_bytes = engine_file_bytes
@@ -79,9 +81,9 @@ class TrtRunner:
             x = embeds.to(self.device, torch.float32).contiguous()
             outs = allocate_outputs(self.plan, x.shape[0], self.device)
             ctx = self._context
-            if not ctx.set_input_shape(INPUT, tuple(x.shape)):
+            if not ctx.set_input_shape(self.input, tuple(x.shape)):
                 raise EngineMismatchError(f"The engine refused input shape {tuple(x.shape)}.")
-            ctx.set_tensor_address(INPUT, x.data_ptr())
+            ctx.set_tensor_address(self.input, x.data_ptr())
             for name, t in outs.items():
                 ctx.set_tensor_address(name, t.data_ptr())
             # The engine runs on torch's current stream, so torch ops before and after are ordered with it.
@@ -109,11 +111,12 @@ class OrtRunner:
 
         data = onnx_model if isinstance(onnx_model, (bytes, bytearray)) else onnx_model.SerializeToString()
         self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
         self.device = torch.device("cpu")
 
     def __call__(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         last, hidden = self.session.run([LAST_HIDDEN, HIDDEN_STATES],
-                                        {INPUT: embeds.detach().to("cpu", torch.float32).contiguous().numpy()})
+                                        {self.input: embeds.detach().to("cpu", torch.float32).contiguous().numpy()})
         return torch.from_numpy(last), torch.from_numpy(hidden)
 
     def release(self) -> None:
