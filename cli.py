@@ -153,7 +153,7 @@ def cmd_info(a: argparse.Namespace) -> int:
         from .quant.stock_export import quality_text
         print(quality_text(json.loads(meta[ff.H_STOCK])["quality"]))
         return 0
-    ff.check_header(Path(a.file).name, entries, meta)
+    ff.check_header(Path(a.file).name, entries, meta, ff.KNOWN_TOWERS)
     for k in (ff.H_FAMILY, ff.H_TOWER, ff.H_FINGERPRINT, ff.H_KEPT, ff.H_RECIPE, ff.H_VERSIONS):
         print(f"{k.split('.', 1)[1]}: {meta.get(k, '')}")
     print(meta.get(ff.H_REPORT_TEXT, ""))

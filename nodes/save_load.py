@@ -8,24 +8,24 @@ CLIP_TYPES = ("auto", "stable_diffusion", "sdxl", "sd3", "flux", "stable_cascade
 FOLDER = "text_encoders"  # models/text_encoders (ComfyUI also lists models/clip under this name)
 
 
-def _safetensors_files() -> list[str]:
+def safetensors_files(folder: str = FOLDER) -> list[str]:
     import folder_paths
 
-    return [f for f in folder_paths.get_filename_list(FOLDER) if f.lower().endswith((".safetensors", ".sft"))]
+    return [f for f in folder_paths.get_filename_list(folder) if f.lower().endswith((".safetensors", ".sft"))]
 
 
-def _full_path(name: str) -> str:
+def full_path(name: str, folder: str = FOLDER, where: str = "models/text_encoders or models/clip") -> str:
     """A listed file name -> its path; names that could leave the models folders are refused first."""
     import folder_paths
 
     from ..quant.errors import FP8ClipError
     from ..quant.paths import resolve_in_folder
 
-    for folder in folder_paths.get_folder_paths(FOLDER):
-        resolve_in_folder(folder, name, extension="")  # raises for '..', absolute paths, drives
-    path = folder_paths.get_full_path(FOLDER, name)
+    for base in folder_paths.get_folder_paths(folder):
+        resolve_in_folder(base, name, extension="")  # raises for '..', absolute paths, drives
+    path = folder_paths.get_full_path(folder, name)
     if path is None:
-        raise FP8ClipError(f"{name} is not in models/text_encoders or models/clip. Put the file there and refresh.")
+        raise FP8ClipError(f"{name} is not in {where}. Put the file there and refresh.")
     return path
 
 
@@ -97,7 +97,7 @@ class LoadFP8CLIP:
     def INPUT_TYPES(cls):
         from ..quant.serialize import LOAD_RUNTIMES
 
-        files = _safetensors_files()
+        files = safetensors_files()
         return {"required": {
             "clip_name": (files, {"tooltip": "A file written by 'Save FP8 CLIP'."}),
             "type": (list(CLIP_TYPES), {"default": "auto",
@@ -118,7 +118,7 @@ class LoadFP8CLIP:
         from ..quant.serialize import load_fp8_clip, summary_text
 
         names = [clip_name] + [n for n in (clip_name2, clip_name3) if n and n != "none"]
-        clip, files = load_fp8_clip([_full_path(n) for n in names], type, runtime,
+        clip, files = load_fp8_clip([full_path(n) for n in names], type, runtime,
                                     embedding_directory=folder_paths.get_folder_paths("embeddings"))
         text = "\n".join(f"{f.tower}: {summary_text(f.meta('fp8clip.report', {}) or {})}" for f in files)
         return {"ui": {"text": [text]}, "result": (clip, text)}

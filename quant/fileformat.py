@@ -1,7 +1,9 @@
 """The on-disk layout of a saved FP8 CLIP tower: plain tensors and header strings, no ComfyUI, no pickle.
 
 One file per text tower, with the key names of a standard CLIP text-encoder file (`text_model.encoder.
-layers.0.self_attn.q_proj.weight`, ...), so that every stock loader routes it to the right tower. Per
+layers.0.self_attn.q_proj.weight`, ...), so that every stock loader routes it to the right tower. A CLIP
+vision model is one file too: its tower under `vision_model.` plus the rest of the model as it was
+(`visual_projection.weight`), the key names of a standard CLIP vision file. Per
 quantized Linear, ComfyUI's quantized layout (comfy/quant_ops.py, QUANTIZATION.md):
 
     <layer>.weight        float8_e4m3fn
@@ -39,6 +41,8 @@ FORMAT_VERSION = 1
 FP8 = torch.float8_e4m3fn
 COMFY_FORMAT = "float8_e4m3fn"
 TEXT_TOWERS = ("clip_l", "clip_g", "clip_h")
+VISION_TOWERS = ("vision_model",)  # the object-patch path of the tower inside ComfyUI's CLIPVisionModelProjection
+KNOWN_TOWERS = TEXT_TOWERS + VISION_TOWERS
 
 # Header keys (all values are strings: safetensors metadata is str -> str).
 H_FAMILY = "fp8clip.family"
@@ -58,6 +62,9 @@ COMFY_QUANT_HEADER = "_quantization_metadata"
 NOTE = ("FP8 CLIP text encoder saved by comfyui-fp8-clip. Load it with the 'Load FP8 CLIP' node of that pack. "
         "FP8 weights are stored flattened with their scales next to them, so loaders that would ignore the "
         "scales fail instead of producing wrong embeddings.")
+VISION_NOTE = ("FP8 CLIP vision model saved by comfyui-fp8-clip. Load it with the 'Load FP8 CLIP Vision' node of "
+               "that pack. FP8 weights are stored flattened with their scales next to them, so loaders that would "
+               "ignore the scales fail instead of producing wrong image embeddings.")
 STOCK_NOTE = ("Weights-only FP8 CLIP text encoder exported by comfyui-fp8-clip for stock loaders (Load CLIP, "
               "DualCLIPLoader): FP8 weights without scales, read as ComfyUI's --fp8_e4m3fn-text-enc would. "
               "Measured quality in fp8clip.stock_compatible.")
@@ -165,28 +172,40 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]
     return entries, meta
 
 
-def describe_foreign(name: str, keys: Iterable[str], dtypes: Iterable[str]) -> str:
+def describe_foreign(name: str, keys: Iterable[str], dtypes: Iterable[str], towers: tuple[str, ...] = TEXT_TOWERS
+                     ) -> str:
     """Why a safetensors file without this pack's header cannot be loaded here, and what to use instead."""
     keys = list(keys)
     has = lambda s: any(s in k for k in keys)  # noqa: E731
+    vision = towers == VISION_TOWERS
+    what, saver = ("a CLIP vision model", "'Save FP8 CLIP Vision'") if vision else ("a CLIP text encoder",
+                                                                                    "'Save FP8 CLIP'")
     if any(k.endswith("comfy_quant") or k.endswith("weight_scale") or k.endswith("scale_weight") for k in keys) or \
             "F8_E4M3" in set(dtypes):
-        return (f"{name} holds quantized weights but was not saved by 'Save FP8 CLIP' (no fp8clip header), so its "
+        return (f"{name} holds quantized weights but was not saved by {saver} (no fp8clip header), so its "
                 "scales cannot be checked here. Load it with ComfyUI's own loader if it supports that format.")
-    if has("text_model.encoder.layers.") or has("transformer.resblocks."):
+    if has("text_model.encoder.layers.") or (has("transformer.resblocks.") and not has("visual.")):
+        if vision:
+            return (f"{name} is a CLIP text encoder, not a CLIP vision model. Load it with 'Load CLIP' (or "
+                    "'Load FP8 CLIP' for files saved by 'Save FP8 CLIP').")
         return (f"{name} is an ordinary CLIP text encoder, not an FP8 CLIP saved by this pack. Load it with "
                 "'Load CLIP' (or your checkpoint loader) and connect it to 'Quantize CLIP to FP8'.")
     if has("vision_model.") or has("visual."):
-        return f"{name} is a CLIP vision model, not a CLIP text encoder. Load it with 'Load CLIP Vision'."
+        if vision:
+            return (f"{name} is an ordinary CLIP vision model, not an FP8 one saved by this pack. Load it with "
+                    "'Load CLIP Vision' and connect it to 'Quantize CLIP Vision to FP8'.")
+        return (f"{name} is a CLIP vision model, not a CLIP text encoder. Load it with 'Load CLIP Vision' (or "
+                "'Load FP8 CLIP Vision' for files saved by 'Save FP8 CLIP Vision').")
     sample = ", ".join(sorted(keys)[:3])
-    return (f"{name} is not a CLIP text encoder (its tensors are named like {sample}). Pick a file written by "
-            "'Save FP8 CLIP'.")
+    return f"{name} is not {what} (its tensors are named like {sample}). Pick a file written by {saver}."
 
 
-def check_header(name: str, entries: Mapping[str, Any], meta: Mapping[str, str]) -> None:
-    """Refuse files whose header does not describe an FP8 CLIP text tower this version can load."""
+def check_header(name: str, entries: Mapping[str, Any], meta: Mapping[str, str],
+                 towers: tuple[str, ...] = TEXT_TOWERS) -> None:
+    """Refuse files whose header does not describe an FP8 CLIP tower of `towers` this version can load."""
     if FORMAT_KEY not in meta:
-        raise FP8ClipError(describe_foreign(name, entries.keys(), (e.get("dtype", "") for e in entries.values())))
+        raise FP8ClipError(describe_foreign(name, entries.keys(), (e.get("dtype", "") for e in entries.values()),
+                                            towers))
     try:
         version = int(meta[FORMAT_KEY])
     except ValueError:
@@ -195,12 +214,22 @@ def check_header(name: str, entries: Mapping[str, Any], meta: Mapping[str, str])
         raise FP8ClipError(f"{name} was written by a newer comfyui-fp8-clip (file format {version}; this version "
                            f"reads {FORMAT_VERSION}). Update the pack.")
     tower = meta.get(H_TOWER)
-    if tower not in TEXT_TOWERS:
-        raise FP8ClipError(f"{name} holds a {tower!r} model, not a CLIP text tower ({', '.join(TEXT_TOWERS)}); "
-                           "this version of 'Load FP8 CLIP' loads CLIP text encoders only.")
+    if tower not in towers:
+        raise FP8ClipError(wrong_tower(name, tower))
     for k in (H_LAYOUT, H_RECIPE):
         if k not in meta:
             raise FP8ClipError(f"{name}: its header lacks {k}; the file is damaged. Save it again.")
+
+
+def wrong_tower(name: str, tower: str | None) -> str:
+    """A file of this pack given to the loader of the other kind (text <-> vision), or of an unknown tower."""
+    if tower in VISION_TOWERS:
+        return f"{name} is an FP8 CLIP vision model; load it with 'Load FP8 CLIP Vision' (models/clip_vision)."
+    if tower in TEXT_TOWERS:
+        return (f"{name} is an FP8 CLIP text encoder ({tower}), not a CLIP vision model; load it with 'Load FP8 "
+                "CLIP' (models/text_encoders).")
+    return (f"{name} holds a {tower!r} model, which this version of comfyui-fp8-clip does not know (it loads "
+            f"{', '.join(KNOWN_TOWERS)}). Update the pack.")
 
 
 def unpack_tensors(name: str, tensors: dict[str, torch.Tensor], meta: Mapping[str, str]) -> TowerFile:
@@ -257,13 +286,14 @@ def unpack_tensors(name: str, tensors: dict[str, torch.Tensor], meta: Mapping[st
                      rowwise=rowwise, header=dict(meta))
 
 
-def read_tower_file(path: str | os.PathLike) -> TowerFile:
-    """Read and check a file written by `pack_tensors` (safetensors only; nothing is unpickled)."""
+def read_tower_file(path: str | os.PathLike, towers: tuple[str, ...] = TEXT_TOWERS) -> TowerFile:
+    """Read and check a file written by `pack_tensors` holding one of `towers` (safetensors only; nothing is
+    unpickled)."""
     from safetensors import safe_open
 
     path = Path(path)
     entries, meta = read_header(path)
-    check_header(path.name, entries, meta)
+    check_header(path.name, entries, meta, towers)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -101,23 +101,30 @@ def fp8_towers(clip: Any) -> dict[str, tuple[FP8TextModel, artifact.QuantizedTow
     out = {}
     for _, (module, rec) in sorted(found.items()):
         if rec.tower not in ff.TEXT_TOWERS:
-            raise FP8ClipError(f"Saving a {rec.tower!r} model is not supported by this version; text towers only.")
+            raise FP8ClipError(f"This model holds a {rec.tower!r} tower, not a CLIP text encoder: save a CLIP "
+                               "vision model with 'Save FP8 CLIP Vision'.")
         if not isinstance(module, FP8TextModel):  # fake-quant runtime: the same conversion as the fp8 runtime
             module = FP8TextModel.from_quantized(module, rec.scales, fp8_embedding=rec.recipe.fp8_embedding)
         out[rec.tower] = (module, rec)
     return out
 
 
-def tower_payload(module: torch.nn.Module, rec: artifact.QuantizedTower, bundle: dict[str, Any]
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors, layout, comfy_meta = ff.pack_tensors(module.state_dict(), rec.scales.keys())
+def payload(state_dict: dict[str, torch.Tensor], quantized_layers: Sequence[str], rec: artifact.QuantizedTower,
+            bundle: dict[str, Any], note: str, report_text: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """File tensors and header of one tower (text or vision): the layout, the record and where it came from."""
+    tensors, layout, comfy_meta = ff.pack_tensors(state_dict, quantized_layers)
     header = ff.header_strings({
-        ff.FORMAT_KEY: str(ff.FORMAT_VERSION), ff.H_NOTE: ff.NOTE, ff.H_FAMILY: rec.family, ff.H_TOWER: rec.tower,
+        ff.FORMAT_KEY: str(ff.FORMAT_VERSION), ff.H_NOTE: note, ff.H_FAMILY: rec.family, ff.H_TOWER: rec.tower,
         ff.H_BUNDLE: bundle, ff.H_RECIPE: rec.recipe.to_json(), ff.H_FINGERPRINT: rec.fingerprint,
-        ff.H_KEPT: list(rec.kept), ff.H_REPORT: rec.report, ff.H_REPORT_TEXT: summary_text(rec.report),
+        ff.H_KEPT: list(rec.kept), ff.H_REPORT: rec.report, ff.H_REPORT_TEXT: report_text,
         ff.H_VERSIONS: versions(), ff.H_LAYOUT: layout, ff.COMFY_QUANT_HEADER: comfy_meta,
     })
     return tensors, header
+
+
+def tower_payload(module: torch.nn.Module, rec: artifact.QuantizedTower, bundle: dict[str, Any]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return payload(module.state_dict(), list(rec.scales), rec, bundle, ff.NOTE, summary_text(rec.report))
 
 
 def save_fp8_clip(clip: Any, folder: str | os.PathLike, name: str, overwrite: bool = False) -> list[Path]:
@@ -197,6 +204,21 @@ def check_bundle(files: Sequence[ff.TowerFile], n_stock: int) -> None:
                                f"{' and '.join(what)} in clip_name2/clip_name3.")
 
 
+def check_load_runtime(runtime: str) -> None:
+    if runtime not in LOAD_RUNTIMES:
+        raise FP8ClipError(f"Runtime {runtime!r} cannot run a loaded FP8 model (no original weights in the file). "
+                           f"Use one of: {', '.join(LOAD_RUNTIMES)}.")
+
+
+def record_from_file(tf: ff.TowerFile, scales: dict[str, LayerScales], source_bytes: int
+                     ) -> artifact.QuantizedTower:
+    """The record a loaded tower carries, as the quantize node attached it (saving it again gives the same file)."""
+    return artifact.QuantizedTower(
+        family=tf.family, tower=tf.tower, recipe=recipe_from_json(tf.header[ff.H_RECIPE]),
+        fingerprint=tf.header.get(ff.H_FINGERPRINT, ""), scales=scales, kept=list(tf.meta(ff.H_KEPT, [])),
+        source_bytes=source_bytes, report=tf.meta(ff.H_REPORT, {}) or {})
+
+
 def load_fp8_clip(paths: Sequence[str | os.PathLike], clip_type: str = "auto", runtime: str = "auto",
                   embedding_directory: Any = None, model_options: dict | None = None) -> tuple[Any, list[ff.TowerFile]]:
     """A CLIP from files saved by `save_fp8_clip` (plus stock files for towers not quantized, e.g. T5)."""
@@ -204,9 +226,7 @@ def load_fp8_clip(paths: Sequence[str | os.PathLike], clip_type: str = "auto", r
 
     from .runtime import plan
 
-    if runtime not in LOAD_RUNTIMES:
-        raise FP8ClipError(f"Runtime {runtime!r} cannot run a loaded FP8 CLIP (no original weights in the file). "
-                           f"Use one of: {', '.join(LOAD_RUNTIMES)}.")
+    check_load_runtime(runtime)
     files: list[ff.TowerFile] = []
     state_dicts: list[dict] = []
     n_stock = 0
@@ -262,9 +282,6 @@ def build_tower(clip: Any, tf: ff.TowerFile, ctype: str) -> tuple[FP8TextModel, 
     if missing or unexpected:
         raise FP8ClipError(f"The {tf.tower} file does not match the model ComfyUI detected for it (missing: "
                            f"{missing[:3]}, unexpected: {unexpected[:3]}); the file is damaged or from another model.")
-    rec = artifact.QuantizedTower(
-        family=tf.family, tower=tf.tower, recipe=recipe_from_json(tf.header[ff.H_RECIPE]),
-        fingerprint=tf.header.get(ff.H_FINGERPRINT, ""), scales=scales, kept=list(tf.meta(ff.H_KEPT, [])),
-        source_bytes=weight_bytes(src), report=tf.meta(ff.H_REPORT, {}) or {})
+    rec = record_from_file(tf, scales, weight_bytes(src))
     artifact.attach(fp8, rec)
     return fp8, rec
