@@ -2,7 +2,7 @@
 
     python -m fp8clip quantize IN.safetensors OUT.safetensors [--prompts FILE] [--keep PATTERN ...]
     python -m fp8clip info FILE.safetensors
-    python -m fp8clip build-engine ...
+    python -m fp8clip build-engine FILE... [--vision] [--max-rows N] [--portable]
 
 (`python -m fp8clip` from the pack folder, or `python path/to/comfyui-fp8-clip ...` from anywhere.)
 ComfyUI's modules are imported in this process (no server, no UI); the ComfyUI folder comes from --comfyui,
@@ -161,16 +161,9 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(a: argparse.Namespace, rest: list[str]) -> int:
-    """Hook for trt_runtime: `trt_runtime/cli.py` with `main(argv) -> int` provides this subcommand."""
-    import importlib
-    import importlib.util
+    from .trt_runtime.cli import main as build_main
 
-    pkg = __name__.rsplit(".", 1)[0]
-    if importlib.util.find_spec(f"{pkg}.trt_runtime.build") is None or \
-            importlib.util.find_spec(f"{pkg}.trt_runtime.cli") is None:
-        raise CLIError("build-engine is not available in this version of comfyui-fp8-clip (no TensorRT engine "
-                       "builder in trt_runtime/). Update the pack.")
-    return importlib.import_module(f"{pkg}.trt_runtime.cli").main(rest)
+    return build_main(rest, comfyui=a.comfyui, cpu=a.cpu)
 
 
 def parser() -> argparse.ArgumentParser:

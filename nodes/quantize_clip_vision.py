@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from ..quant.recipe import METHODS, SCOPES, Recipe, parse_patterns
 from .quantize_clip import RUNTIME_CHOICES
+from .tensorrt_engine import run_on_engine
 from .ui import interrupt_check, progress_bar
 
 
@@ -48,8 +49,11 @@ class QuantizeCLIPVision:
         qcv, report = quantize_clip_vision(clip_vision, images, recipe, min_cosine=min_cosine,
                                            held_out=evaluation_images, progress=progress_bar(),
                                            check_interrupt=interrupt_check())
-        out, plan = to_fp8_runtime(qcv, runtime)
+        out, plan = to_fp8_runtime(qcv, "fp8" if runtime == "tensorrt" else runtime)
         check = (held_out_images()[0] if evaluation_images is None else evaluation_images)[:8]
         fidelity = verify_vision(qcv, out, check) if out is not qcv else None
         text = report.text() + "\n" + describe(out, plan, fidelity, len(check), "image_embeds", "images")
+        if runtime == "tensorrt":
+            out, status = run_on_engine(out, True, 4)
+            text += "\n" + status
         return {"ui": {"text": [text]}, "result": (out, text)}

@@ -21,6 +21,28 @@ def _register_tensorrt_folder() -> None:
 _register_tensorrt_folder()
 
 
+def run_on_engine(model, vision: bool, max_rows: int, activations: str = "float32"):
+    """(model on a cached engine, status), or (model unchanged, why not): what the engine nodes and the
+    quantize nodes' `tensorrt` runtime do."""
+    import comfy.model_management
+    import folder_paths
+
+    from ..trt_runtime.availability import engine_support
+    from ..trt_runtime.cache import register_folder
+    from ..trt_runtime.pipeline import engine_clip, engine_clip_vision
+
+    root = register_folder(folder_paths)[0]
+    bar = progress_bar()
+    # Where ComfyUI runs this encoder (its own load device), which is where the engine must run.
+    device = getattr(model, "load_device", None) if vision else None
+    device = device or comfy.model_management.get_torch_device()
+    run = engine_clip_vision if vision else engine_clip
+    out, status = run(model, max_rows, engine_support(device), cache_root=root, activations=activations,
+                      progress=lambda f, phase: bar(int(f * 100), 100), check_interrupt=interrupt_check())
+    log.info(status)
+    return out, status
+
+
 class BuildTensorRTEngine:
     NODE_ID = "FP8CLIPTensorRTEngine"
     DISPLAY_NAME = "Build TensorRT Engine for FP8 CLIP"
@@ -50,20 +72,7 @@ class BuildTensorRTEngine:
         }}
 
     def build(self, clip, max_batch_rows, activations="float32"):
-        import comfy.model_management
-        import folder_paths
-
-        from ..trt_runtime.availability import engine_support
-        from ..trt_runtime.cache import register_folder
-        from ..trt_runtime.pipeline import engine_clip
-
-        root = register_folder(folder_paths)[0]
-        bar = progress_bar()
-        support = engine_support(comfy.model_management.get_torch_device())
-        out, status = engine_clip(clip, max_batch_rows, support, cache_root=root, activations=activations,
-                                  progress=lambda f, phase: bar(int(f * 100), 100),
-                                  check_interrupt=interrupt_check())
-        log.info(status)
+        out, status = run_on_engine(clip, False, max_batch_rows, activations)
         return {"ui": {"text": [status]}, "result": (out, status)}
 
 
@@ -97,20 +106,5 @@ class BuildTensorRTEngineVision:
         }}
 
     def build(self, clip_vision, max_images, activations="float32"):
-        import comfy.model_management
-        import folder_paths
-
-        from ..trt_runtime.availability import engine_support
-        from ..trt_runtime.cache import register_folder
-        from ..trt_runtime.pipeline import engine_clip_vision
-
-        root = register_folder(folder_paths)[0]
-        bar = progress_bar()
-        # Where ComfyUI runs this image encoder (its own load device), which is where the engine must run.
-        device = getattr(clip_vision, "load_device", None) or comfy.model_management.get_torch_device()
-        out, status = engine_clip_vision(clip_vision, max_images, engine_support(device), cache_root=root,
-                                         activations=activations,
-                                         progress=lambda f, phase: bar(int(f * 100), 100),
-                                         check_interrupt=interrupt_check())
-        log.info(status)
+        out, status = run_on_engine(clip_vision, True, max_images, activations)
         return {"ui": {"text": [status]}, "result": (out, status)}

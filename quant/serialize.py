@@ -267,6 +267,17 @@ def load_fp8_clip(paths: Sequence[str | os.PathLike], clip_type: str = "auto", r
     return out, files
 
 
+def fill_exactly(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Load a file's tensors into the FP8 tower: every name and shape must match, none may be left over."""
+    try:
+        missing, unexpected = module.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise FP8ClipError(f"{what} does not match the model ComfyUI detected for it: {e}") from None
+    if missing or unexpected:
+        raise FP8ClipError(f"{what} does not match the model ComfyUI detected for it (missing: {missing[:3]}, "
+                           f"unexpected: {unexpected[:3]}); the file is damaged or from another model.")
+
+
 def build_tower(clip: Any, tf: ff.TowerFile, ctype: str) -> tuple[FP8TextModel, artifact.QuantizedTower]:
     tower = getattr(clip.cond_stage_model, tf.tower, None)
     src = getattr(tower, "transformer", None)
@@ -275,13 +286,7 @@ def build_tower(clip: Any, tf: ff.TowerFile, ctype: str) -> tuple[FP8TextModel, 
                            f"saved from ({tf.bundle.get('clip_type') or 'auto'}).")
     scales = {k: LayerScales(w, i) for k, (w, i) in tf.quantized.items()}
     fp8 = FP8TextModel.from_quantized(src, scales, fp8_embedding=tf.fp8_embedding)
-    try:
-        missing, unexpected = fp8.load_state_dict(tf.tensors, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise FP8ClipError(f"The {tf.tower} file does not match the model ComfyUI detected for it: {e}") from None
-    if missing or unexpected:
-        raise FP8ClipError(f"The {tf.tower} file does not match the model ComfyUI detected for it (missing: "
-                           f"{missing[:3]}, unexpected: {unexpected[:3]}); the file is damaged or from another model.")
+    fill_exactly(fp8, tf.tensors, f"The {tf.tower} file")
     rec = record_from_file(tf, scales, weight_bytes(src))
     artifact.attach(fp8, rec)
     return fp8, rec

@@ -20,7 +20,7 @@ from .fp8_vision_model import FP8VisionModel
 from .modelopt_bridge import LayerScales
 from .patching import clone_with, patched_copy, weight_bytes
 from .paths import resolve_in_folder, write_atomic
-from .serialize import check_load_runtime, dequantized, payload, record_from_file
+from .serialize import check_load_runtime, dequantized, fill_exactly, payload, record_from_file
 
 TOWER = ff.VISION_TOWERS[0]
 PREFIX = TOWER + "."
@@ -112,13 +112,7 @@ def load_fp8_clip_vision(path: str | os.PathLike, runtime: str = "auto") -> tupl
     scales = {k[len(PREFIX):]: LayerScales(w, i) for k, (w, i) in tf.quantized.items()}
     fp8 = FP8VisionModel.from_quantized(src, scales)
     tower_sd = {k[len(PREFIX):]: t for k, t in tf.tensors.items() if k.startswith(PREFIX)}
-    try:
-        missing, unexpected = fp8.load_state_dict(tower_sd, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise FP8ClipError(f"{path.name} does not match the vision model ComfyUI detected for it: {e}") from None
-    if missing or unexpected:
-        raise FP8ClipError(f"{path.name} does not match the vision model ComfyUI detected for it (missing: "
-                           f"{missing[:3]}, unexpected: {unexpected[:3]}); the file is damaged or from another model.")
+    fill_exactly(fp8, tower_sd, path.name)
     rec = record_from_file(tf, scales, weight_bytes(src))
     artifact.attach(fp8, rec)
     fp8.configure(lambda d, requested=runtime: plan(requested, d, kind="vision"))

@@ -81,3 +81,35 @@ def fp8_clip(comfy, pack):
     with torch.inference_mode():
         fp8, _ = pack_module(pack, "quant.runtime").to_fp8_runtime(fake, "fp8")
     return clip, fp8, fake
+
+
+@pytest.fixture(scope="module")
+def rtx(pack):
+    """TensorRT for RTX's build-only support: real engine builds without a GPU."""
+    support = pack_module(pack, "trt_runtime.availability").build_only_support()
+    if not support.ok:
+        pytest.fail(f"TensorRT for RTX must be installed for these tests (harness/setup.sh does): {support.reason}")
+    return support
+
+
+@pytest.fixture
+def engine_node(comfy, pack, rtx, monkeypatch):
+    """The TensorRT nodes as on a supported GPU: real export, build and cache; the engine's graph runs in
+    onnxruntime (no engine can execute on the machines this is tested on). Returns a counter of real builds."""
+    av, pipeline, runners, ox, build = (pack_module(pack, f"trt_runtime.{n}") for n in
+                                        ("availability", "pipeline", "runners", "onnx_export", "build"))
+    ok = av.Support(True, rtx.reason, rtx.flavour, rtx.target, torch.device("cpu"))
+    monkeypatch.setattr(av, "engine_support", lambda device=None, flavour=None: ok)
+
+    def ort_runner(engine, support, module, record):
+        data = engine.read()  # the engine file passes the cache's checks
+        dtype = pipeline.ACTIVATIONS[engine.manifest["components"]["compute_dtype"]]
+        runner = runners.OrtRunner(ox.export_transformer(module, record, compute_dtype=dtype))
+        runner.device_bytes = lambda: len(data)  # what TrtRunner reports before the engine is loaded
+        return runner
+
+    monkeypatch.setattr(pipeline, "make_runner", ort_runner)
+    builds = []
+    real = build.build_engine
+    monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: builds.append(1) or real(*a, **k))
+    return builds

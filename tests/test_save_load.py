@@ -357,10 +357,17 @@ def test_command_line_bad_input(comfy, tmp_path):
     assert r.returncode == 2 and "is not a ComfyUI folder" in r.stderr
 
 
-def test_command_line_build_engine_hook(comfy):
-    r = cli(comfy, "build-engine", "--help")
-    trt_cli = (PACK_DIR / "trt_runtime" / "cli.py").exists() and (PACK_DIR / "trt_runtime" / "build.py").exists()
-    if not trt_cli:
-        assert r.returncode == 2 and "build-engine is not available in this version" in r.stderr
-    else:
-        assert "not available" not in r.stderr
+def test_command_line_build_engine_builds_once_into_the_cache(comfy, saved, tmp_path):
+    """Ahead-of-time engine builds from a saved file: a real TensorRT for RTX build (no GPU needed with
+    --portable), written to the cache with its manifest, found again with no build."""
+    cache = tmp_path / "engines"
+    r = cli(comfy, "build-engine", saved, "--portable", "--max-rows", "2", "--cache", cache)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "clip_l: built in" in r.stdout and "portable engine" in r.stdout
+    engines = sorted(cache.rglob("*.engine"))
+    assert len(engines) == 1 and engines[0].with_suffix(".json").is_file()
+    assert engines[0].stat().st_size > 60 * 2**20  # CLIP-L with FP8 weights (an FP16 engine is ~167 MB)
+    again = cli(comfy, "build-engine", saved, "--portable", "--max-rows", "2", "--cache", cache)
+    assert again.returncode == 0 and "clip_l: found in the cache, no build" in again.stdout
+    no_gpu = cli(comfy, "build-engine", saved, "--cache", cache)  # this machine has no CUDA GPU
+    assert no_gpu.returncode == 2 and "No engine can be built here" in no_gpu.stderr and "--portable" in no_gpu.stderr

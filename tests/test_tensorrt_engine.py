@@ -30,12 +30,6 @@ def tower(pack, clip):
     return module, record
 
 
-@pytest.fixture(scope="module")
-def rtx(pack):
-    support = tr(pack, "availability").build_only_support()
-    if not support.ok:
-        pytest.fail(f"TensorRT for RTX must be installed for these tests (harness/setup.sh does): {support.reason}")
-    return support
 
 
 @pytest.fixture(scope="module")
@@ -184,30 +178,6 @@ def test_engine_that_cannot_be_loaded_falls_back_to_pytorch(comfy, pack, fp8_cli
 
 # --- the node end to end, with onnxruntime executing the engine's graph -------------------------------------
 
-@pytest.fixture
-def engine_node(comfy, pack, rtx, monkeypatch):
-    """The node as on a supported GPU: real export, build and cache; the engine's graph runs in onnxruntime.
-
-    Returns a counter of real engine builds."""
-    av, pipeline, runners, ox, build = (tr(pack, n) for n in ("availability", "pipeline", "runners",
-                                                             "onnx_export", "build"))
-    ok = av.Support(True, rtx.reason, rtx.flavour, rtx.target, torch.device("cpu"))
-    monkeypatch.setattr(av, "engine_support", lambda device=None, flavour=None: ok)
-
-    def ort_runner(engine, support, module, record):
-        data = engine.read()  # the engine file passes the cache's checks
-        dtype = pipeline.ACTIVATIONS[engine.manifest["components"]["compute_dtype"]]
-        runner = runners.OrtRunner(ox.export_text_transformer(module, record, compute_dtype=dtype))
-        runner.device_bytes = lambda: len(data)  # what TrtRunner reports before the engine is loaded
-        return runner
-
-    monkeypatch.setattr(pipeline, "make_runner", ort_runner)
-    builds = []
-    real = build.build_engine
-    monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: builds.append(1) or real(*a, **k))
-    return builds
-
-
 def engine_files(comfy):
     return sorted((comfy.base / "models" / "tensorrt").glob("*.engine"))
 
@@ -318,3 +288,30 @@ def test_status_reaches_the_ui_through_the_executor(comfy):
               "5": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}}
     out = run_graph(comfy, prompt)
     assert re.match(r"TensorRT engine not used: .*not a CUDA GPU", out["5"]["text"][0])
+
+
+# --- the quantize node's `tensorrt` runtime --------------------------------------------------------------------
+
+def test_quantize_node_tensorrt_runtime_falls_back_to_fp8_where_no_engine_runs(comfy, fp8_clip):
+    """On this machine (no CUDA GPU) the choice still gives a working FP8 CLIP, and the report says why."""
+    from test_quantize_clip import quantize
+
+    from conftest import CALIBRATION_SMALL
+
+    out = quantize(comfy, fp8_clip[0], calibration_prompts=CALIBRATION_SMALL, runtime="tensorrt")
+    clip, text = out["result"]
+    assert "TensorRT engine not used:" in text and "not a CUDA GPU" in text
+    assert "keeps running in PyTorch" in text
+    assert cosine(encode(comfy, clip, PROMPT)[0], encode(comfy, fp8_clip[1], PROMPT)[0]) > 0.999
+
+
+def test_quantize_node_tensorrt_runtime_puts_the_clip_on_the_engine(comfy, pack, fp8_clip, engine_node):
+    from test_quantize_clip import quantize
+
+    from conftest import CALIBRATION_SMALL
+
+    out = quantize(comfy, fp8_clip[0], calibration_prompts=CALIBRATION_SMALL, runtime="tensorrt")
+    clip, text = out["result"]
+    assert "TensorRT engine: " in text and "clip_l:" in text and len(engine_node) <= 1
+    assert type(tower(pack, clip)[0]).__name__ == "EngineTextModel"
+    assert cosine(encode(comfy, clip, PROMPT)[0], encode(comfy, fp8_clip[1], PROMPT)[0]) > 0.999

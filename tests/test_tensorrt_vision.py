@@ -70,12 +70,6 @@ def fp8_cv(comfy, vit_h4):
     return out["result"][0]
 
 
-@pytest.fixture(scope="module")
-def rtx(pack):
-    support = tr(pack, "availability").build_only_support()
-    if not support.ok:
-        pytest.fail(f"TensorRT for RTX must be installed for these tests (harness/setup.sh does): {support.reason}")
-    return support
 
 
 def pixels_of(vit_h4, img):
@@ -192,30 +186,6 @@ def test_node_needs_a_quantized_clip_vision(comfy, vit_h4):
     with pytest.raises(ValueError, match=r"This CLIP_VISION is not quantized by this pack.*'Quantize CLIP Vision "
                                          r"to FP8 \(calibrated\)'"):
         call(comfy, "FP8CLIPVisionTensorRTEngine", clip_vision=vit_h4, max_images=4)
-
-
-@pytest.fixture
-def engine_node(comfy, pack, rtx, monkeypatch):
-    """The node as on a supported GPU: real export, build and cache; the engine's graph runs in onnxruntime.
-
-    Returns a counter of real engine builds."""
-    av, pipeline, runners, ox, build = (tr(pack, n) for n in ("availability", "pipeline", "runners",
-                                                             "onnx_export", "build"))
-    ok = av.Support(True, rtx.reason, rtx.flavour, rtx.target, torch.device("cpu"))
-    monkeypatch.setattr(av, "engine_support", lambda device=None, flavour=None: ok)
-
-    def ort_runner(engine, support, module, record):
-        data = engine.read()  # the engine file passes the cache's checks
-        dtype = pipeline.ACTIVATIONS[engine.manifest["components"]["compute_dtype"]]
-        runner = runners.OrtRunner(ox.export_transformer(module, record, compute_dtype=dtype))
-        runner.device_bytes = lambda: len(data)  # what TrtRunner reports before the engine is loaded
-        return runner
-
-    monkeypatch.setattr(pipeline, "make_runner", ort_runner)
-    builds = []
-    real = build.build_engine
-    monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: builds.append(1) or real(*a, **k))
-    return builds
 
 
 def test_engine_clip_vision_encodes_like_the_pytorch_fp8_one(comfy, pack, vit_h4, fp8_cv, engine_node):

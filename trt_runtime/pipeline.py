@@ -156,6 +156,28 @@ def engine_clip_vision(clip_vision: Any, max_images: int, support: Support, *, c
                          activations=activations, progress=progress, check_interrupt=check_interrupt)
 
 
+def prebuild(model: Any, vision: bool, max_rows: int, support: Support, *, cache_root: str | Path,
+             activations: str = "float32", progress: Progress | None = None) -> list[str]:
+    """Build (or find) the cached engines of a quantized CLIP / CLIP_VISION without loading them: for the
+    command line, ahead of time. The node then finds them under the same key (same profile and target)."""
+    towers = artifact.quantized_towers(model)
+    if not towers:
+        raise FP8ClipError("The model is not quantized by this pack: give a file saved by 'Save FP8 CLIP' / "
+                           "'Save FP8 CLIP Vision' or by `quantize`.")
+    if not support.ok:
+        raise FP8ClipError(f"No engine can be built here: {support.reason}")
+    profile = Profile(max_rows=max_rows, opt_rows=1, min_rows=1) if vision else Profile.for_max_rows(max_rows)
+    cache = EngineCache(cache_root)
+    lines = []
+    for module, record in towers.values():
+        engine = prepare_engine(module, record, profile=profile, support=support, cache=cache,
+                                activations=activations, progress=progress)
+        how = (f"built in {engine.manifest.get('build_seconds', 0):.1f} s" if engine.built
+               else "found in the cache, no build")
+        lines.append(f"{record.tower}: {how} ({_mb(engine.manifest['engine_bytes'])}) {engine.path}")
+    return lines
+
+
 def _engine_model(model: Any, target: Target, profile: Profile, header: str, support: Support, *,
                   cache_root: str | Path | None, activations: str, progress: Progress | None,
                   check_interrupt: Callable[[], None] | None) -> tuple[Any, str]:
