@@ -105,3 +105,24 @@ def test_flux_clip_l_quantized_t5_passed_through(comfy):
     gc, gp = encode(comfy, q, PROMPT)
     assert torch.equal(rc, gc)  # Flux conditions on T5: untouched
     assert float(torch.nn.functional.cosine_similarity(rp, gp)) > 0.99  # pooled comes from the FP8 CLIP-L
+
+
+def test_sdxl_on_tensorrt_engines_encodes_like_its_fp8_towers(comfy, pack, sdxl, engine_node):
+    """Both towers through the TensorRT node: real export and TensorRT for RTX builds (CLIP-G: 32 layers,
+    GELU), the engines' graphs executed by onnxruntime (no engine can run on this machine)."""
+    from conftest import pack_module
+
+    clip, q, _ = sdxl
+    out, status = call(comfy, "FP8CLIPTensorRTEngine", clip=q, max_batch_rows=2)
+    assert len(engine_node) == 2 and "clip_l: built in" in status and "clip_g: built in" in status
+    towers = pack_module(pack, "quant.artifact").quantized_towers(out)
+    assert sorted(type(m).__name__ for m, _ in towers.values()) == ["EngineTextModel", "EngineTextModel"]
+    (rc, rp), (gc, gp) = encode(comfy, q, PROMPT), encode(comfy, out, PROMPT)
+    assert gc.shape == (1, 77, 2048) and gp.shape == (1, 1280)
+    oc = encode(comfy, clip, PROMPT)[0]
+    print(f"\nSDXL engines vs PyTorch FP8: conditioning {cosine(gc, rc):.5f}, pooled {cosine(gp, rp):.5f}; "
+          f"vs the original: engines {cosine(gc, oc):.5f}, PyTorch FP8 {cosine(rc, oc):.5f}")
+    # 32 FP8 layers of CLIP-G amplify rounding-boundary flips between two exact implementations: the engine
+    # graph is as close to the original encoder as the PyTorch FP8 towers are.
+    assert cosine(gc, rc) > 0.998 and cosine(gp, rp) > 0.997
+    assert cosine(gc, oc) > cosine(rc, oc) - 0.002
