@@ -222,6 +222,13 @@ def test_engine_clip_encodes_like_the_pytorch_fp8_clip(comfy, pack, fp8_clip, en
     assert type(tower(pack, q)[0]).__name__ == "FP8TextModel"
 
 
+def test_lora_after_the_engine_node_is_refused_not_ignored(comfy, engine_clip):
+    _, lq = call(comfy, "LoraLoader", model=None, clip=engine_clip, lora_name=comfy.files["lora"],
+                 strength_model=0.0, strength_clip=1.0)
+    with pytest.raises(Exception, match="Apply LoRAs to the CLIP before the Quantize node"):
+        encode(comfy, lq, PROMPT)
+
+
 def test_engine_clip_clip_skip_weights_long_prompts_and_embeddings(comfy, fp8_clip, engine_clip):
     q = fp8_clip[1]
     (q_skip,) = call(comfy, "CLIPSetLastLayer", clip=q, stop_at_clip_layer=-2)
