@@ -231,6 +231,25 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_variants(script: str, args: argparse.Namespace, flags: list[str]) -> list[dict]:
+    """Each of args.variants in a fresh process of `script` (which writes OUT/<variant>.json); the results."""
+    out, results = Path(args.out), []
+    for v in args.variants.split(","):
+        print("==>", v, flush=True)
+        subprocess.run([sys.executable, script, "--comfy", args.comfy, "--out", str(out), "--fixture", args.fixture,
+                        "--variant", v, *flags], check=False)
+        f = out / f"{v}.json"
+        if f.exists():
+            results.append(json.loads(f.read_text()))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def write_results(out: Path, md: str) -> None:
+    (out / "results.md").write_text(md + "\n")
+    print(md)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfy", required=True)
@@ -248,19 +267,8 @@ def main() -> int:
         (out / f"{args.variant}.json").write_text(json.dumps(res, indent=1))
         return 0
     fixture(Path(args.fixture))
-    results = []
-    for v in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--comfy", args.comfy, "--out", str(out), "--fixture", args.fixture,
-               "--variant", v] + (["--quick"] if args.quick else []) + (["--dynamic-vram"] if args.dynamic_vram else [])
-        print("==>", v, flush=True)
-        subprocess.run(cmd, check=False)
-        f = out / f"{v}.json"
-        if f.exists():
-            results.append(json.loads(f.read_text()))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    md = table(results)
-    (out / "results.md").write_text(md + "\n")
-    print(md)
+    flags = (["--quick"] if args.quick else []) + (["--dynamic-vram"] if args.dynamic_vram else [])
+    write_results(out, table(run_variants(__file__, args, flags)))
     return 0
 
 

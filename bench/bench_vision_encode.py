@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_text_encode import ROOT, boot, load_pack  # noqa: E402
+from bench_text_encode import ROOT, boot, load_pack, run_variants, write_results  # noqa: E402
 
 BATCHES = (1, 16, 64)
 
@@ -187,18 +186,7 @@ def main() -> int:
         (out / f"{args.variant}.json").write_text(json.dumps(run_variant(args), indent=1))
         return 0
     fixture(Path(args.fixture))
-    results = []
-    for v in args.variants.split(","):
-        print("==>", v, flush=True)
-        subprocess.run([sys.executable, __file__, "--comfy", args.comfy, "--out", str(out), "--fixture",
-                        args.fixture, "--variant", v], check=False)
-        f = out / f"{v}.json"
-        if f.exists():
-            results.append(json.loads(f.read_text()))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    md = table(results)
-    (out / "results.md").write_text(md + "\n")
-    print(md)
+    write_results(out, table(run_variants(__file__, args, [])))
     return 0
 
 

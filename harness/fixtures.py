@@ -31,18 +31,21 @@ CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32
                   image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
 
 
+def _seeded_fp16(model_cls, config_cls, config: dict, seed: int, num_hidden_layers: int | None
+                 ) -> dict[str, torch.Tensor]:
+    cfg = {**config, **({} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers})}
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**cfg))
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
+            if not k.endswith("position_ids")}
+
+
 def clip_vision_state_dict(config: dict = CLIP_VIT_L, seed: int = 20, num_hidden_layers: int | None = None
                            ) -> dict[str, torch.Tensor]:
     """A transformers CLIPVisionModelWithProjection with seeded random weights, as an fp16 state dict."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    cfg = dict(config)
-    if num_hidden_layers is not None:
-        cfg["num_hidden_layers"] = num_hidden_layers
-    torch.manual_seed(seed)
-    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg))
-    return {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
-            if not k.endswith("position_ids")}
+    return _seeded_fp16(CLIPVisionModelWithProjection, CLIPVisionConfig, config, seed, num_hidden_layers)
 
 
 def write_clip_vision(path: str | os.PathLike, config: dict = CLIP_VIT_L, seed: int = 20,
@@ -57,14 +60,7 @@ def clip_text_state_dict(config: dict = CLIP_L_TEXT, seed: int = 0, num_hidden_l
     """A transformers CLIPTextModelWithProjection with seeded random weights, as an fp16 state dict."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    cfg = dict(config)
-    if num_hidden_layers is not None:
-        cfg["num_hidden_layers"] = num_hidden_layers
-    torch.manual_seed(seed)
-    model = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
-          if not k.endswith("position_ids")}
-    return sd
+    return _seeded_fp16(CLIPTextModelWithProjection, CLIPTextConfig, config, seed, num_hidden_layers)
 
 
 STRESS_LAYERS = tuple(range(1, 12))

@@ -109,6 +109,10 @@ def make_runner(engine: Engine, support: Support, module: torch.nn.Module, recor
     return runner
 
 
+def _how(engine: Engine) -> str:
+    return f"built in {engine.manifest.get('build_seconds', 0):.1f} s" if engine.built else "found in the cache, no build"
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:.0f} MB"
 
@@ -172,8 +176,7 @@ def prebuild(model: Any, vision: bool, max_rows: int, support: Support, *, cache
     for module, record in towers.values():
         engine = prepare_engine(module, record, profile=profile, support=support, cache=cache,
                                 activations=activations, progress=progress)
-        how = (f"built in {engine.manifest.get('build_seconds', 0):.1f} s" if engine.built
-               else "found in the cache, no build")
+        how = _how(engine)
         lines.append(f"{record.tower}: {how} ({_mb(engine.manifest['engine_bytes'])}) {engine.path}")
     return lines
 
@@ -209,8 +212,7 @@ def _engine_model(model: Any, target: Target, profile: Profile, header: str, sup
             log.warning("TensorRT engine not used: could not load it: %s", msg)
             return model, (f"TensorRT engine not used: the engine is ready but could not be loaded ({msg}).\n"
                            f"{fallback}")
-        how = (f"built in {engine.manifest.get('build_seconds', 0):.1f} s" if engine.built
-               else "found in the cache, no build")
+        how = _how(engine)
         where = f", {engine.path}" if engine.path else ""
         status = f"  {record.tower}: {how} ({_mb(engine.manifest['engine_bytes'])}, FP8 weights){where}"
         lines.append(status + (f"\n  note: {engine.note}" if engine.note else ""))
