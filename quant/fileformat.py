@@ -9,6 +9,8 @@ quantized Linear, ComfyUI's quantized layout (comfy/quant_ops.py, QUANTIZATION.m
     <layer>.weight        float8_e4m3fn
     <layer>.weight_scale  float32 scalar, amax / 448 (dequantized weight = weight * weight_scale)
     <layer>.input_scale   float32 scalar (weights+activations only)
+    <layer>.input_scale_inv  float32 scalar, 448 / amax: what inputs are multiplied by before rounding to FP8,
+                          exactly as ModelOpt calibrated it (1 / input_scale can be an ulp off); format 2
     <layer>.comfy_quant   uint8 bytes of JSON {"format": "float8_e4m3fn"}
     <layer>.bias          float32
 
@@ -37,7 +39,7 @@ import torch
 from .errors import FP8ClipError
 
 FORMAT_KEY = "fp8clip.format"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: input_scale_inv stored (format 1 files load, deriving it)
 FP8 = torch.float8_e4m3fn
 COMFY_FORMAT = "float8_e4m3fn"
 TEXT_TOWERS = ("clip_l", "clip_g", "clip_h")
@@ -81,7 +83,7 @@ class TowerFile:
     tower: str
     family: str
     tensors: dict[str, torch.Tensor]  # module state dict of the FP8 tower, keys as in the file
-    quantized: dict[str, tuple[float, float | None]]  # Linear layer -> (weight_scale, input_scale)
+    quantized: dict[str, tuple[float, float | None, float | None]]  # layer -> (weight_scale, input_scale, inv)
     rowwise: list[str]  # FP8 tensors with one scale per row (the token embedding)
     header: dict[str, str] = field(default_factory=dict)
 
@@ -239,8 +241,9 @@ def unpack_tensors(name: str, tensors: dict[str, torch.Tensor], meta: Mapping[st
     activations = recipe.get("scope", "weights+activations") == "weights+activations"
     comfy_layers = set(json.loads(meta.get(COMFY_QUANT_HEADER, "{}")).get("layers", {}))
     out: dict[str, torch.Tensor] = {}
-    quantized: dict[str, tuple[float, float | None]] = {}
+    quantized: dict[str, tuple[float, float | None, float | None]] = {}
     rowwise: list[str] = []
+    stores_inv = int(meta.get(FORMAT_KEY, "1")) >= 2
     fp8_in_file = {k for k, t in tensors.items() if t.dtype == FP8}
     undeclared = sorted(fp8_in_file - set(layout))
     if undeclared:
@@ -273,9 +276,15 @@ def unpack_tensors(name: str, tensors: dict[str, torch.Tensor], meta: Mapping[st
                                    "is missing. The file is incomplete: save it again.")
             if inp is not None and (inp.numel() != 1 or not math.isfinite(float(inp)) or float(inp) <= 0):
                 raise FP8ClipError(f"{name}: layer {layer} has an invalid input_scale; the file is damaged.")
+            inv = tensors.get(layer + ".input_scale_inv")
+            if inp is not None and stores_inv and (inv is None or inv.numel() != 1
+                                                   or abs(float(inv) * float(inp) - 1) > 1e-5):
+                raise FP8ClipError(f"{name}: layer {layer} has a missing or invalid input_scale_inv (it must be "
+                                   "1 / input_scale); the file is damaged or was edited. Save it again.")
             if layer + ".comfy_quant" not in tensors or layer not in comfy_layers:
                 raise FP8ClipError(f"{name}: layer {layer} lacks its comfy_quant entry; the file is damaged.")
-            quantized[layer] = (float(scale.reshape(())), None if inp is None else float(inp.reshape(())))
+            quantized[layer] = (float(scale.reshape(())), None if inp is None else float(inp.reshape(())),
+                                None if inp is None or inv is None else float(inv.reshape(())))
         else:
             rowwise.append(key)
     for key, t in tensors.items():

@@ -106,7 +106,7 @@ def fp8_or_kept(name: str, lin: torch.nn.Module, scales: dict[str, Any]) -> torc
     s = scales.get(name)
     if s is None:
         return kept_linear(lin)
-    return FP8Linear.from_linear(lin, s.weight_scale, s.input_scale)
+    return FP8Linear.from_linear(lin, s.weight_scale, s.input_scale, s.input_scale_inv)
 
 
 class FP8Runner(torch.nn.Module):

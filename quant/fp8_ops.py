@@ -1,7 +1,8 @@
 """FP8 E4M3 layers that hold FP8 weights in memory: ComfyUI's quantized-file layout, real FP8 math.
 
 `FP8Linear` keeps `weight` (float8_e4m3fn), `weight_scale`, `input_scale` (fp32 scalars, amax/448) and
-`bias`: the names ComfyUI's quantized safetensors use. Two ways to run it:
+`bias`: the names ComfyUI's quantized safetensors use; plus `input_scale_inv` (448/amax), the multiplier
+ModelOpt quantizes inputs with, which 1/input_scale misses by an ulp for some layers. Two ways to run it:
 - `scaled_mm`: the input is quantized with the calibrated static scale and multiplied in FP8 by
   `torch._scaled_mm` (FP8 tensor cores: compute capability 8.9+; also exact on the CPU, but slow there);
 - `dequant`: the weight is dequantized on the fly (any GPU, CPU); the input goes through the same Q->DQ as
@@ -43,7 +44,7 @@ def fp8_matmul_support(device: torch.device) -> tuple[bool, str]:
 
 class FP8Linear(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, weight_scale: float, input_scale: float | None,
-                 bias: torch.Tensor | None):
+                 bias: torch.Tensor | None, input_scale_inv: float | None = None):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         # Parameters, not buffers: ComfyUI's loader moves and counts parameters.
@@ -53,17 +54,20 @@ class FP8Linear(torch.nn.Module):
                                                requires_grad=False)
         self.input_scale = None if input_scale is None else torch.nn.Parameter(
             torch.tensor(float(input_scale), dtype=torch.float32), requires_grad=False)
-        # Not saved: derived from input_scale on load as well.
-        self.register_buffer("input_scale_inv", None if input_scale is None else 1.0 / self.input_scale.detach(),
-                             persistent=False)
+        inv = None
+        if input_scale is not None:
+            inv = torch.tensor(float(input_scale_inv), dtype=torch.float32) if input_scale_inv is not None \
+                else 1.0 / self.input_scale.detach()  # files of format 1 did not store it
+        self.register_buffer("input_scale_inv", inv)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.mode = "dequant"
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Module, weight_scale: float, input_scale: float | None) -> "FP8Linear":
+    def from_linear(cls, linear: torch.nn.Module, weight_scale: float, input_scale: float | None,
+                    input_scale_inv: float | None = None) -> "FP8Linear":
         w = linear.weight.detach()
         b = None if linear.bias is None else linear.bias.detach().float()
-        return cls(w, weight_scale, input_scale, b)
+        return cls(w, weight_scale, input_scale, b, input_scale_inv)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, mode={self.mode}, "

@@ -59,29 +59,34 @@ class LayerScales:
     """Per-tensor scales of one quantized Linear, in ComfyUI's convention (scale = amax / 448)."""
     weight_scale: float
     input_scale: float | None  # None: weights only
+    # What ModelOpt multiplies inputs by before rounding to FP8: 448 / amax in fp32. For about one layer in six
+    # it is not 1 / input_scale in fp32, and an ulp there flips FP8 roundings that cascade through the model.
+    input_scale_inv: float | None = None
 
 
 FP8_MAX = 448.0
 
 
-def _scale(q) -> float | None:
-    """The dequantization scale exactly as ModelOpt's FP8 quantizer computes it: 1 / (448 / amax) in fp32."""
+def _scales(q) -> tuple[float, float] | None:
+    """(dequantization scale, quantization multiplier) exactly as ModelOpt's FP8 quantizer computes them:
+    1 / (448 / amax) and 448 / amax, in fp32."""
     if q is None or not getattr(q, "is_enabled", False):
         return None
     a = getattr(q, "amax", None)
     if a is None:
         return None
     amax = a.detach().to(torch.float32).max().reshape(())
-    scale = FP8_MAX / amax  # the same tensor ops as ModelOpt's _fp8_eager, so the same rounding
-    return float(1 / scale)
+    mult = FP8_MAX / amax  # the same tensor ops as ModelOpt's _fp8_eager, so the same rounding
+    return float(1 / mult), float(mult)
 
 
 def quantized_layers(module: torch.nn.Module) -> dict[str, LayerScales]:
     """Every Linear whose weight quantizer is enabled, with its calibrated scales."""
     out: dict[str, LayerScales] = {}
     for name, m in module.named_modules():
-        w = _scale(getattr(m, "weight_quantizer", None))
+        w = _scales(getattr(m, "weight_quantizer", None))
         if w is None:
             continue
-        out[name] = LayerScales(w, _scale(getattr(m, "input_quantizer", None)))
+        i = _scales(getattr(m, "input_quantizer", None))
+        out[name] = LayerScales(w[0], None if i is None else i[0], None if i is None else i[1])
     return out

@@ -161,7 +161,7 @@ def dequantized(tf: ff.TowerFile) -> dict[str, torch.Tensor]:
     """The tower's weights in high precision under their standard names: what ComfyUI's loader builds on."""
     sd = {}
     for k, t in tf.tensors.items():
-        if k.endswith((".weight_scale", ".input_scale")):
+        if k.endswith((".weight_scale", ".input_scale", ".input_scale_inv")):
             continue
         if t.dtype == ff.FP8:
             s = tf.tensors[k[: -len("weight")] + "weight_scale"].float()
@@ -273,6 +273,8 @@ def fill_exactly(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what
         missing, unexpected = module.load_state_dict(tensors, strict=False)
     except RuntimeError as e:  # shape mismatches
         raise FP8ClipError(f"{what} does not match the model ComfyUI detected for it: {e}") from None
+    # Format 1 files lack input_scale_inv; the layers derived it from input_scale (unpack_tensors checks format 2).
+    missing = [k for k in missing if not k.endswith(".input_scale_inv")]
     if missing or unexpected:
         raise FP8ClipError(f"{what} does not match the model ComfyUI detected for it (missing: {missing[:3]}, "
                            f"unexpected: {unexpected[:3]}); the file is damaged or from another model.")
@@ -284,7 +286,7 @@ def build_tower(clip: Any, tf: ff.TowerFile, ctype: str) -> tuple[FP8TextModel, 
     if src is None or not hasattr(src, "text_model"):
         raise FP8ClipError(f"The file holds a {tf.tower} tower, but a '{ctype}' CLIP has none. Pick the type it was "
                            f"saved from ({tf.bundle.get('clip_type') or 'auto'}).")
-    scales = {k: LayerScales(w, i) for k, (w, i) in tf.quantized.items()}
+    scales = {k: LayerScales(*s) for k, s in tf.quantized.items()}
     fp8 = FP8TextModel.from_quantized(src, scales, fp8_embedding=tf.fp8_embedding)
     fill_exactly(fp8, tf.tensors, f"The {tf.tower} file")
     rec = record_from_file(tf, scales, weight_bytes(src))

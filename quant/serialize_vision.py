@@ -109,7 +109,7 @@ def load_fp8_clip_vision(path: str | os.PathLike, runtime: str = "auto") -> tupl
     tf = ff.read_tower_file(path, ff.VISION_TOWERS)
     cv = build_clip_vision(tf, path.name)
     src = cv.patcher.get_model_object(TOWER)
-    scales = {k[len(PREFIX):]: LayerScales(w, i) for k, (w, i) in tf.quantized.items()}
+    scales = {k[len(PREFIX):]: LayerScales(*s) for k, s in tf.quantized.items()}
     fp8 = FP8VisionModel.from_quantized(src, scales)
     tower_sd = {k[len(PREFIX):]: t for k, t in tf.tensors.items() if k.startswith(PREFIX)}
     fill_exactly(fp8, tower_sd, path.name)

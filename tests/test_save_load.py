@@ -65,11 +65,13 @@ def loaded(comfy, saved):
     return clip, info
 
 
-def rewrite(src: Path, dst: Path, drop=(), meta_update=None) -> Path:
-    """A copy of a saved file with tensors dropped or header entries changed (what damage or an edit does)."""
+def rewrite(src: Path, dst: Path, drop=(), meta_update=None, replace=None) -> Path:
+    """A copy of a saved file with tensors dropped or replaced, or header entries changed (what damage or an
+    edit does)."""
     with safe_open(str(src), "pt") as f:
         meta = dict(f.metadata())
-    tensors = {k: v for k, v in load_file(str(src)).items() if k not in drop}
+    tensors = {k: v for k, v in load_file(str(src)).items() if not (drop(k) if callable(drop) else k in drop)}
+    tensors.update(replace or {})
     meta.update(meta_update or {})
     save_file(tensors, str(dst), metadata=meta)
     return dst
@@ -110,11 +112,13 @@ def test_file_uses_comfyui_quantized_layout_and_carries_the_metadata(pack, qclip
     assert torch.equal(w.reshape(3072, 768).view(torch.uint8), lin.weight.cpu().view(torch.uint8))
     assert float(ws) == float(lin.weight_scale) == rec.scales[layer].weight_scale
     assert float(xs) == rec.scales[layer].input_scale
+    # the multiplier ModelOpt quantized inputs with, to the ulp: 448 / amax, not 1 / input_scale
+    assert float(load_file(str(saved))[layer + ".input_scale_inv"]) == rec.scales[layer].input_scale_inv
     assert kept.dtype == torch.float16 and kept.shape == (768, 768)
     quant_layers = {k[: -len(".comfy_quant")] for k in keys if k.endswith(".comfy_quant")}
     assert len(quant_layers) == 72 and "text_projection" not in quant_layers
     assert set(json.loads(meta["_quantization_metadata"])["layers"]) == quant_layers
-    assert meta["fp8clip.format"] == "1" and meta["fp8clip.tower"] == "clip_l"
+    assert meta["fp8clip.format"] == "2" and meta["fp8clip.tower"] == "clip_l"
     assert meta["fp8clip.family"] == "SD1.5 (CLIP-L)" and json.loads(meta["fp8clip.kept"]) == ["text_projection"]
     assert meta["fp8clip.fingerprint"] == rec.fingerprint
     assert json.loads(meta["fp8clip.recipe"])["scope"] == "weights+activations"
@@ -285,6 +289,24 @@ def test_missing_input_scale_of_a_quantized_layer(comfy, saved, te_dir):
     layer = "text_model.encoder.layers.5.self_attn.q_proj"
     msg = _bad(comfy, te_dir, "no-input-scale.safetensors", lambda p: rewrite(saved, p, drop=[layer + ".input_scale"]))
     assert f"layer {layer} was calibrated for FP8 activations but its input_scale is missing" in msg
+
+
+def test_edited_input_scale_inv_is_refused(comfy, saved, te_dir):
+    layer = "text_model.encoder.layers.2.mlp.fc2"
+    inv = load_file(str(saved))[layer + ".input_scale_inv"]
+    msg = _bad(comfy, te_dir, "edited-inv.safetensors",
+               lambda p: rewrite(saved, p, replace={layer + ".input_scale_inv": inv * 2}))
+    assert f"layer {layer} has a missing or invalid input_scale_inv" in msg
+
+
+def test_files_of_format_1_still_load(comfy, qclip, saved, te_dir):
+    """Format 1 did not store input_scale_inv: the layers derive it from input_scale (an ulp off for some
+    layers, so close to the quantized CLIP rather than identical)."""
+    rewrite(saved, te_dir / "fp8test" / "format1.safetensors", drop=lambda k: k.endswith(".input_scale_inv"),
+            meta_update={"fp8clip.format": "1"})
+    old, _ = call(comfy, "FP8CLIPLoad", clip_name="fp8test/format1.safetensors", type="auto", runtime="auto")
+    for p in PROMPTS[:2]:
+        assert cosine(encode(comfy, qclip, p)[0], encode(comfy, old, p)[0]) >= 0.999
 
 
 def test_file_from_a_newer_pack_version(comfy, saved, te_dir):

@@ -94,7 +94,7 @@ def test_file_uses_the_text_towers_layout_and_carries_the_metadata(pack, quantiz
     assert proj.shape == (768, 1024) and conv.shape == (1024, 3, 14, 14) and conv.dtype == torch.float16
     quant_layers = {k[: -len(".comfy_quant")] for k in keys if k.endswith(".comfy_quant")}
     assert len(quant_layers) == 144 and set(json.loads(meta["_quantization_metadata"])["layers"]) == quant_layers
-    assert meta["fp8clip.format"] == "1" and meta["fp8clip.tower"] == "vision_model"
+    assert meta["fp8clip.format"] == "2" and meta["fp8clip.tower"] == "vision_model"
     assert meta["fp8clip.family"] == "ViT-L/14" and "Load FP8 CLIP Vision" in meta["fp8clip.note"]
     assert json.loads(meta["fp8clip.kept"]) == ["embeddings.patch_embedding"]
     assert json.loads(meta["fp8clip.recipe"])["scope"] == "weights+activations"
