@@ -13,6 +13,27 @@ from typing import Any
 import torch
 
 
+# What ComfyUI's loader hangs on modules of a loaded model: LoRA hooks and, with v0.29's dynamic VRAM, virtual
+# VRAM allocations and registered host buffers (which reference other modules). They belong to the live model:
+# deep-copying them fails ("CUDA error: invalid argument" once the CLIP has encoded) or drags the patcher along.
+LOADER_ATTRS = ("_v", "_v_signature", "_pin_state", "_pins", "weight_lowvram_function", "bias_lowvram_function",
+                "weight_function", "bias_function")
+
+
+def module_copy(src: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `src` without the loader's attachments (the module classes' own defaults apply)."""
+    memo: dict[int, Any] = {}
+    for m in src.modules():
+        for a in LOADER_ATTRS:
+            if a in m.__dict__:
+                memo[id(m.__dict__[a])] = None
+    module = copy.deepcopy(src, memo)
+    for m in module.modules():
+        for a in LOADER_ATTRS:
+            m.__dict__.pop(a, None)
+    return module
+
+
 def patched_copy(clip: Any, path: str) -> torch.nn.Module:
     """A private copy of the module at `path` with this clone's weight patches (LoRA, merges) applied.
 
@@ -25,13 +46,7 @@ def patched_copy(clip: Any, path: str) -> torch.nn.Module:
 
     from .proxy import unwrap
 
-    src = unwrap(clip.patcher.get_model_object(path))
-    module = copy.deepcopy(src)
-    for m in module.modules():  # drop ComfyUI's lowvram/LoRA hooks that the deep copy carried over
-        if hasattr(m, "weight_function"):
-            m.weight_function = []
-        if hasattr(m, "bias_function"):
-            m.bias_function = []
+    module = module_copy(unwrap(clip.patcher.get_model_object(path)))
     backup = getattr(clip.patcher, "backup", {})
     patches = clip.patcher.patches
     with torch.no_grad():

@@ -131,3 +131,29 @@ def test_lora_after_quantizing_is_refused_not_ignored(comfy, quantized):
                  strength_model=0.0, strength_clip=1.0)
     with pytest.raises(Exception, match="Apply LoRAs to the CLIP before the Quantize node"):
         encode(comfy, lq, PROMPT)
+
+
+class _LoaderState:
+    """Stands in for what ComfyUI v0.29's dynamic-VRAM loader hangs on the modules of a CLIP that has encoded
+    (virtual VRAM allocations, registered host buffers): copying it fails as the real thing does on a GPU."""
+
+    def __deepcopy__(self, memo):
+        raise RuntimeError("CUDA error: invalid argument")
+
+
+def test_quantizing_a_clip_that_dynamic_vram_has_loaded(comfy, clip):
+    """On NVIDIA GPUs ComfyUI v0.29 loads models with dynamic VRAM by default; quantizing a CLIP that already
+    encoded (re-running with other widgets, or after a plain CLIPTextEncode) must not copy its loader state."""
+    tower = clip.patcher.get_model_object("clip_l.transformer")
+    linears = [m for m in tower.modules() if hasattr(m, "comfy_cast_weights")]
+    state = {"weights": (_LoaderState(), [linears[0]])}
+    for m in linears:
+        m._v, m._pin_state, m.weight_lowvram_function = _LoaderState(), state, _LoaderState()
+    try:
+        q = quantize(comfy, clip, calibration_prompts="a cat\na house")["result"][0]
+        got = encode(comfy, q, PROMPT)[0]
+    finally:
+        for m in linears:
+            for a in ("_v", "_pin_state", "weight_lowvram_function"):
+                m.__dict__.pop(a, None)
+    assert cosine(encode(comfy, clip, PROMPT)[0], got) > 0.99
