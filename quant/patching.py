@@ -16,21 +16,26 @@ import torch
 # What ComfyUI's loader hangs on modules of a loaded model: LoRA hooks and, with v0.29's dynamic VRAM, virtual
 # VRAM allocations and registered host buffers (which reference other modules). They belong to the live model:
 # deep-copying them fails ("CUDA error: invalid argument" once the CLIP has encoded) or drags the patcher along.
-LOADER_ATTRS = ("_v", "_v_signature", "_pin_state", "_pins", "weight_lowvram_function", "bias_lowvram_function",
+# (`_v_weight` is a view of virtual VRAM whose pages may be evicted: cloning it fails.)
+LOADER_ATTRS = ("_v", "_pin_state", "_pins", "weight_lowvram_function", "bias_lowvram_function",
                 "weight_function", "bias_function")
+LOADER_PREFIXES = ("_v_", "_pin")
+
+
+def _loader_attrs(m: torch.nn.Module) -> list[str]:
+    return [a for a in m.__dict__ if a in LOADER_ATTRS or a.startswith(LOADER_PREFIXES)]
 
 
 def module_copy(src: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of `src` without the loader's attachments (the module classes' own defaults apply)."""
     memo: dict[int, Any] = {}
     for m in src.modules():
-        for a in LOADER_ATTRS:
-            if a in m.__dict__:
-                memo[id(m.__dict__[a])] = None
+        for a in _loader_attrs(m):
+            memo[id(m.__dict__[a])] = None
     module = copy.deepcopy(src, memo)
     for m in module.modules():
-        for a in LOADER_ATTRS:
-            m.__dict__.pop(a, None)
+        for a in _loader_attrs(m):
+            del m.__dict__[a]
     return module
 
 

@@ -147,13 +147,14 @@ def test_quantizing_a_clip_that_dynamic_vram_has_loaded(comfy, clip):
     tower = clip.patcher.get_model_object("clip_l.transformer")
     linears = [m for m in tower.modules() if hasattr(m, "comfy_cast_weights")]
     state = {"weights": (_LoaderState(), [linears[0]])}
+    attrs = ("_v", "_v_weight", "_pin_state", "weight_lowvram_function")
     for m in linears:
-        m._v, m._pin_state, m.weight_lowvram_function = _LoaderState(), state, _LoaderState()
+        m._v, m._v_weight, m._pin_state, m.weight_lowvram_function = _LoaderState(), _LoaderState(), state, None
     try:
         q = quantize(comfy, clip, calibration_prompts="a cat\na house")["result"][0]
         got = encode(comfy, q, PROMPT)[0]
     finally:
         for m in linears:
-            for a in ("_v", "_pin_state", "weight_lowvram_function"):
+            for a in attrs:
                 m.__dict__.pop(a, None)
     assert cosine(encode(comfy, clip, PROMPT)[0], got) > 0.99
