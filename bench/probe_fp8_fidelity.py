@@ -29,14 +29,23 @@ def main() -> None:
     ap.add_argument("--fixture", default=str(b.ROOT / ".cache" / "bench-clip_l.safetensors"))
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--calibration-prompts", type=int, default=64)
+    ap.add_argument("--stress", action="store_true", help="the fixture with outlier channels, as real CLIPs have")
     args = ap.parse_args()
     b.boot(Path(args.comfy), [])
     import comfy.sd
     import torch
     import torch.nn.functional as F
 
-    lines = [f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}"]
-    clip = comfy.sd.load_clip(ckpt_paths=[str(b.fixture(Path(args.fixture)))],
+    lines = [f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+             f"{', CLIP-L with outlier channels' if args.stress else ''}"]
+    fixture = Path(args.fixture)
+    if args.stress:
+        sys.path.insert(0, str(b.ROOT))
+        from harness.fixtures import write_clip_l
+        fixture = fixture.with_name("bench-clip_l-outliers.safetensors")
+        if not fixture.exists():
+            write_clip_l(fixture, stress=True)
+    clip = comfy.sd.load_clip(ckpt_paths=[str(b.fixture(fixture))],
                               clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
     pack = b.load_pack()
     from comfyui_fp8_clip.quant import calibrate, runtime
@@ -109,7 +118,7 @@ def main() -> None:
             lines.append(f"  {name}: {min(cs):.5f} / {statistics.mean(cs):.5f}")
     text = "\n".join(lines) + "\n"
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "fidelity_probe.txt").write_text(text)
+    (Path(args.out) / f"fidelity_probe{'_stress' if args.stress else ''}.txt").write_text(text)
     print(text)
 
 

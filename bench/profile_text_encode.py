@@ -124,6 +124,12 @@ def floor_breakdown(clip, tokens, enc, report, listings) -> None:
         def get_input_embeddings(self):
             return real.get_input_embeddings()
 
+        def __getattr__(self, name):  # weight names (the dynamic-VRAM patcher walks them) reach the real tower
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(real, name)
+
         def forward(self, *a, embeds=None, **k):
             z, p = self.outs
             return z.expand(embeds.shape[0], -1, -1).clone(), None, p.expand(embeds.shape[0], -1).clone(), None

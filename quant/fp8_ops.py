@@ -81,8 +81,15 @@ class FP8Linear(torch.nn.Module):
         return self._forward_dequant(x, self.weight)
 
     def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul_quantized(self.quantize(x), x)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as FP8 codes with this layer's static input scale, flattened to 2-D (scaled_mm's operand)."""
+        return quantize_input(x.reshape(-1, x.shape[-1]), self.input_scale_inv)
+
+    def matmul_quantized(self, xq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The FP8 matmul on codes from `quantize(x)` (possibly shared by layers with the same input scale)."""
         shape = x.shape
-        xq = quantize_input(x.reshape(-1, shape[-1]), self.input_scale_inv)
         out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
         bias = None if self.bias is None else self.bias.to(out_dtype)
         if out_dtype == torch.float32 and bias is not None:

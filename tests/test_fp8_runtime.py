@@ -73,6 +73,8 @@ def test_fp8_matches_fake_quant_with_both_kernels(comfy, pack, fake, fp8):
             # The same FP8 codes, the same scales to the ulp (ModelOpt's 448/amax included), the same fp32
             # arithmetic on this CPU: the same numbers, not just close ones.
             assert torch.equal(rc, gc) and torch.equal(rp, gp), (matmul, p, cosine(rc, gc))
+        # FP8 matmuls: q, k and v quantize their common input once (same codes, so still equal above)
+        assert all(a.shared_input == (matmul == "scaled_mm") for a in m.modules() if hasattr(a, "shared_input"))
     assert any(getattr(x, "mode", None) == "scaled_mm" for x in m.modules())
     m.configure(lambda d: mod(pack, "runtime").plan("auto", d))
 
