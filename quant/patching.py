@@ -31,7 +31,11 @@ def module_copy(src: torch.nn.Module) -> torch.nn.Module:
     memo: dict[int, Any] = {}
     for m in src.modules():
         for a in _loader_attrs(m):
-            memo[id(m.__dict__[a])] = None
+            v = m.__dict__[a]
+            # The memo maps objects by identity: never shared ones (None, True, small ints, ()), or every
+            # occurrence of them in the copy would turn into None.
+            if not (v is None or isinstance(v, (bool, int, float, str, bytes)) or isinstance(v, tuple) and not v):
+                memo[id(v)] = None
     module = copy.deepcopy(src, memo)
     for m in module.modules():
         for a in _loader_attrs(m):

@@ -1,6 +1,7 @@
 """The quantize node in a real ComfyUI: quality, report, and that the FP8 CLIP drops into stock nodes."""
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
@@ -141,18 +142,24 @@ class _LoaderState:
         raise RuntimeError("CUDA error: invalid argument")
 
 
-def test_quantizing_a_clip_that_dynamic_vram_has_loaded(comfy, clip):
+def test_quantizing_a_clip_that_dynamic_vram_has_loaded(comfy, pack, clip):
     """On NVIDIA GPUs ComfyUI v0.29 loads models with dynamic VRAM by default; quantizing a CLIP that already
     encoded (re-running with other widgets, or after a plain CLIPTextEncode) must not copy its loader state."""
     tower = clip.patcher.get_model_object("clip_l.transformer")
     linears = [m for m in tower.modules() if hasattr(m, "comfy_cast_weights")]
     state = {"weights": (_LoaderState(), [linears[0]])}
-    attrs = ("_v", "_v_weight", "_pin_state", "weight_lowvram_function")
+    attrs = ("_v", "_v_weight", "_pin_state", "weight_lowvram_function", "_v_dirty")
     for m in linears:
         m._v, m._v_weight, m._pin_state, m.weight_lowvram_function = _LoaderState(), _LoaderState(), state, None
+        m._v_dirty = True  # a shared object: the copy must keep the model's other True flags
     try:
         q = quantize(comfy, clip, calibration_prompts="a cat\na house")["result"][0]
         got = encode(comfy, q, PROMPT)[0]
+        copy_ = importlib.import_module(f"{pack.__name__}.quant.patching").module_copy(tower)
+        assert not any(a in m.__dict__ for m in copy_.modules() for a in attrs)
+        for a, b in zip(tower.modules(), copy_.modules()):  # the model's own flags survive (True included)
+            assert {k: v for k, v in a.__dict__.items() if isinstance(v, bool) and k not in attrs} == \
+                {k: v for k, v in b.__dict__.items() if isinstance(v, bool)}
     finally:
         for m in linears:
             for a in attrs:
