@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -71,12 +70,27 @@ def load_pack():
     return mod
 
 
-def fixture(path: Path) -> Path:
+def fixture(path: Path, stress: bool = False) -> Path:
+    """The seeded CLIP-L file at `path` (written on first use); `stress`: the one with outlier channels."""
     if not path.exists():
         sys.path.insert(0, str(ROOT))
         from harness.fixtures import write_clip_l
-        write_clip_l(path)
+        write_clip_l(path, stress=stress)
     return path
+
+
+def load_fixture_clip(path: Path, stress: bool = False):
+    import comfy.sd
+
+    return comfy.sd.load_clip(ckpt_paths=[str(fixture(path, stress))], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+
+
+def eager_modelopt() -> None:
+    """ModelOpt's eager FP8 formula for calibration: no CUDA-extension JIT build or Triton kernel on the device."""
+    import modelopt.torch.quantization.tensor_quant as tq
+
+    tq.get_cuda_ext_fp8 = lambda *a, **k: None
+    tq.DISABLE_TRITON_KERNEL = True
 
 
 def clip_text_encode(clip, text):
@@ -161,12 +175,10 @@ def run_variant(args) -> dict:
     if args.variant == "stock-fp8":
         extra.append("--fp8_e4m3fn-text-enc")
     boot(Path(args.comfy), extra, args.dynamic_vram)
-    import comfy.sd
 
     out = {"variant": args.variant, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "dynamic_vram": args.dynamic_vram}
-    path = fixture(Path(args.fixture))
-    clip = comfy.sd.load_clip(ckpt_paths=[str(path)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    clip = load_fixture_clip(Path(args.fixture))
     out["patcher"] = type(clip.patcher).__name__
     n = 10 if args.quick else 40
     with torch.inference_mode():
@@ -179,10 +191,8 @@ def run_variant(args) -> dict:
         from comfyui_fp8_clip.quant import calibrate, runtime
         from comfyui_fp8_clip.quant.prompts import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS
         from comfyui_fp8_clip.quant.recipe import Recipe
-        import modelopt.torch.quantization.tensor_quant as tq
 
-        tq.get_cuda_ext_fp8 = lambda *a, **k: None  # ModelOpt's eager FP8 formula: no JIT build on this box
-        tq.DISABLE_TRITON_KERNEL = True
+        eager_modelopt()
         t0 = time.perf_counter()
         fake, report = calibrate.quantize_clip(clip, list(CALIBRATION_PROMPTS), Recipe())
         out["calibration_s"] = time.perf_counter() - t0

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_text_encode import (ROOT, boot, drop_cuda_graphs, gpu_weight_bytes, load_pack, run_variants,  # noqa: E402
-                               write_results)
+from bench_text_encode import (ROOT, boot, drop_cuda_graphs, eager_modelopt, gpu_weight_bytes,  # noqa: E402
+                               load_pack, run_variants, write_results)
 
 BATCHES = (1, 16, 64)
 
@@ -100,10 +100,8 @@ def run_variant(args) -> dict:
         pack = load_pack()
         from comfyui_fp8_clip.quant import runtime, vision
         from comfyui_fp8_clip.quant.recipe import Recipe
-        import modelopt.torch.quantization.tensor_quant as tq
 
-        tq.get_cuda_ext_fp8 = lambda *a, **k: None  # ModelOpt's eager FP8 formula: no JIT build here
-        tq.DISABLE_TRITON_KERNEL = True
+        eager_modelopt()
         t0 = time.perf_counter()
         fake, report = vision.quantize_clip_vision(cv, None, Recipe(keep=vision.DEFAULT_VISION_KEEP,
                                                                     fp8_embedding=False))

@@ -32,7 +32,6 @@ def main() -> None:
     ap.add_argument("--stress", action="store_true", help="the fixture with outlier channels, as real CLIPs have")
     args = ap.parse_args()
     b.boot(Path(args.comfy), [])
-    import comfy.sd
     import torch
     import torch.nn.functional as F
 
@@ -40,23 +39,16 @@ def main() -> None:
              f"{', CLIP-L with outlier channels' if args.stress else ''}"]
     fixture = Path(args.fixture)
     if args.stress:
-        sys.path.insert(0, str(b.ROOT))
-        from harness.fixtures import write_clip_l
         fixture = fixture.with_name("bench-clip_l-outliers.safetensors")
-        if not fixture.exists():
-            write_clip_l(fixture, stress=True)
-    clip = comfy.sd.load_clip(ckpt_paths=[str(b.fixture(fixture))],
-                              clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
-    pack = b.load_pack()
+    clip = b.load_fixture_clip(fixture, stress=args.stress)
+    b.load_pack()  # importable as comfyui_fp8_clip from here on
     from comfyui_fp8_clip.quant import calibrate, runtime
     from comfyui_fp8_clip.quant.fp8_ops import FP8Linear, quantize_input
     from comfyui_fp8_clip.quant.prompts import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS
     from comfyui_fp8_clip.quant.proxy import unwrap
     from comfyui_fp8_clip.quant.recipe import Recipe
-    import modelopt.torch.quantization.tensor_quant as tq
 
-    tq.get_cuda_ext_fp8 = lambda *a, **k: None
-    tq.DISABLE_TRITON_KERNEL = True
+    b.eager_modelopt()
     dev = torch.device(clip.patcher.load_device)
     with torch.inference_mode():
         fake, _ = calibrate.quantize_clip(clip, list(CALIBRATION_PROMPTS)[: args.calibration_prompts], Recipe())

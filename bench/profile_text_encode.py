@@ -63,7 +63,6 @@ def main() -> None:
     ap.add_argument("--executors", default="cuda_graph,compiled")
     args = ap.parse_args()
     b.boot(Path(args.comfy), [], args.dynamic_vram)
-    import comfy.sd
     import torch
 
     out = Path(args.out)
@@ -71,8 +70,7 @@ def main() -> None:
     tag = "dynamic" if args.dynamic_vram else "static"
     report: list[str] = [f"# {tag} patcher, {torch.cuda.get_device_name(0)}, torch {torch.__version__}"]
     listings: list[str] = []
-    clip = comfy.sd.load_clip(ckpt_paths=[str(b.fixture(Path(args.fixture)))],
-                              clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    clip = b.load_fixture_clip(Path(args.fixture))
 
     def enc(c, tokens):
         return lambda: c.encode_from_tokens_scheduled(tokens)
@@ -92,10 +90,8 @@ def main() -> None:
         from comfyui_fp8_clip.quant import calibrate, runtime
         from comfyui_fp8_clip.quant.proxy import unwrap
         from comfyui_fp8_clip.quant.recipe import Recipe
-        import modelopt.torch.quantization.tensor_quant as tq
 
-        tq.get_cuda_ext_fp8 = lambda *a, **k: None
-        tq.DISABLE_TRITON_KERNEL = True
+        b.eager_modelopt()
         fake, _ = calibrate.quantize_clip(clip, ["a cat", "a dog on a beach", "(a castle:1.2)", TEXT],
                                           Recipe(), held_out=["a house"])
         for ex in args.executors.split(","):

@@ -8,6 +8,16 @@ CLIP_TYPES = ("auto", "stable_diffusion", "sdxl", "sd3", "flux", "stable_cascade
 FOLDER = "text_encoders"  # models/text_encoders (ComfyUI also lists models/clip under this name)
 
 
+def runtime_widget() -> tuple:
+    """The `runtime` input of the Load nodes."""
+    from ..quant.serialize import LOAD_RUNTIMES
+
+    return (list(LOAD_RUNTIMES), {
+        "default": "auto",
+        "tooltip": "fp8: FP8 weights in memory, FP8 matmuls where the GPU has them, dequantized on the fly "
+                   "elsewhere. fp8-compiled: also torch.compile. auto: fp8."})
+
+
 def safetensors_files(folder: str = FOLDER) -> list[str]:
     import folder_paths
 
@@ -95,17 +105,12 @@ class LoadFP8CLIP:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..quant.serialize import LOAD_RUNTIMES
-
         files = safetensors_files()
         return {"required": {
             "clip_name": (files, {"tooltip": "A file written by 'Save FP8 CLIP'."}),
             "type": (list(CLIP_TYPES), {"default": "auto",
                                          "tooltip": "auto: the CLIP type the file was saved from."}),
-            "runtime": (list(LOAD_RUNTIMES), {
-                "default": "auto",
-                "tooltip": "fp8: FP8 weights in memory, FP8 matmuls where the GPU has them, dequantized on the fly "
-                           "elsewhere. fp8-compiled: also torch.compile. auto: fp8."}),
+            "runtime": runtime_widget(),
         }, "optional": {
             "clip_name2": (["none", *files], {"default": "none",
                                                "tooltip": "The other tower's file (SDXL), or a stock T5 file."}),

@@ -1,7 +1,7 @@
 """Save FP8 CLIP Vision / Load FP8 CLIP Vision: widgets -> quant.serialize_vision (models/clip_vision)."""
 from __future__ import annotations
 
-from .save_load import full_path, safetensors_files
+from .save_load import full_path, runtime_widget, safetensors_files
 
 FOLDER = "clip_vision"
 
@@ -50,14 +50,9 @@ class LoadFP8CLIPVision:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..quant.serialize import LOAD_RUNTIMES
-
         return {"required": {
             "clip_name": (safetensors_files(FOLDER), {"tooltip": "A file written by 'Save FP8 CLIP Vision'."}),
-            "runtime": (list(LOAD_RUNTIMES), {
-                "default": "auto",
-                "tooltip": "fp8: FP8 weights in memory, FP8 matmuls where the GPU has them, dequantized on the fly "
-                           "elsewhere. fp8-compiled: also torch.compile. auto: fp8."}),
+            "runtime": runtime_widget(),
         }}
 
     def load(self, clip_name, runtime="auto"):

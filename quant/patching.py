@@ -17,9 +17,8 @@ import torch
 # VRAM allocations and registered host buffers (which reference other modules). They belong to the live model:
 # deep-copying them fails ("CUDA error: invalid argument" once the CLIP has encoded) or drags the patcher along.
 # (`_v_weight` is a view of virtual VRAM whose pages may be evicted: cloning it fails.)
-LOADER_ATTRS = ("_v", "_pin_state", "_pins", "weight_lowvram_function", "bias_lowvram_function",
-                "weight_function", "bias_function")
-LOADER_PREFIXES = ("_v_", "_pin")
+LOADER_ATTRS = ("_v", "weight_lowvram_function", "bias_lowvram_function", "weight_function", "bias_function")
+LOADER_PREFIXES = ("_v_", "_pin")  # _v_weight, _v_signature...; _pin_state, _pins
 
 
 def _loader_attrs(m: torch.nn.Module) -> list[str]:
