@@ -29,6 +29,21 @@ def comfy(tmp_path_factory):
     return h
 
 
+@pytest.fixture
+def scratch():
+    """Registers files a test writes into the shared models folders; they are deleted when the test ends.
+    Each is 100-300 MB and CI disks can be nearly full, so nothing big outlives the test that made it."""
+    made: list[Path] = []
+
+    def register(path):
+        made.append(Path(path))
+        return path
+
+    yield register
+    for path in made:
+        path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def pack(comfy):
     """The pack's modules as ComfyUI loaded them (module names are ComfyUI's, not ours)."""

@@ -56,7 +56,8 @@ def saved(comfy, qclip, te_dir) -> Path:
                    format="fp8 + scales (Load FP8 CLIP)", overwrite=False)
     path = te_dir / "fp8test" / "clip_l_fp8.safetensors"
     assert f"Saved {path}" in info
-    return path
+    yield path
+    path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +169,11 @@ def test_load_node_runs_in_a_workflow(comfy, saved):
     assert "conditioning" in json.dumps(out)
 
 
-def test_stock_compatible_export_is_read_correctly_by_stock_and_its_quality_is_measured(comfy, pack, clip, te_dir):
+def test_stock_compatible_export_is_read_correctly_by_stock_and_its_quality_is_measured(comfy, pack, clip, te_dir, scratch):
     held_out = list(PROMPTS) + ["a cat"]
+    path = scratch(te_dir / "fp8test" / "clip_l_stock.safetensors")
     (info,) = call(comfy, "FP8CLIPSave", clip=clip, filename="fp8test/clip_l_stock",
                    format="stock-compatible (weights-only FP8)", overwrite=True, evaluation_prompts="\n".join(held_out))
-    path = te_dir / "fp8test" / "clip_l_stock.safetensors"
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         assert f.get_tensor("text_model.encoder.layers.0.mlp.fc1.weight").dtype == torch.float8_e4m3fn
@@ -197,7 +198,8 @@ def test_stock_compatible_export_needs_the_original_clip(comfy, qclip):
              overwrite=True)
 
 
-def test_saving_never_overwrites_unless_asked_and_is_atomic(comfy, qclip, saved, te_dir):
+def test_saving_never_overwrites_unless_asked_and_is_atomic(comfy, qclip, saved, te_dir, scratch):
+    copy = scratch(te_dir / "fp8test" / "clip_l_fp8_copy.safetensors")
     before = saved.read_bytes()[:4096], saved.stat().st_mtime_ns
     with pytest.raises(ValueError, match="clip_l_fp8.safetensors already exists.*set 'overwrite'"):
         call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/clip_l_fp8", format="fp8 + scales (Load FP8 CLIP)",
@@ -207,15 +209,15 @@ def test_saving_never_overwrites_unless_asked_and_is_atomic(comfy, qclip, saved,
          format="fp8 + scales (Load FP8 CLIP)", overwrite=False)
     call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/clip_l_fp8_copy", format="fp8 + scales (Load FP8 CLIP)",
          overwrite=True)
-    copy = te_dir / "fp8test" / "clip_l_fp8_copy.safetensors"
     assert load_file(str(copy)).keys() == load_file(str(saved)).keys()
     assert not [p for p in (te_dir / "fp8test").iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
 
 
-def test_saving_the_fake_quant_preview_writes_the_same_file(comfy, quantized, saved, te_dir):
+def test_saving_the_fake_quant_preview_writes_the_same_file(comfy, quantized, saved, te_dir, scratch):
+    path = scratch(te_dir / "fp8test" / "from_fake.safetensors")
     call(comfy, "FP8CLIPSave", clip=quantized[0], filename="fp8test/from_fake", format="fp8 + scales (Load FP8 CLIP)",
          overwrite=True)
-    a, b = load_file(str(te_dir / "fp8test" / "from_fake.safetensors")), load_file(str(saved))
+    a, b = load_file(str(path)), load_file(str(saved))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) if a[k].dtype == torch.float8_e4m3fn
                else torch.equal(a[k], b[k]) for k in a)
@@ -241,30 +243,32 @@ def test_load_refuses_names_outside_the_models_folder_and_pickles(comfy):
         call(comfy, "FP8CLIPLoad", clip_name="../loras/" + comfy.files["lora"], type="auto", runtime="auto")
 
 
-def _bad(comfy, te_dir, name, make) -> str:
-    path = te_dir / "fp8test" / name
-    make(path)
-    with pytest.raises(ValueError) as e:
-        call(comfy, "FP8CLIPLoad", clip_name=f"fp8test/{name}", type="auto", runtime="auto")
-    return str(e.value)
+@pytest.fixture
+def bad(comfy, te_dir, scratch):
+    """bad(name, make): the Load node's error for a file that make(path) writes (deleted after the test)."""
+    def load_error(name, make) -> str:
+        make(scratch(te_dir / "fp8test" / name))
+        with pytest.raises(ValueError) as e:
+            call(comfy, "FP8CLIPLoad", clip_name=f"fp8test/{name}", type="auto", runtime="auto")
+        return str(e.value)
+    return load_error
 
 
-def test_truncated_file(comfy, saved, te_dir):
-    msg = _bad(comfy, te_dir, "truncated.safetensors",
-               lambda p: p.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2]))
+def test_truncated_file(comfy, saved, bad):
+    msg = bad("truncated.safetensors", lambda p: p.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2]))
     assert "truncated or corrupt" in msg and "describes" in msg
 
 
-def test_corrupt_header(comfy, saved, te_dir):
+def test_corrupt_header(comfy, saved, bad):
     def make(p):
         data = bytearray(saved.read_bytes()[:200000])
         data[8:40] = b"\x00\xff garbage garbage garbage \xfe"
         p.write_bytes(bytes(data))
-    assert "header is not valid JSON" in _bad(comfy, te_dir, "corrupt.safetensors", make)
+    assert "header is not valid JSON" in bad("corrupt.safetensors", make)
 
 
-def test_not_a_safetensors_file_at_all(comfy, te_dir):
-    msg = _bad(comfy, te_dir, "random.safetensors", lambda p: p.write_bytes(os.urandom(5000)))
+def test_not_a_safetensors_file_at_all(comfy, bad):
+    msg = bad("random.safetensors", lambda p: p.write_bytes(os.urandom(5000)))
     assert "truncated or corrupt" in msg
 
 
@@ -273,56 +277,55 @@ def test_not_a_safetensors_file_at_all(comfy, te_dir):
     ("t5_stub", "is not a CLIP text encoder"),
     ("lora", "is not a CLIP text encoder"),
 ])
-def test_files_of_another_kind_are_refused_with_the_reason(comfy, te_dir, fixture, expected):
+def test_files_of_another_kind_are_refused_with_the_reason(comfy, bad, fixture, expected):
     src = comfy.base / "models" / ("loras" if fixture == "lora" else "text_encoders") / comfy.files[fixture]
-    msg = _bad(comfy, te_dir, f"other-{fixture}.safetensors", lambda p: p.exists() or os.link(src, p))
+    msg = bad(f"other-{fixture}.safetensors", lambda p: p.exists() or os.link(src, p))
     assert __import__("re").search(expected, msg), msg
 
 
-def test_missing_weight_scale_of_a_quantized_layer(comfy, saved, te_dir):
+def test_missing_weight_scale_of_a_quantized_layer(comfy, saved, bad):
     layer = "text_model.encoder.layers.3.mlp.fc1"
-    msg = _bad(comfy, te_dir, "no-scale.safetensors", lambda p: rewrite(saved, p, drop=[layer + ".weight_scale"]))
+    msg = bad("no-scale.safetensors", lambda p: rewrite(saved, p, drop=[layer + ".weight_scale"]))
     assert f"layer {layer} is stored in FP8 but its weight_scale is missing" in msg
 
 
-def test_missing_input_scale_of_a_quantized_layer(comfy, saved, te_dir):
+def test_missing_input_scale_of_a_quantized_layer(comfy, saved, bad):
     layer = "text_model.encoder.layers.5.self_attn.q_proj"
-    msg = _bad(comfy, te_dir, "no-input-scale.safetensors", lambda p: rewrite(saved, p, drop=[layer + ".input_scale"]))
+    msg = bad("no-input-scale.safetensors", lambda p: rewrite(saved, p, drop=[layer + ".input_scale"]))
     assert f"layer {layer} was calibrated for FP8 activations but its input_scale is missing" in msg
 
 
-def test_edited_input_scale_inv_is_refused(comfy, saved, te_dir):
+def test_edited_input_scale_inv_is_refused(comfy, saved, bad):
     layer = "text_model.encoder.layers.2.mlp.fc2"
     inv = load_file(str(saved))[layer + ".input_scale_inv"]
-    msg = _bad(comfy, te_dir, "edited-inv.safetensors",
-               lambda p: rewrite(saved, p, replace={layer + ".input_scale_inv": inv * 2}))
+    msg = bad("edited-inv.safetensors", lambda p: rewrite(saved, p, replace={layer + ".input_scale_inv": inv * 2}))
     assert f"layer {layer} has a missing or invalid input_scale_inv" in msg
 
 
-def test_files_of_format_1_still_load(comfy, qclip, saved, te_dir):
+def test_files_of_format_1_still_load(comfy, qclip, saved, te_dir, scratch):
     """Format 1 did not store input_scale_inv: the layers derive it from input_scale (an ulp off for some
     layers, so close to the quantized CLIP rather than identical)."""
-    rewrite(saved, te_dir / "fp8test" / "format1.safetensors", drop=lambda k: k.endswith(".input_scale_inv"),
+    rewrite(saved, scratch(te_dir / "fp8test" / "format1.safetensors"), drop=lambda k: k.endswith(".input_scale_inv"),
             meta_update={"fp8clip.format": "1"})
     old, _ = call(comfy, "FP8CLIPLoad", clip_name="fp8test/format1.safetensors", type="auto", runtime="auto")
     for p in PROMPTS[:2]:
         assert cosine(encode(comfy, qclip, p)[0], encode(comfy, old, p)[0]) >= 0.999
 
 
-def test_file_from_a_newer_pack_version(comfy, saved, te_dir):
-    msg = _bad(comfy, te_dir, "newer.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.format": "7"}))
+def test_file_from_a_newer_pack_version(comfy, saved, bad):
+    msg = bad("newer.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.format": "7"}))
     assert "newer comfyui-fp8-clip (file format 7" in msg and "Update the pack" in msg
 
 
-def test_one_tower_of_a_multi_tower_clip_alone_names_the_missing_file(comfy, saved, te_dir):
+def test_one_tower_of_a_multi_tower_clip_alone_names_the_missing_file(comfy, saved, bad):
     bundle = json.dumps({"class": "SDXLClipModel", "towers": ["clip_g", "clip_l"], "clip_type": "sdxl"})
-    msg = _bad(comfy, te_dir, "sdxl_clip_l.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.bundle": bundle}))
+    msg = bad("sdxl_clip_l.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.bundle": bundle}))
     assert "also select its clip_g file" in msg and "clip_name2" in msg
 
 
-def test_the_clip_l_of_a_flux_clip_asks_for_its_t5(comfy, saved, te_dir):
+def test_the_clip_l_of_a_flux_clip_asks_for_its_t5(comfy, saved, bad):
     bundle = json.dumps({"class": "FluxClipModel", "towers": ["clip_l"], "others": ["t5xxl"], "clip_type": "flux"})
-    msg = _bad(comfy, te_dir, "flux_clip_l.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.bundle": bundle}))
+    msg = bad("flux_clip_l.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.bundle": bundle}))
     assert "also select the t5xxl file you use with it" in msg
 
 

@@ -51,7 +51,8 @@ def saved(comfy, quantized, cv_dir) -> Path:
     (info,) = call(comfy, "FP8CLIPVisionSave", clip_vision=quantized[1], filename="fp8test/vit_l_fp8", overwrite=False)
     path = cv_dir / NAME
     assert f"Saved {path}" in info
-    return path
+    yield path
+    path.unlink(missing_ok=True)
 
 
 def encode(comfy, cv, img):
@@ -117,15 +118,16 @@ def test_load_node_runs_in_a_workflow(comfy, saved):
     assert "image_embeds" in json.dumps(run_graph(comfy, prompt))
 
 
-def test_saving_never_overwrites_unless_asked(comfy, quantized, saved, cv_dir):
+def test_saving_never_overwrites_unless_asked(comfy, quantized, saved, cv_dir, scratch):
     before = saved.read_bytes()[:4096], saved.stat().st_mtime_ns
     with pytest.raises(ValueError, match="vit_l_fp8.safetensors already exists.*set 'overwrite'"):
         call(comfy, "FP8CLIPVisionSave", clip_vision=quantized[1], filename="fp8test/vit_l_fp8", overwrite=False)
     assert (saved.read_bytes()[:4096], saved.stat().st_mtime_ns) == before
     # The fake-quant preview saves the same file as the fp8 runtime; overwrite replaces.
+    copy = scratch(cv_dir / "fp8test" / "from_fake.safetensors")
     for overwrite in (False, True):
         call(comfy, "FP8CLIPVisionSave", clip_vision=quantized[0], filename="fp8test/from_fake", overwrite=overwrite)
-    a, b = load_file(str(cv_dir / "fp8test" / "from_fake.safetensors")), load_file(str(saved))
+    a, b = load_file(str(copy)), load_file(str(saved))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) if a[k].dtype == torch.float8_e4m3fn
                else torch.equal(a[k], b[k]) for k in a)
@@ -156,7 +158,9 @@ def text_fp8(comfy, pack) -> Path:
         fake, _ = mod(pack, "calibrate").quantize_clip(clip, ["a cat", "a dog"], mod(pack, "recipe").Recipe(),
                                                        held_out=["a house"])
     te = Path(comfy.folder_paths.get_folder_paths("text_encoders")[0])
-    return mod(pack, "serialize").save_fp8_clip(fake, te, "fp8test/vtest_clip_l", overwrite=True)[0]
+    path = mod(pack, "serialize").save_fp8_clip(fake, te, "fp8test/vtest_clip_l", overwrite=True)[0]
+    yield path
+    path.unlink(missing_ok=True)
 
 
 def linked(src: Path, dst: Path) -> str:
@@ -166,20 +170,20 @@ def linked(src: Path, dst: Path) -> str:
     return dst.name
 
 
-def test_a_text_file_given_to_the_vision_loader_is_refused(comfy, text_fp8, cv_dir):
-    name = linked(text_fp8, cv_dir / "fp8test" / "text-fp8.safetensors")
+def test_a_text_file_given_to_the_vision_loader_is_refused(comfy, text_fp8, cv_dir, scratch):
+    name = linked(text_fp8, scratch(cv_dir / "fp8test" / "text-fp8.safetensors"))
     with pytest.raises(ValueError, match=r"FP8 CLIP text encoder \(clip_l\), not a CLIP vision model; load it "
                                          r"with 'Load FP8 CLIP'"):
         load(comfy, "fp8test/" + name)
     stock = comfy.base / "models" / "text_encoders" / comfy.files["clip_l"]
-    name = linked(stock, cv_dir / "fp8test" / "text-stock.safetensors")
+    name = linked(stock, scratch(cv_dir / "fp8test" / "text-stock.safetensors"))
     with pytest.raises(ValueError, match="is a CLIP text encoder, not a CLIP vision model. Load it with 'Load CLIP'"):
         load(comfy, "fp8test/" + name)
 
 
-def test_a_vision_file_given_to_the_text_loader_is_refused(comfy, saved):
+def test_a_vision_file_given_to_the_text_loader_is_refused(comfy, saved, scratch):
     te = Path(comfy.folder_paths.get_folder_paths("text_encoders")[0])
-    linked(saved, te / "fp8test" / "vision-fp8.safetensors")
+    linked(saved, scratch(te / "fp8test" / "vision-fp8.safetensors"))
     with pytest.raises(ValueError, match="is an FP8 CLIP vision model; load it with 'Load FP8 CLIP Vision'"):
         call(comfy, "FP8CLIPLoad", clip_name="fp8test/vision-fp8.safetensors", type="auto", runtime="auto")
 
@@ -197,22 +201,22 @@ def rewrite(src: Path, dst: Path, drop=(), meta_update=None) -> str:
     return "fp8test/" + dst.name
 
 
-def test_truncated_file(comfy, saved, cv_dir):
-    (cv_dir / "fp8test" / "truncated.safetensors").write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
+def test_truncated_file(comfy, saved, cv_dir, scratch):
+    scratch(cv_dir / "fp8test" / "truncated.safetensors").write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load(comfy, "fp8test/truncated.safetensors")
 
 
-def test_missing_scales(comfy, saved, cv_dir):
-    name = rewrite(saved, cv_dir / "fp8test" / "no-scale.safetensors", drop=[LAYER + ".weight_scale"])
+def test_missing_scales(comfy, saved, cv_dir, scratch):
+    name = rewrite(saved, scratch(cv_dir / "fp8test" / "no-scale.safetensors"), drop=[LAYER + ".weight_scale"])
     with pytest.raises(ValueError, match=f"layer {LAYER} is stored in FP8 but its weight_scale is missing"):
         load(comfy, name)
-    name = rewrite(saved, cv_dir / "fp8test" / "no-input-scale.safetensors", drop=[LAYER + ".input_scale"])
+    name = rewrite(saved, scratch(cv_dir / "fp8test" / "no-input-scale.safetensors"), drop=[LAYER + ".input_scale"])
     with pytest.raises(ValueError, match=f"layer {LAYER} was calibrated for FP8 activations but its input_scale"):
         load(comfy, name)
 
 
-def test_a_file_missing_a_part_of_the_model_is_refused(comfy, saved, cv_dir):
-    name = rewrite(saved, cv_dir / "fp8test" / "no-projection.safetensors", drop=["visual_projection.weight"])
+def test_a_file_missing_a_part_of_the_model_is_refused(comfy, saved, cv_dir, scratch):
+    name = rewrite(saved, scratch(cv_dir / "fp8test" / "no-projection.safetensors"), drop=["visual_projection.weight"])
     with pytest.raises(ValueError, match=r"does not match the (vision )?model ComfyUI detected.*visual_projection"):
         load(comfy, name)
