@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def te_dir(comfy) -> Path:
 
 
 @pytest.fixture(scope="module")
-def saved(comfy, qclip, te_dir) -> Path:
+def saved(comfy, qclip, te_dir) -> Iterator[Path]:
     (info,) = call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/clip_l_fp8",
                    format="fp8 + scales (Load FP8 CLIP)", overwrite=False)
     path = te_dir / "fp8test" / "clip_l_fp8.safetensors"

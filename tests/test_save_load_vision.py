@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def cv_dir(comfy) -> Path:
 
 
 @pytest.fixture(scope="module")
-def saved(comfy, quantized, cv_dir) -> Path:
+def saved(comfy, quantized, cv_dir) -> Iterator[Path]:
     (info,) = call(comfy, "FP8CLIPVisionSave", clip_vision=quantized[1], filename="fp8test/vit_l_fp8", overwrite=False)
     path = cv_dir / NAME
     assert f"Saved {path}" in info
@@ -151,7 +152,7 @@ def test_names_that_escape_the_models_folder_are_refused(comfy, quantized, cv_di
 # --- text <-> vision, other model types, damaged files --------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def text_fp8(comfy, pack) -> Path:
+def text_fp8(comfy, pack) -> Iterator[Path]:
     """An FP8 CLIP-L text file saved by this pack (calibrated on two prompts: only its kind matters here)."""
     (clip,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
     with torch.inference_mode():
