@@ -111,15 +111,18 @@ def run_variant(args) -> dict:
         ref_e = vision.embed(cv, test)[0]
         fq_e = vision.embed(fake, test)[0]
         out["runtimes"] = {}
-        variants = (("cuda_graph", "float16"),) if args.quick else (
-            ("cuda_graph", "float32"), ("cuda_graph", "float16"), ("compiled", "float16"))
-        for executor, act in variants:
-            name = f"fp8 scaled_mm, {executor}, {act} activations"
+        # (executor, activations, kernels between the matmuls); the first is the default plan on FP8 GPUs
+        variants = (("cuda_graph", "float16", "fused"), ("cuda_graph", "float32", "fused"),
+                    ("cuda_graph", "float16", "torch"), ("compiled", "float16", "torch"))
+        if args.quick:
+            variants = variants[:1]
+        for executor, act, kernels in variants:
+            name = f"fp8 scaled_mm, {executor}, {'fused' if kernels == 'fused' else 'unfused'} kernels, {act} activations"
             res: dict = {}
             try:
                 fp8, _ = runtime.to_fp8_runtime(fake, "fp8")
                 for m, _r in pack.quant.artifact.quantized_towers(fp8).values():
-                    m.configure(lambda d, e=executor, a=act: runtime.Plan("fp8", "scaled_mm", e, a, "bench"))
+                    m.configure(lambda d, e=executor, a=act, k=kernels: runtime.Plan("fp8", "scaled_mm", e, a, "bench", k))
                 t0 = time.perf_counter()
                 got = vision.embed(fp8, test)[0]
                 res["first_call_s"] = time.perf_counter() - t0

@@ -6,8 +6,9 @@ with itself: a diagnosis of the fidelity target (cosine >= 0.999), written to OU
 On the held-out prompts, at the transformer (same input embeddings for every variant), mean per-token cosine
 of the last hidden state against the Q->DQ model on the GPU at batch 1:
 - the Q->DQ model itself at batch 2 (another cuBLAS kernel, same math) and on the CPU: its own reproducibility;
-- the FP8 runtime: scaled_mm (CUDA graph and eager; and with the input multiplier of file format 1), scaled_mm
-  with fast accumulation, dequantized fp32 GEMMs.
+- the FP8 runtime: scaled_mm with the fused Triton kernels between the matmuls (the default), and unfused
+  (CUDA graph and eager; and with the input multiplier of file format 1), scaled_mm with fast accumulation,
+  dequantized fp32 GEMMs.
 And for single GEMMs, the error of each arithmetic against an fp64 reference of the same FP8 operands.
 """
 from __future__ import annotations
@@ -51,6 +52,13 @@ def main() -> None:
     b.eager_modelopt()
     dev = torch.device(clip.patcher.load_device)
     with torch.inference_mode():
+        from comfyui_fp8_clip.quant import fp8_fused
+        xs = torch.cat([torch.randn(1 << 20, device=dev) * s for s in (1e-4, 1e-2, 1.0, 100.0, 1000.0)])
+        one = torch.tensor(1.0, device=dev)
+        differ = int((fp8_fused.quantize(xs[None], one).view(torch.uint8)
+                      != quantize_input(xs[None], one).view(torch.uint8)).sum())
+        lines.append(f"Fused kernels' FP8 rounding vs PyTorch's cast, {xs.numel()} values from 1e-4 to 1e3 (with "
+                     f"subnormals and saturation): {differ} codes differ")
         fake, _ = calibrate.quantize_clip(clip, list(CALIBRATION_PROMPTS)[: args.calibration_prompts], Recipe())
         held = list(HELD_OUT_PROMPTS)[: args.prompts]
         calibrate.encode(fake, held[0])
@@ -79,22 +87,24 @@ def main() -> None:
             for i, (e, n) in enumerate(data)]
         variants["Q->DQ model on the CPU"] = [run(fq_cpu, e.cpu(), n) for e, n in data]
         del fq_cpu
-        for matmul, executor, fast, derived_inv in [
-                ("scaled_mm", "cuda_graph", False, False), ("scaled_mm", "cuda_graph", False, True),
-                ("scaled_mm", "eager", False, False), ("scaled_mm", "eager", True, False),
-                ("dequant", "eager", False, False), ("dequant", "cuda_graph", False, False)]:
+        for matmul, executor, fast, derived_inv, kernels in [
+                ("scaled_mm", "cuda_graph", False, False, "fused"),
+                ("scaled_mm", "cuda_graph", False, False, "torch"), ("scaled_mm", "cuda_graph", False, True, "torch"),
+                ("scaled_mm", "eager", False, False, "torch"), ("scaled_mm", "eager", True, False, "torch"),
+                ("dequant", "eager", False, False, "torch"), ("dequant", "cuda_graph", False, False, "torch")]:
             fp8, _ = runtime.to_fp8_runtime(fake, "fp8")
             impl = unwrap(fp8.patcher.get_model_object("clip_l.transformer"))
             if derived_inv:  # what format 1 did: 1 / input_scale, an ulp off ModelOpt's 448 / amax for some layers
                 for m in impl.modules():
                     if isinstance(m, FP8Linear) and m.input_scale is not None:
                         m.input_scale_inv.copy_(1.0 / m.input_scale)
-            impl.configure(lambda d, m=matmul, e=executor: runtime.Plan("fp8", m, e, "float32", "probe"))
+            impl.configure(lambda d, m=matmul, e=executor, k=kernels: runtime.Plan("fp8", m, e, "float32", "probe", k))
             if fast:
                 orig = torch._scaled_mm
                 torch._scaled_mm = lambda *a, **k: orig(*a, use_fast_accum=True, **k)
             try:
-                variants[f"FP8 runtime: {matmul}, {executor}{', fast accumulation' if fast else ''}"
+                variants[f"FP8 runtime: {matmul}, {executor}, {'fused' if impl.fused else 'unfused'} kernels"
+                         f"{', fast accumulation' if fast else ''}"
                          f"{', 1/input_scale as in format 1' if derived_inv else ''}"] = [
                     run(impl, e, n) for e, n in data]
             finally:

@@ -60,7 +60,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--fixture", default=str(b.ROOT / ".cache" / "bench-clip_l.safetensors"))
     ap.add_argument("--dynamic-vram", action="store_true")
-    ap.add_argument("--executors", default="cuda_graph,compiled")
+    ap.add_argument("--executors", default="fused,cuda_graph,compiled",
+                    help="fused: CUDA graph of the fused kernels (the default plan); cuda_graph: unfused kernels")
     args = ap.parse_args()
     b.boot(Path(args.comfy), [], args.dynamic_vram)
     import torch
@@ -146,7 +147,8 @@ def profile_executor(ex, fake, tokens, enc, report, listings, pack, runtime, unw
     import torch
     fp8, _ = runtime.to_fp8_runtime(fake, "fp8")
     for m, _ in pack.quant.artifact.quantized_towers(fp8).values():
-        m.configure(lambda d, e=ex: runtime.Plan("fp8", "scaled_mm", e, "float32", "profile"))
+        executor, kernels = ("cuda_graph", "fused") if ex == "fused" else (ex, "torch")
+        m.configure(lambda d, e=executor, k=kernels: runtime.Plan("fp8", "scaled_mm", e, "float32", "profile", k))
     t0 = time.perf_counter()
     fp8.encode_from_tokens_scheduled(tokens)
     first = time.perf_counter() - t0

@@ -1,8 +1,9 @@
 """Building blocks shared by the FP8 text and vision transformers, and the runner that executes them.
 
 `FP8Runner` owns what is device-dependent: where the weights live (it moves them itself: ComfyUI's loader
-handles only the module types it knows), which kernels run (a planner picks FP8 matmuls or dequantization
-per device), and CUDA graphs of the fixed-shape part, recaptured whenever a weight moves.
+handles only the module types it knows), which kernels run (a planner picks, per device, FP8 matmuls with
+the fused Triton kernels of fp8_fused between them, or dequantization), and CUDA graphs of the fixed-shape
+part, recaptured whenever a weight moves.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from . import fp8_fused
+from .activations import activation_name
 from .fp8_ops import FP8Linear
-
 
 
 def layer_norm(ln: torch.nn.Module) -> torch.nn.LayerNorm:
@@ -85,6 +87,7 @@ class _MLP(torch.nn.Module):
     def __init__(self, activation: Callable):
         super().__init__()
         self.activation = activation
+        self.activation_name = activation_name(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation(self.fc1(x)))
@@ -128,6 +131,7 @@ class FP8Runner(torch.nn.Module):
         super().__init__()
         self.act_dtype = torch.float32
         self.executor = "eager"  # "eager" | "cuda_graph" | "compiled"
+        self.fused = False  # Triton kernels between the FP8 matmuls (fp8_fused)
         self.planner: Callable | None = None
         self.load_device: torch.device | None = None  # where ComfyUI runs this model
         self._device: torch.device | None = None
@@ -137,7 +141,8 @@ class FP8Runner(torch.nn.Module):
 
     def configure(self, planner: Callable[[torch.device], Any]) -> None:
         """`planner(device)` -> an object with .matmul ('scaled_mm'|'dequant'), .executor ('eager'|
-        'cuda_graph'|'compiled') and .act_dtype; asked again whenever the model runs on another device."""
+        'cuda_graph'|'compiled'), .kernels ('fused'|'torch') and .act_dtype; asked again whenever the model
+        runs on another device."""
         self.planner = planner
         self._device = None
 
@@ -153,9 +158,12 @@ class FP8Runner(torch.nn.Module):
         params = self.__dict__.get("_param_list")
         if params is None:
             params = self.__dict__["_param_list"] = list(self.parameters())
+        placement = tuple(map(torch.Tensor.data_ptr, params))  # C-speed: this runs on every encode
+        if placement == self._placement and device == self._device:
+            return device  # nothing moved since the last run here
         if any(p.device != device for p in params):
             self.to(device)
-        placement = tuple(p.data_ptr() for p in params)
+            placement = tuple(map(torch.Tensor.data_ptr, params))
         if placement != self._placement:
             self._drop_graphs()
             self._placement = placement
@@ -178,9 +186,27 @@ class FP8Runner(torch.nn.Module):
             if isinstance(mod, _Attention):
                 mod.attention = host_attention(device)
                 mod.share_input()
+        self.fused = (getattr(p, "kernels", "torch") == "fused" and matmul == "scaled_mm"
+                      and fp8_fused.fusable(self.encoder_layers())[0])
         self._drop_graphs()
         self._compiled = None
         self._device = device
+
+    def encoder_layers(self) -> torch.nn.ModuleList:
+        raise NotImplementedError
+
+    def run_layers(self, x: torch.Tensor, mask: torch.Tensor | None, inter_idx: int | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoder layers on fp32 hidden states: (after the last layer, after layer `inter_idx`)."""
+        layers = self.encoder_layers()
+        if self.fused:
+            return fp8_fused.run_layers(x, layers, mask, inter_idx, self.act_dtype)
+        inter = None
+        for i, layer in enumerate(layers):
+            x = layer(x, mask)
+            if i == inter_idx:
+                inter = x.clone()
+        return x, inter
 
     def _core(self, x: torch.Tensor, mask: torch.Tensor | None, inter_idx: int | None, ln_inter: bool):
         raise NotImplementedError

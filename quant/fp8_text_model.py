@@ -5,8 +5,8 @@ projected pooled, pooled out), same submodule names (`text_model.encoder.layers.
 so ComfyUI's encode path, CLIPSetLastLayer and textual inversion work unchanged.
 
 Speed on FP8 GPUs comes from running the fixed part (embeds [B, 77, D] -> hidden states) as one CUDA graph
-per shape, optionally compiled first so the activation quantization is fused into the LayerNorm/GELU
-kernels before each FP8 matmul. Pooling by prompt length stays outside the graph.
+per shape, with the activation quantization fused into the LayerNorm/GELU/residual kernels around each FP8
+matmul (fp8_fused; or by torch.compile, `fp8-compiled`). Pooling by prompt length stays outside the graph.
 """
 from __future__ import annotations
 
@@ -95,12 +95,7 @@ class FP8TextModel(FP8Runner):
     def _core(self, x: torch.Tensor, mask: torch.Tensor | None, inter_idx: int | None, ln_inter: bool):
         tm = self.text_model
         x = x + tm.embeddings.position_embedding.weight[: x.shape[1]].to(x.dtype)
-        mask = self._causal(x, mask)
-        inter = None
-        for i, layer in enumerate(tm.encoder.layers):
-            x = layer(x, mask)
-            if i == inter_idx:
-                inter = x.clone()
+        x, inter = self.run_layers(x, self._causal(x, mask), inter_idx)
         x = tm.final_layer_norm(x)
         if inter is not None and ln_inter:
             inter = tm.final_layer_norm(inter)
@@ -118,6 +113,9 @@ class FP8TextModel(FP8Runner):
         if which != "all":
             inter = inter[:, list(which)]
         return tm.final_layer_norm(x), inter
+
+    def encoder_layers(self) -> torch.nn.ModuleList:
+        return self.text_model.encoder.layers
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())

@@ -67,9 +67,7 @@ class FP8VisionModel(FP8Runner):
         if e.class_embedding is not None:
             x = torch.cat([e.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         x = self.pre_layrnorm(x + e.position_embedding.weight.to(x.dtype))
-        inter = None
-        for i, layer in enumerate(self.encoder.layers):
-            x = layer(x, None)
-            if i == inter_idx:
-                inter = x.clone()
-        return x, inter
+        return self.run_layers(x, None, inter_idx)
+
+    def encoder_layers(self) -> torch.nn.ModuleList:
+        return self.encoder.layers

@@ -1,19 +1,19 @@
 """Which runtime a quantized CLIP runs on, and swapping it in per clone.
 
 - fake-quant: ModelOpt's Q->DQ simulation (the quality preview; original memory and speed).
-- fp8: FP8TextModel, FP8 weights in memory; FP8 matmuls with CUDA graphs on compute capability 8.9+,
-  on-the-fly dequantization elsewhere (older GPUs, CPU).
+- fp8: FP8TextModel, FP8 weights in memory; FP8 matmuls on compute capability 8.9+, the work between them
+  in fused Triton kernels, run as CUDA graphs; on-the-fly dequantization elsewhere (older GPUs, CPU).
 - tensorrt: an engine built from the FP8 Q/DQ ONNX export (trt_runtime/).
 `auto` takes the fastest that works on the CLIP's load device.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from . import artifact
+from . import artifact, fp8_fused
 from .errors import FP8ClipError
 from .fp8_ops import fp8_matmul_support
 from .fp8_encoder import FP8Runner
@@ -35,6 +35,7 @@ class Plan:
     executor: str = "eager"  # fp8: "eager" | "cuda_graph" | "compiled"
     act_dtype: str = "float32"  # activations between the FP8 matmuls
     reason: str = ""
+    kernels: str = "torch"  # fp8 matmuls: "fused" (fp8_fused's Triton kernels between them) | "torch"
 
 
 def plan(requested: str, device: torch.device, compile_ok: bool | None = None, kind: str = "text") -> Plan:
@@ -51,8 +52,12 @@ def plan(requested: str, device: torch.device, compile_ok: bool | None = None, k
         # CUDA graphs by default: ComfyUI's per-encode overhead dominates CLIP-L, and compiling costs
         # ~20 s on first use for little gain there (bench/results). "compiled" is opt-in.
         executor = "compiled" if compile_ok else "cuda_graph"
-        return Plan("fp8", "scaled_mm", executor, GPU_ACT_DTYPE[kind],
-                    f"FP8 matmuls ({why}), {executor.replace('_', ' ')}")
+        if compile_ok:  # torch.compile fuses the passes itself
+            return Plan("fp8", "scaled_mm", executor, GPU_ACT_DTYPE[kind], f"FP8 matmuls ({why}), compiled")
+        fused, no_triton = fp8_fused.available()
+        how = "fused Triton kernels between them" if fused else f"unfused quantization passes: {no_triton}"
+        return Plan("fp8", "scaled_mm", executor, GPU_ACT_DTYPE[kind], f"FP8 matmuls ({why}), {how}, CUDA graphs",
+                    kernels="fused" if fused else "torch")
     if device.type == "cuda":
         return Plan("fp8", "dequant", "cuda_graph", GPU_ACT_DTYPE[kind], f"FP8 weights, dequantized per matmul: {why}")
     return Plan("fp8", "dequant", "eager", "float32", f"FP8 weights, dequantized per matmul: {why}")
@@ -81,6 +86,10 @@ def to_fp8_runtime(qclip: Any, requested: str = "auto", compile_ok: bool | None 
         else:
             fp8 = FP8TextModel.from_quantized(module, record.scales, fp8_embedding=record.recipe.fp8_embedding)
         artifact.attach(fp8, record)
+        if p.kernels == "fused":
+            ok, why = fp8_fused.fusable(fp8.encoder_layers())
+            if not ok:
+                p = replace(p, kernels="torch", reason=f"{p.reason}; {path} unfused: {why}")
         kind = "vision" if isinstance(fp8, FP8VisionModel) else "text"
         fp8.configure(lambda d, r=requested, c=compile_ok, k=kind: plan(r, d, c, k))
         fp8.load_device = device

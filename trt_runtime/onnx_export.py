@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..quant.errors import FP8ClipError
+from ..quant.activations import GELUS, activation_name
 
 EXPORT_VERSION = 1  # bump when the graph written here changes: it is part of every engine cache key
 OPSET = 19  # first opset with float8 QuantizeLinear/DequantizeLinear
@@ -190,23 +191,12 @@ class TransformerSpec:
         return h.hexdigest()
 
 
-_ACTIVATIONS = {
-    "quick_gelu": lambda a: a * torch.sigmoid(1.702 * a),
-    "gelu": lambda a: torch.nn.functional.gelu(a),
-    "gelu_pytorch_tanh": lambda a: torch.nn.functional.gelu(a, approximate="tanh"),
-}
-
-
 def _activation_name(fn: Any) -> str:
-    # ComfyUI stores the activation as a bare lambda: identify it by what it computes.
-    x = torch.linspace(-6, 6, 97)
-    with torch.no_grad():
-        y = fn(x)
-    for name, ref in _ACTIVATIONS.items():
-        if torch.allclose(y, ref(x), atol=1e-6):
-            return name
-    raise FP8ClipError(f"This encoder uses an activation the TensorRT export does not know ({fn!r}); "
-                       f"supported: {', '.join(_ACTIVATIONS)}. Use it without the TensorRT node.")
+    name = activation_name(fn)
+    if name is None:
+        raise FP8ClipError(f"This encoder uses an activation the TensorRT export does not know ({fn!r}); "
+                           f"supported: {', '.join(GELUS)}. Use it without the TensorRT node.")
+    return name
 
 
 def _norm(m: torch.nn.Module) -> NormSpec:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# How bench/results/*_h200* were produced, on the device machine (carry .whl and .device, see README):
+#   bash bench/run_on_device.sh OUT [step ...]     steps: probe probe-stress text profile vision text-dynamic
+#   attention
+# A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
+# Sets up the carried wheels (ModelOpt, comfy-kitchen, ...) and ComfyUI v0.29 once per machine, then runs
+# each step under its own time limit, logging to OUT/<step>.log, so one slow step does not lose the others.
+set -u
+out=${1:?usage: run_on_device.sh OUT [step ...]}
+shift
+mkdir -p "$out"
+[ -d /tmp/site/modelopt ] || pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
+[ -f /tmp/c29/main.py ] || { mkdir -p /tmp/c29 && tar -xJf .device/comfyui-v0.29.tar.xz -C /tmp/c29; }
+export PYTHONPATH=/tmp/site
+for step in "${@:-probe text profile vision}"; do
+  for s in $step; do
+    t0=$(date +%s)
+    case $s in
+      probe) timeout 300 python3 bench/probe_fp8_fidelity.py --comfy /tmp/c29 --out "$out" ;;
+      probe-stress) timeout 300 python3 bench/probe_fp8_fidelity.py --comfy /tmp/c29 --out "$out" --stress ;;
+      text-dynamic*) timeout 400 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack \
+                       --dynamic-vram ;;
+      text*) timeout 400 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack ;;
+      attention) timeout 120 python3 bench/probe_attention.py --out "$out" ;;
+      profile) timeout 200 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/profile" ;;
+      vision) timeout 500 python3 bench/bench_vision_encode.py --comfy /tmp/c29 --out "$out/vision" ;;
+      *) echo "unknown step $s" ;;
+    esac > "$out/$s.log" 2>&1
+    echo "$s: exit $? in $(( $(date +%s) - t0 )) s"
+  done
+done
