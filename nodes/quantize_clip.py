@@ -43,9 +43,10 @@ class QuantizeCLIP:
                                      "tooltip": "Warn when the worst held-out prompt falls below this."}),
             "runtime": (list(RUNTIME_CHOICES), {
                 "default": "auto",
-                "tooltip": "fp8: FP8 weights in memory, FP8 matmuls on GPUs that have them (RTX 40xx, H100...), "
-                           "dequantized on the fly elsewhere, with CUDA graphs. fp8-compiled: also "
-                           "torch.compile (faster, ~20 s to compile on first use). fake-quant: simulation only "
+                "tooltip": "fp8: FP8 weights in memory, FP8 matmuls with fused kernels on GPUs that have them "
+                           "(RTX 40xx, H100...), dequantized on the fly elsewhere, with CUDA graphs. fp8-compiled: "
+                           "torch.compile instead of the fused kernels (3-27 s to compile on first use). "
+                           "fake-quant: simulation only "
                            "(original memory and speed), to judge quality. tensorrt: fp8, then a TensorRT engine (built "
                            "once, cached in models/tensorrt; up to 8 rows of 77 tokens; falls back to fp8 where it "
                            "cannot run, and says so). auto: fp8."}),

@@ -14,8 +14,9 @@ def runtime_widget() -> tuple:
 
     return (list(LOAD_RUNTIMES), {
         "default": "auto",
-        "tooltip": "fp8: FP8 weights in memory, FP8 matmuls where the GPU has them, dequantized on the fly "
-                   "elsewhere. fp8-compiled: also torch.compile. auto: fp8."})
+        "tooltip": "fp8: FP8 weights in memory, FP8 matmuls with fused kernels where the GPU has them, "
+                   "dequantized on the fly elsewhere. fp8-compiled: torch.compile instead of the fused kernels. "
+                   "auto: fp8."})
 
 
 def safetensors_files(folder: str = FOLDER) -> list[str]:

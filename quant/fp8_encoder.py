@@ -7,6 +7,7 @@ part, recaptured whenever a weight moves.
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from . import fp8_fused
 from .activations import activation_name
 from .fp8_ops import FP8Linear
+
+log = logging.getLogger(__name__)
 
 
 def layer_norm(ln: torch.nn.Module) -> torch.nn.LayerNorm:
@@ -200,7 +203,16 @@ class FP8Runner(torch.nn.Module):
         """The encoder layers on fp32 hidden states: (after the last layer, after layer `inter_idx`)."""
         layers = self.encoder_layers()
         if self.fused:
-            return fp8_fused.run_layers(x, layers, mask, inter_idx, self.act_dtype)
+            try:
+                return fp8_fused.run_layers(x, layers, mask, inter_idx, self.act_dtype)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a Triton that cannot build its kernels here: stay usable
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                log.warning("FP8 CLIP: the fused kernels failed (%s: %s); running the unfused FP8 path instead",
+                            type(e).__name__, e)
+                self.fused = False
         inter = None
         for i, layer in enumerate(layers):
             x = layer(x, mask)

@@ -167,3 +167,22 @@ def test_fused_kernels_give_the_numbers_of_the_unfused_path(comfy, pack, fake, f
             assert cosine(rc, gc) >= 0.999 and cosine(rp, gp) >= 0.999, (text, cosine(rc, gc), cosine(rp, gp))
     finally:
         m.configure(lambda d: mod(pack, "runtime").plan("auto", d))
+
+
+def test_fused_kernels_that_fail_to_build_fall_back_to_the_unfused_path(comfy, pack, fake, fp8, monkeypatch, caplog):
+    """A Triton that cannot compile on the user's machine must not break the encode."""
+    qclip = fp8[0]
+    m = tower(pack, qclip)
+    plan = mod(pack, "runtime").Plan("fp8", "scaled_mm", "eager", "float32", "test", kernels="fused")
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX assembly failed (simulated)")
+
+    monkeypatch.setattr(mod(pack, "fp8_fused"), "run_layers", broken)
+    m.configure(lambda d: plan)
+    try:
+        out = encode(comfy, qclip, PROMPTS[0])[0]
+        assert not m.fused and "PTX assembly failed (simulated)" in caplog.text
+        assert torch.equal(out, encode(comfy, fake, PROMPTS[0])[0])  # the unfused path: the Q->DQ numbers
+    finally:
+        m.configure(lambda d: mod(pack, "runtime").plan("auto", d))
