@@ -106,7 +106,7 @@ if triton is not None:
         elif ACT == 1:
             x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
         else:
-            u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            u = tl.clamp(0.7978845608028654 * (x + 0.044715 * x * x * x), -20.0, 20.0)  # tanh(20) is 1 in fp32
             x = 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0))
         tl.store(codes_ptr + offs, _fp8_codes(x, tl.load(inv_ptr)), mask=m)
 
