@@ -17,7 +17,7 @@ Triton's CPU interpreter (whose own FP8 cast rounds wrongly at binade edges), wh
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
