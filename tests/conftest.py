@@ -15,10 +15,9 @@ sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-if not torch.cuda.is_available():
-    # The pack's Triton kernels (quant/fp8_fused.py) are for GPUs; here they run in Triton's CPU interpreter,
-    # which has to be chosen before the kernels are defined.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests run ComfyUI with --cpu, so the pack's Triton kernels (quant/fp8_fused.py, GPU kernels) run in
+# Triton's CPU interpreter, which has to be chosen before the kernels are defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from harness import fixtures, host  # noqa: E402
 
