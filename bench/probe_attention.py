@@ -47,7 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     args = ap.parse_args()
-    fused, ops = load("fp8_fused"), load("fp8_ops")
+    fused, ops, encoder = load("fp8_fused"), load("fp8_ops"), load("fp8_encoder")
     dev = torch.device("cuda")
     lines = [f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}; GPU us per layer's attention "
              "(median of CUDA-graph replays); FP8 codes that differ from fp64 attention's, per million"]
@@ -64,7 +64,7 @@ def main() -> None:
 
         def host():  # last: its bias kernel adds in place (fresh matmul outputs in the encoder), so q, k, v change
             qq, kk, vv = fused.qkv_bias(q, k, v, biases, torch.float32)
-            o = load_attention()(qq.view(b, t, width), kk.view(b, t, width), vv.view(b, t, width), heads, mask)
+            o = encoder.sdpa_attention(qq.view(b, t, width), kk.view(b, t, width), vv.view(b, t, width), heads, mask)
             return fused.quantize(o, inv)
 
         variants = {}
@@ -86,15 +86,6 @@ def main() -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "attention_probe.txt").write_text(text + "\n")
-
-
-def load_attention():
-    def sdpa(q, k, v, heads, mask):
-        b, t, d = q.shape
-        q, k, v = (z.view(b, t, heads, d // heads).transpose(1, 2) for z in (q, k, v))
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return o.transpose(1, 2).reshape(b, t, d)
-    return sdpa
 
 
 if __name__ == "__main__":
