@@ -108,6 +108,7 @@ def clone_with(clip: Any, modules: dict[str, torch.nn.Module]) -> Any:
 
     from .proxy import RefuseLaterWeightPatches, TowerProxy, original_of, unwrap
 
+    group = object()  # this CLIP's towers share the GPU (proxy.TowerProxy)
     for path, module in modules.items():
         prefix = path + "."
         for key in [k for k in out.patcher.patches if k.startswith(prefix)]:
@@ -115,7 +116,7 @@ def clone_with(clip: Any, modules: dict[str, torch.nn.Module]) -> Any:
         # get_model_object gives this clone's object patch (maybe a proxy) or the shared model's module (maybe
         # another clone's proxy, patched in while that clone is loaded); either way its original is the tower.
         original = original_of(out.patcher.get_model_object(path))
-        proxy = TowerProxy(unwrap(module), original, out.patcher.load_device, out.patcher.offload_device)
+        proxy = TowerProxy(unwrap(module), original, out.patcher.load_device, out.patcher.offload_device, group)
         out.patcher.add_object_patch(path, proxy)
         # Keyed by path: the callbacks of the tower this one replaces (and the memory they hold) go.
         key = f"fp8clip:{path}"

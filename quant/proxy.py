@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-# Proxies whose tower sits on its load device. One set at a time: ComfyUI cannot see (or free) this memory.
+# Proxies whose tower sits on its load device. One CLIP's towers at a time (SDXL's CLIP-L and CLIP-G together):
+# ComfyUI cannot see (or free) this memory.
 _RESIDENT: "weakref.WeakSet[TowerProxy]" = weakref.WeakSet()
 
 # Roots of the weight names of CLIP towers: they resolve to the original tower.
@@ -31,9 +32,13 @@ class WeightPatchAfterQuantization(RuntimeError):
 
 
 class TowerProxy(torch.nn.Module):
-    def __init__(self, impl: torch.nn.Module, original: torch.nn.Module, load_device: Any, offload_device: Any):
+    def __init__(self, impl: torch.nn.Module, original: torch.nn.Module, load_device: Any, offload_device: Any,
+                 group: object | None = None):
+        """`group`: the same object for the towers of one CLIP, which run one after another in every encode
+        and so share the GPU; a tower of another group running sends them back to the offload device."""
         super().__init__()
         # object.__setattr__: not registered as submodules, so invisible to .to()/named_*().
+        object.__setattr__(self, "group", group if group is not None else object())
         object.__setattr__(self, "impl", impl)
         object.__setattr__(self, "original", original)
         object.__setattr__(self, "load_device", torch.device(load_device))
@@ -41,8 +46,8 @@ class TowerProxy(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.load_device != self.offload_device and self not in _RESIDENT:
-            for other in list(_RESIDENT):  # a tower another clone left on the GPU (see offload)
-                if other.impl is not self.impl:
+            for other in list(_RESIDENT):  # a tower another CLIP left on the GPU (see offload)
+                if other.group is not self.group and other.impl is not self.impl:
                     other.offload_now()
             _RESIDENT.add(self)
         self.place(self.load_device)
