@@ -1,10 +1,11 @@
-"""Text-encoder speed and memory: stock ComfyUI's CLIP-L encode path vs this pack's FP8 runtime, side by side.
+"""Text-encoder speed and memory: stock ComfyUI's CLIP encode path vs this pack's FP8 runtime, side by side.
 
-    python bench/bench_text_encode.py --comfy /path/to/ComfyUI --out bench/out [--quick]
+    python bench/bench_text_encode.py --comfy /path/to/ComfyUI --out bench/out [--quick] [--family sdxl]
 
 Each variant runs in a fresh process (stock ComfyUI's GPU memory grows across calls made outside its
 executor), through ComfyUI's own CLIPTextEncode path (tokenize + encode_from_tokens_scheduled), on a
-seeded random-weight CLIP-L at the real ViT-L/14 text config. Writes results.json and a markdown table with
+seeded random-weight CLIP-L at the real ViT-L/14 text config (`--family sdxl`: SDXL's CLIP-L + CLIP-G pair,
+loaded as DualCLIPLoader does; the fused and unfused FP8 plans only). Writes results.json and a markdown table with
 ratios against stock. Absolute times are only meaningful from a GPU run; see bench/results/.
 """
 from __future__ import annotations
@@ -70,19 +71,26 @@ def load_pack():
     return mod
 
 
-def fixture(path: Path, stress: bool = False) -> Path:
-    """The seeded CLIP-L file at `path` (written on first use); `stress`: the one with outlier channels."""
+def fixture(path: Path, stress: bool = False, family: str = "sd15") -> list[Path]:
+    """The seeded CLIP-L file at `path` (written on first use; `stress`: the one with outlier channels), and
+    for `family="sdxl"` SDXL's CLIP-G beside it."""
+    sys.path.insert(0, str(ROOT))
+    from harness.fixtures import write_clip_g, write_clip_l
     if not path.exists():
-        sys.path.insert(0, str(ROOT))
-        from harness.fixtures import write_clip_l
         write_clip_l(path, stress=stress)
-    return path
+    if family == "sd15":
+        return [path]
+    g = path.with_name("bench-clip_g.safetensors")
+    if not g.exists():
+        write_clip_g(g)
+    return [path, g]
 
 
-def load_fixture_clip(path: Path, stress: bool = False):
+def load_fixture_clip(path: Path, stress: bool = False, family: str = "sd15"):
     import comfy.sd
 
-    return comfy.sd.load_clip(ckpt_paths=[str(fixture(path, stress))], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    return comfy.sd.load_clip(ckpt_paths=[str(f) for f in fixture(path, stress, family)],
+                              clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
 
 
 def eager_modelopt() -> None:
@@ -178,8 +186,9 @@ def run_variant(args) -> dict:
 
     out = {"variant": args.variant, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "dynamic_vram": args.dynamic_vram}
-    clip = load_fixture_clip(Path(args.fixture))
+    clip = load_fixture_clip(Path(args.fixture), family=args.family)
     out["patcher"] = type(clip.patcher).__name__
+    out["family"] = args.family
     n = 10 if args.quick else 40
     with torch.inference_mode():
         if args.variant.startswith("stock"):
@@ -205,6 +214,8 @@ def run_variant(args) -> dict:
                     ("compiled", "float32", "torch"), ("eager", "float32", "fused")]
         if args.quick:
             variants = variants[:1]
+        elif args.family != "sd15":
+            variants = variants[:2]
         out["runtimes"] = {}
         for executor, act, kernels in variants:
             name = f"fp8 scaled_mm, {executor}, {'fused' if kernels == 'fused' else 'unfused'} kernels, {act} activations"
@@ -247,7 +258,8 @@ def table(results: list[dict]) -> str:
             if "cases" in res:
                 rows.append((f"pack: {name}", res["cases"], res["memory"]))
     cases = list(CASES)
-    lines = [f"Device: {stock['device']}, torch {stock['torch']}, ComfyUI patcher {stock.get('patcher')}"
+    lines = [f"Device: {stock['device']}, torch {stock['torch']}, {stock.get('family', 'sd15')} text encoder, "
+             f"ComfyUI patcher {stock.get('patcher')}"
              f"{' (dynamic VRAM)' if stock.get('dynamic_vram') else ''}. Median ms per case (ratio: stock / this).", "",
              "| variant | " + " | ".join(cases) + " | weights on GPU MB | allocated after an encode MB | peak MB | "
              "growth over 50 calls MB |",
@@ -300,6 +312,7 @@ def main() -> int:
     ap.add_argument("--variants", default="stock,stock-fp8,pack")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dynamic-vram", action="store_true", help="ComfyUI v0.29's default on NVIDIA (comfy-aimdo)")
+    ap.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -307,8 +320,9 @@ def main() -> int:
         res = run_variant(args)
         (out / f"{args.variant}.json").write_text(json.dumps(res, indent=1))
         return 0
-    fixture(Path(args.fixture))
-    flags = (["--quick"] if args.quick else []) + (["--dynamic-vram"] if args.dynamic_vram else [])
+    fixture(Path(args.fixture), family=args.family)
+    flags = ((["--quick"] if args.quick else []) + (["--dynamic-vram"] if args.dynamic_vram else [])
+             + ["--family", args.family])
     write_results(out, table(run_variants(__file__, args, flags)))
     return 0
 
