@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # How bench/results/*_h200* were produced, on the device machine (carry .whl and .device, see README):
 #   bash bench/run_on_device.sh OUT [step ...]     steps: probe probe-stress text profile profile-rows vision
-#   text-dynamic text-sdxl text-sdxl-dynamic profile-sdxl attention
+#   text-dynamic text-sdxl text-sdxl-dynamic profile-sdxl
+#   profile-sdxl-dynamic attention
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
 # Sets up the carried wheels (ModelOpt, comfy-kitchen, ...) and ComfyUI v0.29 once per machine, then runs
 # each step under its own time limit, logging to OUT/<step>.log, so one slow step does not lose the others.
@@ -27,6 +28,8 @@ for step in "${@:-probe text profile vision}"; do
       text*) timeout 400 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack ;;
       attention) timeout 120 python3 bench/probe_attention.py --out "$out" ;;
       profile) timeout 200 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/profile" ;;
+      profile-sdxl-dynamic) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
+                              --family sdxl --executors fused --dynamic-vram ;;
       profile-sdxl) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/profile-sdxl" \
                       --family sdxl --executors fused,cuda_graph --cases "1 prompt (1x77),8 rows of 77" ;;
       profile-rows) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/profile-rows" \

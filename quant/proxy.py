@@ -14,6 +14,7 @@ and CLIPSave writes the original tower, never FP8 codes without their scales.
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -72,7 +73,30 @@ class TowerProxy(torch.nn.Module):
             self.place(self.offload_device)
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
-        return self.original.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        """The original tower's state_dict. v0.29's dynamic-VRAM loader sizes the CLIP's modules from their
+        state_dicts on every encode (comfy.model_management.module_size), and torch's recursive walk of
+        CLIP-G's ~260 modules cost more than its FP8 transformer; the same dict is built from a list made once."""
+        entries = None if args else self.__dict__.get("_sd_entries", ())
+        if entries == ():
+            entries = self.__dict__["_sd_entries"] = _state_dict_entries(self.original)
+        if entries is None:
+            return self.original.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        out = OrderedDict() if destination is None else destination
+        meta = getattr(out, "_metadata", None)
+        if meta is None and destination is None:
+            meta = out._metadata = OrderedDict()
+        for mod, mprefix, params, buffers in entries:
+            if meta is not None:
+                meta[(prefix + mprefix)[:-1]] = {"version": mod._version}
+            for name in params:
+                t = mod._parameters.get(name)  # read now: ComfyUI replaces parameters by name
+                if t is not None:
+                    out[prefix + mprefix + name] = t if keep_vars else t.detach()
+            for name in buffers:
+                t = mod._buffers.get(name)
+                if t is not None and name not in mod._non_persistent_buffers_set:
+                    out[prefix + mprefix + name] = t if keep_vars else t.detach()
+        return out
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.impl.get_input_embeddings()
@@ -106,6 +130,22 @@ class RefuseLaterWeightPatches:
                 f"{len(late)} weight patches (a LoRA or model merge) were applied to the quantized CLIP, e.g. "
                 f"{late[0]}. They cannot be applied to FP8 weights after calibration. Apply LoRAs to the CLIP "
                 "before the Quantize node: they are baked into the FP8 weights there.")
+
+
+def _state_dict_entries(root: torch.nn.Module) -> list | None:
+    """(module, its key prefix, parameter names, buffer names) for each module of `root`, in the order
+    Module.state_dict visits them; None where that walk does more than collect tensors (a class with its own
+    state_dict, as ComfyUI's quantized ops have, extra state or state-dict hooks): then torch's walk is used."""
+    base = torch.nn.Module
+    entries = []
+    for name, mod in root.named_modules(remove_duplicate=False):
+        cls = type(mod)
+        if (cls.state_dict is not base.state_dict or cls._save_to_state_dict is not base._save_to_state_dict
+                or cls.get_extra_state is not base.get_extra_state or mod._state_dict_hooks
+                or mod._state_dict_pre_hooks or getattr(mod, "_state_dict_hooks_with_kwargs", None)):
+            return None
+        entries.append((mod, f"{name}." if name else "", tuple(mod._parameters), tuple(mod._buffers)))
+    return entries
 
 
 def unwrap(obj: Any) -> Any:

@@ -62,6 +62,34 @@ def test_fp8_weights_in_memory_and_reported_size(pack, clip, fp8):
     assert "matches the calibrated Q->DQ model: worst conditioning cosine" in report
 
 
+def test_proxy_state_dict_is_the_original_towers(comfy, pack, fp8):
+    """ComfyUI sizes (v0.29 dynamic VRAM: every encode), backs up and saves the quantized CLIP's tower through
+    the proxy's state_dict: it must be exactly the original tower's, read at call time."""
+    import comfy.utils
+
+    proxy_mod = mod(pack, "proxy")
+    proxy = fp8[0].patcher.object_patches["clip_l.transformer"]
+    original = proxy_mod.original_of(proxy)
+    want, got = original.state_dict(), proxy.state_dict()
+    assert len(got) == 197 and list(got) == list(want)
+    assert all(got[k].data_ptr() == want[k].data_ptr() and not got[k].requires_grad for k in want)
+    assert got._metadata == want._metadata
+    dest: dict = {}
+    assert proxy.state_dict(destination=dest, prefix="clip_l.transformer.") is dest
+    assert list(dest) == ["clip_l.transformer." + k for k in want]
+    assert all(isinstance(v, torch.nn.Parameter) for v in proxy.state_dict(keep_vars=True).values())
+    key = "text_model.encoder.layers.3.mlp.fc1.weight"
+    old = comfy.utils.set_attr_param(original, key, want[key].clone())  # as ComfyUI writes weights by name
+    try:
+        assert proxy.state_dict()[key].data_ptr() != want[key].data_ptr()
+        assert torch.equal(proxy.state_dict()[key], want[key])
+    finally:
+        comfy.utils.set_attr_param(original, key, old)
+    hooked = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    hooked[0]._register_state_dict_hook(lambda *a: None)
+    assert proxy_mod._state_dict_entries(hooked) is None  # torch's own walk then
+
+
 def test_fp8_matches_fake_quant_with_both_kernels(comfy, pack, fake, fp8):
     qclip = fp8[0]
     m = tower(pack, qclip)
