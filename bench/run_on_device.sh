@@ -17,8 +17,8 @@ for step in "${@:-probe text profile vision}"; do
   for s in $step; do
     t0=$(date +%s)
     case $s in
-      probe) timeout 300 python3 bench/probe_fp8_fidelity.py --comfy /tmp/c29 --out "$out" ;;
-      probe-stress) timeout 300 python3 bench/probe_fp8_fidelity.py --comfy /tmp/c29 --out "$out" --stress ;;
+      probe-stress*) timeout 300 python3 bench/probe_fp8_fidelity.py --comfy /tmp/c29 --out "$out" --stress ;;
+      probe*) timeout 300 python3 bench/probe_fp8_fidelity.py --comfy /tmp/c29 --out "$out" ;;
       text-dynamic*) timeout 400 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack \
                        --dynamic-vram ;;
       text-sdxl-dynamic*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
@@ -26,16 +26,16 @@ for step in "${@:-probe text profile vision}"; do
       text-sdxl*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack \
                     --family sdxl ;;
       text*) timeout 400 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack ;;
-      attention) timeout 120 python3 bench/probe_attention.py --out "$out" ;;
-      profile) timeout 200 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/profile" ;;
-      profile-sdxl-dynamic) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
-                              --family sdxl --executors fused --dynamic-vram ;;
-      profile-sdxl) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/profile-sdxl" \
-                      --family sdxl --executors fused,cuda_graph --cases "1 prompt (1x77),8 rows of 77" ;;
-      profile-rows) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/profile-rows" \
-                      --executors fused,cuda_graph --cases "1 prompt (1x77),long prompt (3x77),8 rows of 77" ;;
-      vision) timeout 500 python3 bench/bench_vision_encode.py --comfy /tmp/c29 --out "$out/vision" ;;
-      *) echo "unknown step $s" ;;
+      attention*) timeout 120 python3 bench/probe_attention.py --out "$out" ;;
+      profile-rows*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
+                       --executors fused,cuda_graph --cases "1 prompt (1x77),long prompt (3x77),8 rows of 77" ;;
+      profile-sdxl-dynamic*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
+                               --family sdxl --executors fused --dynamic-vram ;;
+      profile-sdxl*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
+                       --family sdxl --executors fused,cuda_graph --cases "1 prompt (1x77),8 rows of 77" ;;
+      profile*) timeout 200 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" ;;
+      vision*) timeout 500 python3 bench/bench_vision_encode.py --comfy /tmp/c29 --out "$out/$s" ;;
+      *) echo "unknown step $s" >&2; false ;;
     esac > "$out/$s.log" 2>&1
     echo "$s: exit $? in $(( $(date +%s) - t0 )) s"
   done
