@@ -16,14 +16,17 @@ CLIP_TOWERS = ("clip_l", "clip_g", "clip_h")
 OTHER_TOWERS = ("t5xxl", "t5xl", "t5base", "llama", "qwen", "gemma", "umt5xxl")
 
 # First class in the bundle's MRO found here names the family (SD3 and Flux build their classes per file,
-# e.g. SD3ClipModel_, so exact names would not match).
-FAMILY_LABELS: dict[str, str] = {
-    "SDXLRefinerClipModel": "SDXL refiner (CLIP-G)",
-    "SDXLClipModel": "SDXL (CLIP-L + CLIP-G)",
-    "SD3ClipModel": "SD3 (CLIP-L + CLIP-G + T5)",
-    "FluxClipModel": "Flux (CLIP-L + T5)",
-    "SD1ClipModel": "SD1.5 (CLIP-L)",
+# e.g. SD3ClipModel_, so exact names would not match). The towers in the label are the ones the bundle holds:
+# SD3 loads with or without T5.
+FAMILY_NAMES: dict[str, str] = {
+    "SDXLRefinerClipModel": "SDXL refiner",
+    "SDXLClipModel": "SDXL",
+    "SD3ClipModel": "SD3",
+    "FluxClipModel": "Flux",
+    "SD1ClipModel": "SD1.5",
 }
+TOWER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "clip_h": "CLIP-H", "t5xxl": "T5", "t5xl": "T5-XL",
+                "t5base": "T5-base", "umt5xxl": "UMT5-XXL"}
 TESTED = "SD1.5 CLIP-L, SDXL CLIP-L + CLIP-G, SD3 CLIP-L/CLIP-G, Flux CLIP-L"
 
 
@@ -86,8 +89,8 @@ def text_family(clip: Any) -> tuple[Family, list[TextTower]]:
         raise UnsupportedModelError(
             f"This text encoder ({type(csm).__name__}) has no CLIP text tower, so there is nothing for this node "
             f"to quantize. Supported: {supported_families_text()}. Pass this CLIP to CLIPTextEncode directly.")
-    label = next((FAMILY_LABELS[c.__name__] for c in type(csm).__mro__ if c.__name__ in FAMILY_LABELS),
-                 type(csm).__name__)
-    if label.startswith("SD1.5") and [t.name for t in towers] != ["clip_l"]:
-        label = f"{type(csm).__name__} ({', '.join(t.name for t in towers)})"
+    name = next((FAMILY_NAMES[c.__name__] for c in type(csm).__mro__ if c.__name__ in FAMILY_NAMES), None)
+    if name is None or name == "SD1.5" and [t.name for t in towers] != ["clip_l"]:
+        name = type(csm).__name__  # SD1ClipModel is also the base of other families' bundles
+    label = f"{name} ({' + '.join(TOWER_LABELS.get(n, n) for n in [t.name for t in towers] + others)})"
     return Family(label, tuple(towers), tuple(others)), towers
