@@ -1,11 +1,12 @@
 """Text-encoder speed and memory: stock ComfyUI's CLIP encode path vs this pack's FP8 runtime, side by side.
 
-    python bench/bench_text_encode.py --comfy /path/to/ComfyUI --out bench/out [--quick] [--family sdxl]
+    python bench/bench_text_encode.py --comfy /path/to/ComfyUI --out bench/out [--quick] [--family sdxl|sd3]
 
 Each variant runs in a fresh process (stock ComfyUI's GPU memory grows across calls made outside its
 executor), through ComfyUI's own CLIPTextEncode path (tokenize + encode_from_tokens_scheduled), on a
 seeded random-weight CLIP-L at the real ViT-L/14 text config (`--family sdxl`: SDXL's CLIP-L + CLIP-G pair,
-loaded as DualCLIPLoader does; the fused and unfused FP8 plans only). Writes results.json and a markdown table with
+loaded as DualCLIPLoader does; `--family sd3`: the same two files as SD3's CLIP pair, without T5; the fused and
+unfused FP8 plans only). Writes results.json and a markdown table with
 ratios against stock. Absolute times are only meaningful from a GPU run; see bench/results/.
 """
 from __future__ import annotations
@@ -73,7 +74,7 @@ def load_pack():
 
 def fixture(path: Path, stress: bool = False, family: str = "sd15") -> list[Path]:
     """The seeded CLIP-L file at `path` (written on first use; `stress`: the one with outlier channels), and
-    for `family="sdxl"` SDXL's CLIP-G beside it."""
+    for the two-tower families SDXL's CLIP-G beside it."""
     sys.path.insert(0, str(ROOT))
     from harness.fixtures import write_clip_g, write_clip_l
     if not path.exists():
@@ -89,8 +90,8 @@ def fixture(path: Path, stress: bool = False, family: str = "sd15") -> list[Path
 def load_fixture_clip(path: Path, stress: bool = False, family: str = "sd15"):
     import comfy.sd
 
-    return comfy.sd.load_clip(ckpt_paths=[str(f) for f in fixture(path, stress, family)],
-                              clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    clip_type = comfy.sd.CLIPType.SD3 if family == "sd3" else comfy.sd.CLIPType.STABLE_DIFFUSION
+    return comfy.sd.load_clip(ckpt_paths=[str(f) for f in fixture(path, stress, family)], clip_type=clip_type)
 
 
 def eager_modelopt() -> None:
@@ -312,7 +313,7 @@ def main() -> int:
     ap.add_argument("--variants", default="stock,stock-fp8,pack")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dynamic-vram", action="store_true", help="ComfyUI v0.29's default on NVIDIA (comfy-aimdo)")
-    ap.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
+    ap.add_argument("--family", choices=("sd15", "sdxl", "sd3"), default="sd15")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
