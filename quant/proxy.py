@@ -57,10 +57,25 @@ class TowerProxy(torch.nn.Module):
         return self.impl(*args, **kwargs)
 
     def place(self, device: torch.device) -> None:
-        p = next(self.impl.parameters(), None)
-        if p is not None and p.device != device and not (device.type == "cuda" and p.device.type == "cuda"
-                                                         and device.index is None):
-            self.impl.to(device)
+        impl = self.impl
+        p = next(impl.parameters(), None)
+        if p is None or p.device == device or (device.type == "cuda" and p.device.type == "cuda"
+                                               and device.index is None):
+            return
+        host = impl.__dict__.get(_HOST)
+        if device == self.offload_device and host is not None:
+            if host.restore(impl):
+                return
+            host.release()  # the tower's structure changed since: move it the ordinary way
+            del impl.__dict__[_HOST]
+        elif device == self.load_device and p.device == self.offload_device:
+            if host is None or not host.holds(impl):
+                if host is not None:
+                    host.release()
+                impl.__dict__[_HOST] = HostCopy(impl)
+            impl.to(device, non_blocking=True)  # ordered before the kernels that use it (same stream)
+            return
+        impl.to(device)
 
     def offload(self, patcher: Any = None, unpatch_all: bool = True, *args: Any, **kwargs: Any) -> None:
         """ON_DETACH callback. Only a full unload frees the tower: v0.29 detaches (unpatch_all=False) every
@@ -133,6 +148,89 @@ class RefuseLaterWeightPatches:
                 f"{len(late)} weight patches (a LoRA or model merge) were applied to the quantized CLIP, e.g. "
                 f"{late[0]}. They cannot be applied to FP8 weights after calibration. Apply LoRAs to the CLIP "
                 "before the Quantize node: they are baked into the FP8 weights there.")
+
+
+_HOST = "_fp8clip_host_copy"
+
+
+def _slots(module: torch.nn.Module) -> list[tuple[torch.nn.Module, bool, str]]:
+    """(owning module, is a parameter, name) of every tensor of `module`."""
+    return [(m, is_param, name) for m in module.modules()
+            for is_param, d in ((True, m._parameters), (False, m._buffers)) for name, t in d.items()
+            if t is not None]
+
+
+def _tensor(slot: tuple[torch.nn.Module, bool, str]) -> torch.Tensor:
+    m, is_param, name = slot
+    return m._parameters[name] if is_param else m._buffers[name]
+
+
+class HostCopy:
+    """A tower's tensors on the offload device, kept while it runs on the GPU.
+
+    A quantized tower never changes (a LoRA after quantizing is refused), so sending it back needs no copy:
+    its GPU tensors are dropped and these put back. Switching between two quantized models (a CLIP and a CLIP
+    vision in one unCLIP or IP-Adapter workflow) then costs one host-to-device copy instead of a copy each
+    way, from memory pinned where ComfyUI allows it (its pinned-memory budget; none with
+    --disable-pinned-memory): on an H100, CLIP-L right after a CLIP vision went from 105 to 13 ms
+    (bench/results/residency_h100.md). The price is the tower's FP8 size in RAM while it is on the GPU."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.slots = _slots(module)
+        current = [_tensor(s) for s in self.slots]
+        self.tensors = [t.data if isinstance(t, torch.nn.Parameter) else t for t in current]
+        pinned = [h for t, h in zip(current, self.tensors) if _pin(t)]  # ComfyUI 0.3 pins Parameters only
+        self._finalizer = weakref.finalize(self, _unpin, pinned)
+        self._finalizer.atexit = False  # the process is ending: CUDA may be gone, nothing to give back
+
+    def holds(self, module: torch.nn.Module) -> bool:
+        """Whether `module` computes with these very tensors now."""
+        return _slots(module) == self.slots and all(
+            _tensor(s).data_ptr() == h.data_ptr() and _tensor(s).device == h.device
+            for s, h in zip(self.slots, self.tensors))
+
+    def restore(self, module: torch.nn.Module) -> bool:
+        """Put the host tensors back in place of the GPU ones; False (nothing changed) when the tower's
+        structure is no longer the one copied."""
+        if _slots(module) != self.slots or any(_tensor(s).shape != h.shape or _tensor(s).dtype != h.dtype
+                                               for s, h in zip(self.slots, self.tensors)):
+            return False
+        for (m, is_param, name), h in zip(self.slots, self.tensors):
+            if is_param:
+                cur = m._parameters[name]
+                if torch._has_compatible_shallow_copy_type(cur, h):  # as Module.to does: same object kept
+                    cur.data = h
+                else:
+                    m._parameters[name] = torch.nn.Parameter(h, requires_grad=cur.requires_grad)
+            else:
+                m._buffers[name] = h
+        return True
+
+    def release(self) -> None:
+        self._finalizer()
+
+
+def _pin(t: torch.Tensor) -> bool:
+    if t.device.type != "cpu" or not torch.cuda.is_available():
+        return False
+    try:
+        import comfy.model_management as mm
+
+        return bool(mm.pin_memory(t))
+    except Exception:  # noqa: BLE001 - no ComfyUI (command line) or a host without pinning: pageable copies
+        return False
+
+
+def _unpin(tensors: list[torch.Tensor]) -> None:
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    for t in tensors:
+        try:
+            mm.unpin_memory(t)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _state_dict_entries(root: torch.nn.Module) -> list | None:

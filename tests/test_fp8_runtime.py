@@ -90,6 +90,40 @@ def test_proxy_state_dict_is_the_original_towers(comfy, pack, fp8):
     assert proxy_mod._state_dict_entries(hooked) is None  # torch's own walk then
 
 
+def test_a_tower_sent_back_gets_its_host_tensors_back_instead_of_a_copy(pack, fp8):
+    """Another quantized model running sends a tower back to the offload device (unCLIP: a CLIP and a CLIP
+    vision in turn). The tower never changes once quantized, so the host tensors it had before going to the GPU
+    come back, with no device-to-host copy (on an H100 that copy was 24-56 ms of each switch). Here the "GPU" is
+    the meta device, which cannot be copied from: only the kept host tensors can come back."""
+    proxy_mod = mod(pack, "proxy")
+    impl = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    impl[0].register_buffer("input_scale", torch.tensor(0.5))
+    host = [t.data_ptr() for t in [*impl.parameters(), *impl.buffers()]]
+    t = proxy_mod.TowerProxy(impl, torch.nn.Linear(4, 4), load_device="meta", offload_device="cpu")
+    for _ in range(2):
+        t.place(t.load_device)
+        assert all(x.is_meta for x in [*impl.parameters(), *impl.buffers()])
+        t.offload_now()
+        assert [x.data_ptr() for x in [*impl.parameters(), *impl.buffers()]] == host
+        assert all(x.device.type == "cpu" for x in [*impl.parameters(), *impl.buffers()])
+    assert float(impl[0].input_scale) == 0.5
+    # A tower whose structure changed while on the GPU goes back the ordinary way, and the copy is released.
+    t.place(t.load_device)
+    kept = impl.__dict__[proxy_mod._HOST]
+    impl[1] = torch.nn.LayerNorm(4, device="meta")
+    assert not kept.restore(impl) and impl[0].weight.is_meta  # refused, nothing put back
+    moved: list = []
+    impl.to = lambda device, **kw: moved.append(torch.device(device))  # meta cannot really be copied back
+    t.offload_now()
+    assert moved == [torch.device("cpu")]
+    assert proxy_mod._HOST not in impl.__dict__ and not kept._finalizer.alive
+    # the real FP8 tower: every tensor is held (the FP8 weights, scales, embeddings)
+    real = proxy_mod.unwrap(fp8[0].patcher.object_patches["clip_l.transformer"])
+    copy_ = proxy_mod.HostCopy(real)
+    assert copy_.holds(real) and len(copy_.tensors) == len([*real.parameters(), *real.buffers()])
+    copy_.release()
+
+
 def test_fp8_matches_fake_quant_with_both_kernels(comfy, pack, fake, fp8):
     qclip = fp8[0]
     m = tower(pack, qclip)
