@@ -6,8 +6,7 @@ Each variant runs in a fresh process (stock ComfyUI's GPU memory grows across ca
 executor), through ComfyUI's own CLIPTextEncode path (tokenize + encode_from_tokens_scheduled), on a
 seeded random-weight CLIP-L at the real ViT-L/14 text config (`--family sdxl`: SDXL's CLIP-L + CLIP-G pair,
 loaded as DualCLIPLoader does; `--family sd3`: the same two files as SD3's CLIP pair, without T5; the fused and
-unfused FP8 plans only; `--family sd3-t5`: with a seeded T5-XXL at its real config, as TripleCLIPLoader loads
-the three). Writes results.json and a markdown table with
+unfused FP8 plans only). Writes results.json and a markdown table with
 ratios against stock. Absolute times are only meaningful from a GPU run; see bench/results/.
 """
 from __future__ import annotations
@@ -85,45 +84,13 @@ def fixture(path: Path, stress: bool = False, family: str = "sd15") -> list[Path
     g = path.with_name("bench-clip_g.safetensors")
     if not g.exists():
         write_clip_g(g)
-    if family != "sd3-t5":
-        return [path, g]
-    t5 = path.with_name("bench-t5xxl.safetensors")
-    if not t5.exists():
-        write_t5_xxl(t5)
-    return [path, g, t5]
-
-
-def t5_xxl_shapes(layers: int = 24, d: int = 4096, inner: int = 4096, ff: int = 10240, vocab: int = 32128
-                  ) -> dict[str, tuple[int, ...]]:
-    """T5-XXL's encoder tensors as ComfyUI reads them (comfy/text_encoders/t5_config_xxl.json)."""
-    shapes: dict[str, tuple[int, ...]] = {"shared.weight": (vocab, d), "encoder.final_layer_norm.weight": (d,),
-                                          "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-                                              (32, inner // 64)}
-    for i in range(layers):
-        b = f"encoder.block.{i}.layer"
-        shapes.update({f"{b}.0.SelfAttention.{n}.weight": (inner, d) if n != "o" else (d, inner) for n in "qkvo"})
-        shapes.update({f"{b}.1.DenseReluDense.wi_0.weight": (ff, d), f"{b}.1.DenseReluDense.wi_1.weight": (ff, d),
-                       f"{b}.1.DenseReluDense.wo.weight": (d, ff), f"{b}.0.layer_norm.weight": (d,),
-                       f"{b}.1.layer_norm.weight": (d,)})
-    return shapes
-
-
-def write_t5_xxl(path: Path, seed: int = 30) -> Path:
-    """T5-XXL's encoder (4.7B parameters) with seeded random fp16 weights (a 9.5 GB file: made on the device
-    machine only)."""
-    import torch
-    from harness.fixtures import save_atomic
-
-    g = torch.Generator().manual_seed(seed)
-    sd = {k: torch.ones(s, dtype=torch.float16) if "layer_norm" in k else (torch.randn(s, generator=g) * 0.02).half()
-          for k, s in t5_xxl_shapes().items()}
-    return save_atomic(sd, path, {"fixture": "seeded random weights, not a trained model", "seed": str(seed)})
+    return [path, g]
 
 
 def load_fixture_clip(path: Path, stress: bool = False, family: str = "sd15"):
     import comfy.sd
 
-    clip_type = comfy.sd.CLIPType.SD3 if family.startswith("sd3") else comfy.sd.CLIPType.STABLE_DIFFUSION
+    clip_type = comfy.sd.CLIPType.SD3 if family == "sd3" else comfy.sd.CLIPType.STABLE_DIFFUSION
     return comfy.sd.load_clip(ckpt_paths=[str(f) for f in fixture(path, stress, family)], clip_type=clip_type)
 
 
@@ -346,7 +313,7 @@ def main() -> int:
     ap.add_argument("--variants", default="stock,stock-fp8,pack")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dynamic-vram", action="store_true", help="ComfyUI v0.29's default on NVIDIA (comfy-aimdo)")
-    ap.add_argument("--family", choices=("sd15", "sdxl", "sd3", "sd3-t5"), default="sd15")
+    ap.add_argument("--family", choices=("sd15", "sdxl", "sd3"), default="sd15")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
