@@ -66,12 +66,16 @@ def main() -> int:
                 out.append(f"{name.split(' (')[0]}: {'/'.join(sorted(devs))}")
             return ", ".join(out)
 
-        def run(name: str):
+        def timed(fn):
+            """fn's result and its synchronized wall time in ms."""
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            got = encoders[name]()
+            got = fn()
             torch.cuda.synchronize()
             return got, (time.perf_counter() - t0) * 1e3
+
+        def run(name: str):
+            return timed(encoders[name])
 
         first = {n: run(n)[0] for n in encoders}  # also compiles and captures everything once
         lines.append("Each encode vs the first result of the same encoder (torch.equal on every output), and where "
@@ -109,13 +113,6 @@ def main() -> int:
         def proxies(m):
             return [m.patcher.object_patches[p] for p in pack.quant.artifact.quantized_towers(m)]
 
-        def timed(fn) -> float:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            return (time.perf_counter() - t0) * 1e3
-
         lines += ["", "A switch, step by step (ms; median of 7):"]
         for name, other in (("text A (W8A8)", "vision"), ("vision", "text A (W8A8)")):
             parts: dict[str, list[float]] = {"other's towers to the offload device": [],
@@ -123,8 +120,8 @@ def main() -> int:
                                              "second encode": []}
             for _ in range(7):
                 run(other)
-                vals = [timed(lambda: [p.offload_now() for p in proxies(models[other])]),
-                        timed(lambda: [p.place(p.load_device) for p in proxies(models[name])]),
+                vals = [timed(lambda: [p.offload_now() for p in proxies(models[other])])[1],
+                        timed(lambda: [p.place(p.load_device) for p in proxies(models[name])])[1],
                         run(name)[1], run(name)[1]]
                 for k, val in zip(parts, vals):
                     parts[k].append(val)
