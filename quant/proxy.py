@@ -5,8 +5,8 @@ ComfyUI's patchers walk the model by name. v0.29's dynamic-VRAM patcher backs up
 writes the backups back by name on the next load, with the object patches already applied; a module tree
 holding the quantized tower would get unquantized weights written into it (or crash on names it lacks).
 So the quantized tower lives outside the module tree (not a submodule: invisible to .to()/named_*()),
-places itself on the device it runs on and goes back to the offload device when ComfyUI unloads the model,
-while weight names (state_dict, attribute paths such as `text_model.encoder...`) resolve to the original
+places itself on the device it runs on and goes back to the offload device when ComfyUI unloads the model
+(or, where ComfyUI would not, when another model's tower runs), while weight names (state_dict, attribute paths such as `text_model.encoder...`) resolve to the original
 tower: backups land where they came from, a LoRA loaded onto the quantized CLIP finds its keys (and
 `RefuseLaterWeightPatches` then stops it with the fix, instead of ComfyUI dropping it with a few warnings),
 and CLIPSave writes the original tower, never FP8 codes without their scales.
@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-# Proxies whose tower sits on its load device. One CLIP's towers at a time (SDXL's CLIP-L and CLIP-G together):
-# ComfyUI cannot see (or free) this memory.
+# Proxies whose tower sits on its load device. ComfyUI does not count that memory as weights it can move, so a
+# tower stays there only while ComfyUI will send it back itself (see `_comfy_unloads`); other towers go back when
+# another model's tower runs, which leaves one model's towers (SDXL's CLIP-L and CLIP-G together) at a time.
 _RESIDENT: "weakref.WeakSet[TowerProxy]" = weakref.WeakSet()
 
 _UNSET = object()
@@ -38,7 +39,8 @@ class TowerProxy(torch.nn.Module):
     def __init__(self, impl: torch.nn.Module, original: torch.nn.Module, load_device: Any, offload_device: Any,
                  group: object | None = None):
         """`group`: the same object for the towers of one CLIP, which run one after another in every encode
-        and so share the GPU; a tower of another group running sends them back to the offload device."""
+        and so share the GPU; a tower of another group running sends them back to the offload device unless
+        ComfyUI will (`_comfy_unloads`)."""
         super().__init__()
         # object.__setattr__: not registered as submodules, so invisible to .to()/named_*().
         object.__setattr__(self, "group", group if group is not None else object())
@@ -49,8 +51,8 @@ class TowerProxy(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.load_device != self.offload_device and self not in _RESIDENT:
-            for other in list(_RESIDENT):  # a tower another CLIP left on the GPU (see offload)
-                if other.group is not self.group and other.impl is not self.impl:
+            for other in list(_RESIDENT):  # a tower another model left on the GPU (see offload)
+                if other.group is not self.group and other.impl is not self.impl and not _comfy_unloads(other):
                     other.offload_now()
             _RESIDENT.add(self)
         self.place(self.load_device)
@@ -132,6 +134,24 @@ class TowerProxy(torch.nn.Module):
             if impl is None:
                 raise
             return getattr(impl, name)
+
+
+def _comfy_unloads(proxy: TowerProxy) -> bool:
+    """Whether ComfyUI counts a model holding this tower as loaded, with the static patcher. It then unloads
+    that model (ON_DETACH: `offload`) when it needs the memory: it measures free memory on the device, which
+    includes the tower. So the tower may stay, as the stock encoder stays loaded beside the others (an unCLIP or
+    IP-Adapter workflow's CLIP and CLIP vision: each switch cost 13-18 ms on an H100, bench/results/
+    residency_h100.md). Not with v0.29's dynamic VRAM, which does not unload one dynamic model for another, nor
+    for a model ComfyUI dropped without a full unload (a clone of the same CLIP loaded in its place)."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return False
+    for loaded in mm.current_loaded_models:
+        patcher = loaded.model
+        if patcher is not None and any(o is proxy for o in getattr(patcher, "object_patches", {}).values()):
+            return not getattr(patcher, "is_dynamic", lambda: False)()
+    return False
 
 
 class RefuseLaterWeightPatches:
