@@ -108,19 +108,22 @@ def main() -> int:
             lines.append(f"  {name}: after itself {statistics.median(again):.2f}, right after {other} "
                          f"{statistics.median(switched):.2f}")
 
-        # Where a switch's time goes: the other model's towers leaving, this one's arriving, the first encode
-        # after the move (CUDA graphs captured again), the next one.
+        # What moving costs, where it happens (ComfyUI unloading a model; with dynamic VRAM, any switch): the
+        # other model's towers leaving, this one's leaving and arriving, the first encode after the move (CUDA
+        # graphs captured again), the next one.
         def proxies(m):
             return [m.patcher.object_patches[p] for p in pack.quant.artifact.quantized_towers(m)]
 
-        lines += ["", "A switch, step by step (ms; median of 7):"]
+        lines += ["", "Towers sent back and brought to the GPU again, step by step (ms; median of 7):"]
         for name, other in (("text A (W8A8)", "vision"), ("vision", "text A (W8A8)")):
             parts: dict[str, list[float]] = {"other's towers to the offload device": [],
+                                             "this model's towers to the offload device": [],
                                              "this model's towers to the GPU": [], "first encode after": [],
                                              "second encode": []}
             for _ in range(7):
                 run(other)
                 vals = [timed(lambda: [p.offload_now() for p in proxies(models[other])])[1],
+                        timed(lambda: [p.offload_now() for p in proxies(models[name])])[1],
                         timed(lambda: [p.place(p.load_device) for p in proxies(models[name])])[1],
                         run(name)[1], run(name)[1]]
                 for k, val in zip(parts, vals):
