@@ -189,11 +189,11 @@ class HostCopy:
     """A tower's tensors on the offload device, kept while it runs on the GPU.
 
     A quantized tower never changes (a LoRA after quantizing is refused), so sending it back needs no copy:
-    its GPU tensors are dropped and these put back. Switching between two quantized models (a CLIP and a CLIP
-    vision in one unCLIP or IP-Adapter workflow) then costs one host-to-device copy instead of a copy each
-    way, from memory pinned where ComfyUI allows it (its pinned-memory budget; none with
-    --disable-pinned-memory): on an H100, CLIP-L right after a CLIP vision went from 105 to 13 ms
-    (bench/results/residency_h100.md). The price is the tower's FP8 size in RAM while it is on the GPU."""
+    its GPU tensors are dropped and these put back. A tower that went back (ComfyUI unloaded its model, or
+    another quantized model ran under dynamic VRAM) then costs one host-to-device copy to return instead of a
+    copy each way, from memory pinned where ComfyUI allows it (its pinned-memory budget; none with
+    --disable-pinned-memory): on an H100, CLIP-L right after a CLIP vision that had sent it back went from 105
+    to 13 ms (bench/results/residency_h100.md). The price is the tower's FP8 size in RAM while on the GPU."""
 
     def __init__(self, module: torch.nn.Module):
         self.slots = _slots(module)
