@@ -1,12 +1,14 @@
 """Text-encoder speed and memory: stock ComfyUI's CLIP encode path vs this pack's FP8 runtime, side by side.
 
-    python bench/bench_text_encode.py --comfy /path/to/ComfyUI --out bench/out [--quick] [--family sdxl|sd3]
+    python bench/bench_text_encode.py --comfy /path/to/ComfyUI --out bench/out [--quick] [--family sdxl|sd3|sd3-t5|flux]
 
 Each variant runs in a fresh process (stock ComfyUI's GPU memory grows across calls made outside its
 executor), through ComfyUI's own CLIPTextEncode path (tokenize + encode_from_tokens_scheduled), on a
 seeded random-weight CLIP-L at the real ViT-L/14 text config (`--family sdxl`: SDXL's CLIP-L + CLIP-G pair,
 loaded as DualCLIPLoader does; `--family sd3`: the same two files as SD3's CLIP pair, without T5; the fused and
-unfused FP8 plans only). Writes results.json and a markdown table with
+unfused FP8 plans only; `--family sd3-t5`: with a seeded T5-XXL at its real config, as TripleCLIPLoader loads
+the three; `--family flux`: CLIP-L and that T5-XXL, as DualCLIPLoader's `flux` loads them; these two the default
+FP8 plan only: the T5 passes through unquantized). Writes results.json and a markdown table with
 ratios against stock. Absolute times are only meaningful from a GPU run; see bench/results/.
 """
 from __future__ import annotations
@@ -73,24 +75,54 @@ def load_pack():
 
 
 def fixture(path: Path, stress: bool = False, family: str = "sd15") -> list[Path]:
-    """The seeded CLIP-L file at `path` (written on first use; `stress`: the one with outlier channels), and
-    for the two-tower families SDXL's CLIP-G beside it."""
+    """The seeded CLIP-L file at `path` (written on first use; `stress`: the one with outlier channels) and the
+    family's other encoders beside it (SDXL's CLIP-G, T5-XXL), in the order the family's loader takes them."""
     sys.path.insert(0, str(ROOT))
     from harness.fixtures import write_clip_g, write_clip_l
     if not path.exists():
         write_clip_l(path, stress=stress)
-    if family == "sd15":
-        return [path]
-    g = path.with_name("bench-clip_g.safetensors")
-    if not g.exists():
+    g, t5 = path.with_name("bench-clip_g.safetensors"), path.with_name("bench-t5xxl.safetensors")
+    files = {"sd15": [path], "flux": [path, t5], "sd3-t5": [path, g, t5]}.get(family, [path, g])
+    if g in files and not g.exists():
         write_clip_g(g)
-    return [path, g]
+    if t5 in files and not t5.exists():
+        write_t5_xxl(t5)
+    return files
+
+
+def t5_xxl_shapes(layers: int = 24, d: int = 4096, inner: int = 4096, ff: int = 10240, vocab: int = 32128
+                  ) -> dict[str, tuple[int, ...]]:
+    """T5-XXL's encoder tensors as ComfyUI reads them (comfy/text_encoders/t5_config_xxl.json)."""
+    shapes: dict[str, tuple[int, ...]] = {"shared.weight": (vocab, d), "encoder.final_layer_norm.weight": (d,),
+                                          "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
+                                              (32, inner // 64)}
+    for i in range(layers):
+        b = f"encoder.block.{i}.layer"
+        shapes.update({f"{b}.0.SelfAttention.{n}.weight": (inner, d) if n != "o" else (d, inner) for n in "qkvo"})
+        shapes.update({f"{b}.1.DenseReluDense.wi_0.weight": (ff, d), f"{b}.1.DenseReluDense.wi_1.weight": (ff, d),
+                       f"{b}.1.DenseReluDense.wo.weight": (d, ff), f"{b}.0.layer_norm.weight": (d,),
+                       f"{b}.1.layer_norm.weight": (d,)})
+    return shapes
+
+
+def write_t5_xxl(path: Path, seed: int = 30) -> Path:
+    """T5-XXL's encoder (4.7B parameters) with seeded random fp16 weights (a 9.5 GB file: made on the device
+    machine only, drawn on its GPU: a minute less than on the CPU)."""
+    import torch
+    from harness.fixtures import save_atomic
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(dev).manual_seed(seed)
+    sd = {k: torch.ones(s, dtype=torch.float16) if "layer_norm" in k
+          else (torch.randn(s, generator=g, device=dev) * 0.02).half().cpu() for k, s in t5_xxl_shapes().items()}
+    return save_atomic(sd, path, {"fixture": "seeded random weights, not a trained model", "seed": str(seed)})
 
 
 def load_fixture_clip(path: Path, stress: bool = False, family: str = "sd15"):
     import comfy.sd
 
-    clip_type = comfy.sd.CLIPType.SD3 if family == "sd3" else comfy.sd.CLIPType.STABLE_DIFFUSION
+    clip_type = {"sd3": comfy.sd.CLIPType.SD3, "sd3-t5": comfy.sd.CLIPType.SD3,
+                 "flux": comfy.sd.CLIPType.FLUX}.get(family, comfy.sd.CLIPType.STABLE_DIFFUSION)
     return comfy.sd.load_clip(ckpt_paths=[str(f) for f in fixture(path, stress, family)], clip_type=clip_type)
 
 
@@ -215,6 +247,8 @@ def run_variant(args) -> dict:
                     ("compiled", "float32", "torch"), ("eager", "float32", "fused")]
         if args.quick:
             variants = variants[:1]
+        elif args.family in ("sd3-t5", "flux"):
+            variants = variants[:1]
         elif args.family != "sd15":
             variants = variants[:2]
         out["runtimes"] = {}
@@ -313,7 +347,7 @@ def main() -> int:
     ap.add_argument("--variants", default="stock,stock-fp8,pack")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dynamic-vram", action="store_true", help="ComfyUI v0.29's default on NVIDIA (comfy-aimdo)")
-    ap.add_argument("--family", choices=("sd15", "sdxl", "sd3"), default="sd15")
+    ap.add_argument("--family", choices=("sd15", "sdxl", "sd3", "sd3-t5", "flux"), default="sd15")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # How bench/results/*_h200* and *_h100* were produced, on the device machine (carry .whl and .device, see README):
 #   bash bench/run_on_device.sh OUT [step ...]     steps: probe probe-stress text profile profile-rows vision
-#   text-dynamic text-sdxl text-sdxl-dynamic text-sd3 profile-sdxl
+#   text-dynamic text-sdxl text-sdxl-dynamic text-sd3 text-sd3-t5 text-flux profile-sdxl
 #   profile-sdxl-dynamic attention residency residency-dynamic
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
 # Sets up the carried wheels (ModelOpt, comfy-kitchen, ...) and ComfyUI v0.29 once per machine, then runs
@@ -25,6 +25,10 @@ for step in "${@:-probe text profile vision}"; do
                             --variants stock,pack --family sdxl --dynamic-vram ;;
       text-sdxl*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack \
                     --family sdxl ;;
+      text-sd3-t5*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
+                      --variants stock,pack --family sd3-t5 ;;
+      text-flux*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
+                    --variants stock,pack --family flux ;;
       text-sd3*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack \
                    --family sd3 ;;
       text*) timeout 400 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack ;;
