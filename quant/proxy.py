@@ -1,15 +1,16 @@
 """What ComfyUI patches in for a quantized tower: a proxy that computes with the quantized tower and, to
 ComfyUI's weight machinery, looks like the original one.
 
-ComfyUI's patchers walk the model by name. v0.29's dynamic-VRAM patcher backs up parameters by name and
-writes the backups back by name on the next load, with the object patches already applied; a module tree
-holding the quantized tower would get unquantized weights written into it (or crash on names it lacks).
-So the quantized tower lives outside the module tree (not a submodule: invisible to .to()/named_*()),
-places itself on the device it runs on and goes back to the offload device when ComfyUI unloads the model
-(or, where ComfyUI would not, when another model's tower runs), while weight names (state_dict, attribute paths such as `text_model.encoder...`) resolve to the original
-tower: backups land where they came from, a LoRA loaded onto the quantized CLIP finds its keys (and
-`RefuseLaterWeightPatches` then stops it with the fix, instead of ComfyUI dropping it with a few warnings),
-and CLIPSave writes the original tower, never FP8 codes without their scales.
+ComfyUI's patchers walk the model by name. v0.29's dynamic-VRAM patcher backs up parameters by name and writes
+the backups back by name on the next load, with the object patches already applied; a module tree holding the
+quantized tower would get unquantized weights written into it (or crash on names it lacks). So the quantized
+tower lives outside the module tree (not a submodule: invisible to .to()/named_*()), places itself on the
+device it runs on and goes back to the offload device when ComfyUI unloads the model (or, where ComfyUI would
+not, when another model's tower runs), while weight names (state_dict, attribute paths such as
+`text_model.encoder...`) resolve to the original tower: backups land where they came from, a LoRA loaded onto
+the quantized CLIP finds its keys (and `RefuseLaterWeightPatches` then stops it with the fix, instead of
+ComfyUI dropping it with a few warnings), and CLIPSave writes the original tower, never FP8 codes without
+their scales.
 """
 from __future__ import annotations
 
