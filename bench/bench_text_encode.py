@@ -245,9 +245,7 @@ def run_variant(args) -> dict:
         # (executor, activations, kernels between the matmuls); the first is the default plan on FP8 GPUs
         variants = [("cuda_graph", "float32", "fused"), ("cuda_graph", "float32", "torch"),
                     ("compiled", "float32", "torch"), ("eager", "float32", "fused")]
-        if args.quick:
-            variants = variants[:1]
-        elif args.family in ("sd3-t5", "flux"):
+        if args.quick or args.family in ("sd3-t5", "flux"):
             variants = variants[:1]
         elif args.family != "sd15":
             variants = variants[:2]
