@@ -178,6 +178,11 @@ def populate(base: Path) -> dict[str, str]:
         "lora": ("loras", "fp8clip-fixture-clip_l-lora.safetensors", write_lora_clip_l),
         "embedding": ("embeddings", "fp8clip-fixture-emb.safetensors", write_embedding),
     }
+    from harness.checkpoints import write_sd15_checkpoint
+
+    clip_l = cached(files["clip_l"][1], files["clip_l"][2])
+    files["sd15_ckpt"] = ("checkpoints", "fp8clip-fixture-sd15-mini.safetensors",
+                          lambda p: write_sd15_checkpoint(p, clip_l))
     out = {}
     for key, (folder, name, make) in files.items():
         link_into(cached(name, make), base / "models" / folder / name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from quant.prompts import DEFAULT_CALIBRATION_TEXT
 
@@ -155,6 +156,45 @@ def unclip_image_variation() -> dict:
         g.link(a[0], a[1], b[0], b[1])
     return g.to_json("Image variations with SD2.1 unCLIP: the CLIP vision (ViT-H/14) image encoder calibrated "
                      "on your input image and quantized to FP8. Select an unCLIP checkpoint and an image.")
+
+
+def widget_names(input_types: dict) -> list[str]:
+    """Inputs shown as widgets, in the order a UI workflow's widgets_values stores them.
+
+    The UI adds a value after a seed (control_after_generate) and after an image-upload combo.
+    """
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in input_types.get(section, {}).items():
+            t, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+            if isinstance(t, list) or t in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                out.append(name)
+                if opts.get("image_upload"):
+                    out.append("upload")
+                if t == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
+                    out.append("control_after_generate")
+    return out
+
+
+def to_api(workflow: dict, input_types: Callable[[str], dict]) -> dict:
+    """A UI workflow as the API prompt ComfyUI's queue runs: what the browser sends when you press Queue.
+
+    `input_types(class_type)` gives the node's {"required": ..., "optional": ...} (INPUT_TYPES() or
+    /object_info's "input").
+    """
+    links = {lid: (str(src), slot) for lid, src, slot, _dst, _dslot, _t in workflow["links"]}
+    prompt = {}
+    for n in workflow["nodes"]:
+        if n.get("mode", 0) != 0:  # muted or bypassed
+            continue
+        names = widget_names(input_types(n["type"]))
+        inputs = {k: v for k, v in zip(names, n["widgets_values"]) if k not in ("upload", "control_after_generate")}
+        for inp in n.get("inputs", []):
+            if inp.get("link") is not None:
+                src, slot = links[inp["link"]]
+                inputs[inp["name"]] = [src, slot]
+        prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    return prompt
 
 
 WORKFLOWS = {"sd15_fp8_clip_txt2img.json": sd15_txt2img, "sdxl_fp8_clip_txt2img.json": sdxl_txt2img,

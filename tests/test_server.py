@@ -5,10 +5,12 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from harness import fixtures
 from harness.host import PACK_DIR, PACK_NAME, HeadlessServer
+from harness.workflows import to_api, widget_names
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +44,6 @@ def test_workflow_over_http_quantizes_and_encodes(server):
     assert 0.99 < cos < 1.0
 
 
-def widget_inputs(info: dict) -> list[str]:
-    """Inputs that are widgets (not links), in the order widgets_values stores them."""
-    out = []
-    for section in ("required", "optional"):
-        for name, spec in info["input"].get(section, {}).items():
-            t = spec[0]
-            if isinstance(t, list) or t in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
-                out.append(name)
-                if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("image_upload"):
-                    out.append("upload")
-                if name in ("seed", "noise_seed") and t == "INT":
-                    out.append("control_after_generate")
-    return out
-
-
 def test_example_workflows_open_without_missing_nodes(server):
     info = server.get("/object_info")
     workflows = sorted((PACK_DIR / "example_workflows").glob("*.json"))
@@ -66,7 +53,7 @@ def test_example_workflows_open_without_missing_nodes(server):
         nodes = {n["id"]: n for n in wf["nodes"]}
         for n in wf["nodes"]:
             assert n["type"] in info, f"{path.name}: node type {n['type']} is not in this ComfyUI"
-            assert len(n["widgets_values"]) == len(widget_inputs(info[n["type"]])), (path.name, n["type"])
+            assert len(n["widgets_values"]) == len(widget_names(info[n["type"]]["input"])), (path.name, n["type"])
         for lid, src, src_slot, dst, dst_slot, typ in wf["links"]:
             out_type = info[nodes[src]["type"]]["output"][src_slot]
             assert typ == out_type, f"{path.name}: link {lid} says {typ}, {nodes[src]['type']} gives {out_type}"
@@ -80,3 +67,58 @@ def test_example_workflows_open_without_missing_nodes(server):
 
 def test_report_widget_script_is_served(server):
     assert f"/extensions/{PACK_NAME}/js/fp8clip_report.js" in server.get("/extensions")
+
+
+def example_prompt(server, name: str) -> dict:
+    info = server.get("/object_info")
+    wf = json.loads((PACK_DIR / "example_workflows" / name).read_text())
+    return to_api(wf, lambda t: info[t]["input"])
+
+
+def saved_image(server, entry: dict, node: str):
+    from PIL import Image
+
+    img = entry["outputs"][node]["images"][0]
+    return np.asarray(Image.open(server.base / "output" / img["subfolder"] / img["filename"]), dtype=np.float64)
+
+
+def test_sd15_example_workflow_samples_the_image_the_original_clip_gives(server):
+    """The shipped SD1.5 workflow, as the browser queues it, run end to end (calibrate, quantize, encode,
+    sample, decode, save), against the same graph with the stock CLIP; only the checkpoint and the image size
+    are changed (a seeded checkpoint with a small UNet, 64x64 px, so it samples on a CPU). For scale, the stock
+    graph with another positive prompt gives a different picture."""
+    prompt = example_prompt(server, "sd15_fp8_clip_txt2img.json")
+    nodes = {n["class_type"]: k for k, n in prompt.items()}
+    prompt[nodes["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"] = server.files["sd15_ckpt"]
+    prompt[nodes["EmptyLatentImage"]]["inputs"].update(width=64, height=64)
+    q = nodes["FP8CLIPQuantize"]
+    assert prompt[q]["inputs"]["runtime"] == "auto"
+
+    stock = json.loads(json.dumps(prompt))
+    for k, n in list(stock.items()):
+        if n["inputs"].get("clip") == [q, 0]:
+            n["inputs"]["clip"] = prompt[q]["inputs"]["clip"]
+        if n["class_type"] in ("FP8CLIPQuantize", "PreviewAny"):
+            del stock[k]
+    stock[nodes["SaveImage"]]["inputs"]["filename_prefix"] = "stock"
+    other = json.loads(json.dumps(stock))
+    positive = prompt[nodes["KSampler"]]["inputs"]["positive"][0]
+    other[positive]["inputs"]["text"] = "a cat"
+    other[nodes["SaveImage"]]["inputs"]["filename_prefix"] = "other"
+
+    fp8_entry = server.run(prompt)
+    report = fp8_entry["outputs"][nodes["PreviewAny"]]["text"][0]
+    assert report.startswith("FP8 E4M3 CLIP quality report: SD1.5 (CLIP-L)")
+    fp8_img, stock_img, other_img = (saved_image(server, e, nodes["SaveImage"])
+                                     for e in (fp8_entry, server.run(stock), server.run(other)))
+    assert fp8_img.shape == stock_img.shape == (64, 64, 3)
+    assert stock_img.std() > 5  # a picture, not a flat or black frame
+
+    def psnr(a, b):
+        return 10 * np.log10(255 ** 2 / ((a - b) ** 2).mean())
+
+    print(f"\nSD1.5 example workflow vs the stock CLIP: FP8 CLIP {psnr(fp8_img, stock_img):.1f} dB PSNR, "
+          f"the stock CLIP with another prompt {psnr(other_img, stock_img):.1f} dB")
+    assert (fp8_img != stock_img).any()  # the FP8 CLIP, not the original, conditioned it
+    assert psnr(fp8_img, stock_img) > 30
+    assert psnr(fp8_img, stock_img) > psnr(other_img, stock_img) + 10
