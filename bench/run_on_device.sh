@@ -2,7 +2,7 @@
 # How bench/results/*_h200* and *_h100* were produced, on the device machine (carry .whl and .device, see README):
 #   bash bench/run_on_device.sh OUT [step ...]     steps: probe probe-stress text profile profile-rows vision
 #   text-dynamic text-sdxl text-sdxl-dynamic text-sd3 text-sd3-t5 text-flux profile-sdxl
-#   profile-sdxl-dynamic attention residency residency-dynamic
+#   profile-sdxl-dynamic attention residency residency-dynamic workflows workflows-dynamic
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
 # Sets up the carried wheels (ModelOpt, comfy-kitchen, ...) and ComfyUI v0.29 once per machine, then runs
 # each step under its own time limit, logging to OUT/<step>.log, so one slow step does not lose the others.
@@ -11,6 +11,8 @@ out=${1:?usage: run_on_device.sh OUT [step ...]}
 shift
 mkdir -p "$out"
 [ -d /tmp/site/modelopt ] || pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
+# PyAV, which ComfyUI v0.29's executor imports (workflows steps), travels in its own call: .whl is near the limit.
+[ -d /tmp/site/av ] || [ ! -d .whl-av ] || pip install -q --no-deps --target /tmp/site .whl-av/*.whl 2>&1 | tail -2
 [ -f /tmp/c29/main.py ] || { mkdir -p /tmp/c29 && tar -xJf .device/comfyui-v0.29.tar.xz -C /tmp/c29; }
 export PYTHONPATH=/tmp/site
 for step in "${@:-probe text profile vision}"; do
@@ -34,6 +36,9 @@ for step in "${@:-probe text profile vision}"; do
       text*) timeout 400 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack ;;
       residency-dynamic*) timeout 300 python3 bench/probe_residency.py --comfy /tmp/c29 --out "$out" --dynamic-vram ;;
       residency*) timeout 300 python3 bench/probe_residency.py --comfy /tmp/c29 --out "$out" ;;
+      workflows-dynamic*) timeout 560 python3 bench/bench_example_workflows.py --comfy /tmp/c29 --out "$out/$s" \
+                            --dynamic-vram ;;
+      workflows*) timeout 560 python3 bench/bench_example_workflows.py --comfy /tmp/c29 --out "$out/$s" ;;
       attention*) timeout 120 python3 bench/probe_attention.py --out "$out" ;;
       profile-rows*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
                        --executors fused,cuda_graph --cases "1 prompt (1x77),long prompt (3x77),8 rows of 77" ;;

@@ -24,6 +24,12 @@ CLIP_G_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, n
                    projection_dim=1280, bos_token_id=0, eos_token_id=49407, pad_token_id=1)
 
 
+# OpenCLIP ViT-H/14 text tower (SD2.x and SD2.1 unCLIP), as in ComfyUI's sd2_clip_config.json.
+CLIP_H_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                   num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
+                   projection_dim=1024, bos_token_id=0, eos_token_id=49407, pad_token_id=1)
+
+
 # OpenAI CLIP ViT-L/14 and OpenCLIP ViT-H/14 vision towers, as in ComfyUI's clip_vision_config_*.json.
 CLIP_VIT_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
@@ -31,21 +37,22 @@ CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32
                   image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
 
 
-def _seeded_fp16(model_cls, config_cls, config: dict, seed: int, num_hidden_layers: int | None
-                 ) -> dict[str, torch.Tensor]:
+def _seeded_fp16(model_cls, config_cls, config: dict, seed: int, num_hidden_layers: int | None,
+                 device: str = "cpu") -> dict[str, torch.Tensor]:
     cfg = {**config, **({} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers})}
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**cfg))
-    return {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
+    with torch.device(device):  # "cuda" draws other numbers (same seed), in seconds instead of a minute
+        model = model_cls(config_cls(**cfg))
+    return {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()
             if not k.endswith("position_ids")}
 
 
-def clip_vision_state_dict(config: dict = CLIP_VIT_L, seed: int = 20, num_hidden_layers: int | None = None
-                           ) -> dict[str, torch.Tensor]:
+def clip_vision_state_dict(config: dict = CLIP_VIT_L, seed: int = 20, num_hidden_layers: int | None = None,
+                           device: str = "cpu") -> dict[str, torch.Tensor]:
     """A transformers CLIPVisionModelWithProjection with seeded random weights, as an fp16 state dict."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    return _seeded_fp16(CLIPVisionModelWithProjection, CLIPVisionConfig, config, seed, num_hidden_layers)
+    return _seeded_fp16(CLIPVisionModelWithProjection, CLIPVisionConfig, config, seed, num_hidden_layers, device)
 
 
 def write_clip_vision(path: str | os.PathLike, config: dict = CLIP_VIT_L, seed: int = 20,
@@ -55,12 +62,12 @@ def write_clip_vision(path: str | os.PathLike, config: dict = CLIP_VIT_L, seed: 
                        {"fixture": "seeded random weights, not a trained model", "seed": str(seed)})
 
 
-def clip_text_state_dict(config: dict = CLIP_L_TEXT, seed: int = 0, num_hidden_layers: int | None = None
-                         ) -> dict[str, torch.Tensor]:
+def clip_text_state_dict(config: dict = CLIP_L_TEXT, seed: int = 0, num_hidden_layers: int | None = None,
+                         device: str = "cpu") -> dict[str, torch.Tensor]:
     """A transformers CLIPTextModelWithProjection with seeded random weights, as an fp16 state dict."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    return _seeded_fp16(CLIPTextModelWithProjection, CLIPTextConfig, config, seed, num_hidden_layers)
+    return _seeded_fp16(CLIPTextModelWithProjection, CLIPTextConfig, config, seed, num_hidden_layers, device)
 
 
 STRESS_LAYERS = tuple(range(1, 12))

@@ -45,16 +45,16 @@ def make_base(base: Path) -> Path:
 _BOOTED: SimpleNamespace | None = None
 
 
-def boot_in_process(base: Path, extra_args: tuple[str, ...] = ()) -> SimpleNamespace:
-    """Import ComfyUI in this process (once), with the pack loaded as a custom node."""
+def boot_in_process(base: Path, extra_args: tuple[str, ...] = (), cpu: bool = True) -> SimpleNamespace:
+    """Import ComfyUI in this process (once), with the pack loaded as a custom node (`cpu=False`: on the GPU)."""
     global _BOOTED
     if _BOOTED is not None:
         return _BOOTED
     hd = host_dir()
     make_base(base)
     sys.path.insert(0, str(hd))
-    sys.argv = ["main.py", "--cpu", "--base-directory", str(base), "--disable-all-custom-nodes",
-                "--whitelist-custom-nodes", PACK_NAME, *extra_args]
+    sys.argv = ["main.py", *(["--cpu"] if cpu else []), "--base-directory", str(base),
+                "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_NAME, *extra_args]
     import comfy.options
 
     comfy.options.enable_args_parsing()
@@ -90,10 +90,19 @@ class _ServerStub:
         pass
 
 
-def run_graph(host: SimpleNamespace, prompt: dict) -> dict:
+def new_executor(host: SimpleNamespace):
+    """ComfyUI's PromptExecutor with its classic cache: reused across prompts, unchanged nodes are not re-run."""
+    execution = host.execution
+    cache_type = execution.CacheType.CLASSIC if hasattr(execution, "CacheType") else False
+    return execution.PromptExecutor(_ServerStub(), cache_type=cache_type,
+                                    cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+
+
+def run_graph(host: SimpleNamespace, prompt: dict, executor=None) -> dict:
     """Validate and execute an API-format prompt in process; returns {node_id: ui output}.
 
-    Raises with ComfyUI's own message when validation or execution fails.
+    Raises with ComfyUI's own message when validation or execution fails. A fresh executor (no cache) unless
+    one is given.
     """
     execution = host.execution
     pid = str(uuid.uuid4())
@@ -102,9 +111,7 @@ def run_graph(host: SimpleNamespace, prompt: dict) -> dict:
         valid = asyncio.run(valid)
     if not valid[0]:
         raise RuntimeError(f"invalid prompt: {valid[1]} {json.dumps(valid[3], default=str)[:2000]}")
-    server = _ServerStub()
-    cache_type = execution.CacheType.CLASSIC if hasattr(execution, "CacheType") else False
-    ex = execution.PromptExecutor(server, cache_type=cache_type, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    ex = executor or new_executor(host)
     ex.execute(prompt, pid, {}, valid[2])
     if not ex.success:
         errs = [d for e, d in ex.status_messages if e == "execution_error"]

@@ -197,6 +197,21 @@ def to_api(workflow: dict, input_types: Callable[[str], dict]) -> dict:
     return prompt
 
 
+def bypass(prompt: dict, node_id: str, through: str) -> dict:
+    """A copy of `prompt` without node `node_id`: what used its first output takes the node's input `through`
+    (as ComfyUI's Bypass does); nodes that read its other outputs (the report) go too."""
+    out = json.loads(json.dumps(prompt))
+    source = out.pop(node_id)["inputs"][through]
+    for k, n in list(out.items()):
+        for name, v in n["inputs"].items():
+            if isinstance(v, list) and v[0] == node_id:
+                if v[1] != 0:
+                    del out[k]
+                    break
+                n["inputs"][name] = source
+    return out
+
+
 WORKFLOWS = {"sd15_fp8_clip_txt2img.json": sd15_txt2img, "sdxl_fp8_clip_txt2img.json": sdxl_txt2img,
              "sd21_unclip_fp8_clip_vision.json": unclip_image_variation}
 

@@ -10,7 +10,7 @@ import pytest
 
 from harness import fixtures
 from harness.host import PACK_DIR, PACK_NAME, HeadlessServer
-from harness.workflows import to_api, widget_names
+from harness.workflows import bypass, to_api, widget_names
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +94,9 @@ def test_sd15_example_workflow_samples_the_image_the_original_clip_gives(server)
     q = nodes["FP8CLIPQuantize"]
     assert prompt[q]["inputs"]["runtime"] == "auto"
 
-    stock = json.loads(json.dumps(prompt))
-    for k, n in list(stock.items()):
-        if n["inputs"].get("clip") == [q, 0]:
-            n["inputs"]["clip"] = prompt[q]["inputs"]["clip"]
-        if n["class_type"] in ("FP8CLIPQuantize", "PreviewAny"):
-            del stock[k]
+    stock = bypass(prompt, q, "clip")
+    assert {n["class_type"] for n in stock.values()} == {n["class_type"] for n in prompt.values()} - {
+        "FP8CLIPQuantize", "PreviewAny"}
     stock[nodes["SaveImage"]]["inputs"]["filename_prefix"] = "stock"
     other = json.loads(json.dumps(stock))
     positive = prompt[nodes["KSampler"]]["inputs"]["positive"][0]
@@ -120,5 +117,5 @@ def test_sd15_example_workflow_samples_the_image_the_original_clip_gives(server)
     print(f"\nSD1.5 example workflow vs the stock CLIP: FP8 CLIP {psnr(fp8_img, stock_img):.1f} dB PSNR, "
           f"the stock CLIP with another prompt {psnr(other_img, stock_img):.1f} dB")
     assert (fp8_img != stock_img).any()  # the FP8 CLIP, not the original, conditioned it
-    assert psnr(fp8_img, stock_img) > 30
+    assert psnr(fp8_img, stock_img) > 25
     assert psnr(fp8_img, stock_img) > psnr(other_img, stock_img) + 10

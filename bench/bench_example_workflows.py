@@ -1,0 +1,237 @@
+"""The shipped example workflows, whole, in ComfyUI's own executor: stock CLIP vs the pack's FP8 CLIP.
+
+    python bench/bench_example_workflows.py --comfy /path/to/ComfyUI --out OUT [--workflows sd15,sdxl,unclip]
+        [--small] [--dynamic-vram]
+
+Each example_workflows/*.json is converted to the API prompt the browser queues (harness/workflows.py) and run
+in one process with one PromptExecutor (its cache on, as in a ComfyUI session) on seeded checkpoints at the
+real configs (harness/checkpoints.py; `--small`: a small UNet and 64x64 images, for a CPU dry run). Per
+workflow: the stock graph (the quantize node bypassed) cold, then re-queued with edited positive prompts; then
+the pack's graph cold (calibration and report included), then re-queued with the same prompts. Records graph
+wall times, CLIPTextEncode / CLIPVisionEncode times inside the graph, peak GPU memory, and how close the pack's
+images are to stock's for the same prompt (PSNR; for scale, stock against itself with another prompt).
+Absolute times only mean something from a GPU run; see bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+EDITS = ["a red fox in a snowy forest, golden hour", "portrait of an old fisherman, dramatic lighting",
+         "a bowl of ramen on a wooden table, steam, 35mm photo"]
+QUANTIZERS = {"FP8CLIPQuantize": "clip", "FP8CLIPVisionQuantize": "clip_vision"}
+WORKFLOWS = {"sd15": "sd15_fp8_clip_txt2img.json", "sdxl": "sdxl_fp8_clip_txt2img.json",
+             "unclip": "sd21_unclip_fp8_clip_vision.json"}
+
+
+def write_checkpoint(name: str, path: Path, small: bool, device: str) -> None:
+    from harness import fixtures
+    from harness.checkpoints import checkpoint_state_dict
+
+    text, vision = {"clip_l": (fixtures.CLIP_L_TEXT, 0)}, None
+    kind = {"sd15": "sd15", "sdxl": "sdxl", "unclip": "sd21-unclip-h"}[name] + ("-mini" if small else "")
+    if name == "sdxl":
+        text["clip_g"] = (fixtures.CLIP_G_TEXT, 10)
+    if name == "unclip":
+        text = {"clip_h": (fixtures.CLIP_H_TEXT, 40)}
+        vision = fixtures.clip_vision_state_dict(fixtures.CLIP_VIT_H, seed=21, device=device)
+    sd = checkpoint_state_dict(kind, {k: fixtures.clip_text_state_dict(c, seed=s, device=device)
+                                      for k, (c, s) in text.items()}, vision, device=device)
+    fixtures.save_atomic(sd, path, {"fixture": f"seeded random weights, not a trained model ({kind})"})
+
+
+class EncodeTimer:
+    """Times CLIPTextEncode / CLIPVisionEncode calls inside the executor (synchronized on the GPU)."""
+
+    def __init__(self, node_classes: dict):
+        import torch
+
+        self.times: dict[str, list[float]] = {}
+        for t in ("CLIPTextEncode", "CLIPVisionEncode"):
+            cls = node_classes[t]
+            fn = getattr(cls, cls.FUNCTION)
+
+            def timed(*a, _fn=fn, _t=t, **k):
+                sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+                sync()
+                t0 = time.perf_counter()
+                out = _fn(*a, **k)
+                sync()
+                self.times.setdefault(_t, []).append((time.perf_counter() - t0) * 1e3)
+                return out
+
+            setattr(cls, cls.FUNCTION, timed)
+
+    def take(self) -> dict[str, list[float]]:
+        out, self.times = self.times, {}
+        return out
+
+
+def saved_image(base: Path, outputs: dict, node: str) -> np.ndarray:
+    from PIL import Image
+
+    img = outputs[node]["images"][0]
+    return np.asarray(Image.open(base / "output" / img["subfolder"] / img["filename"]), dtype=np.float64)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = ((a - b) ** 2).mean()
+    return float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
+
+
+def run_workflow(host, name: str, ckpt: str, args, timer: EncodeTimer) -> dict:
+    import torch
+
+    from harness.host import new_executor, run_graph
+    from harness.workflows import bypass, to_api
+
+    nodes = host.nodes.NODE_CLASS_MAPPINGS
+    wf = json.loads((ROOT / "example_workflows" / WORKFLOWS[name]).read_text())
+    prompt = to_api(wf, lambda t: nodes[t].INPUT_TYPES())
+    ids = {n["class_type"]: k for k, n in prompt.items()}
+    loader = ids.get("CheckpointLoaderSimple") or ids["unCLIPCheckpointLoader"]
+    prompt[loader]["inputs"]["ckpt_name"] = ckpt
+    if args.small:
+        prompt[ids["EmptyLatentImage"]]["inputs"].update(width=64, height=64)
+    q = next(ids[t] for t in QUANTIZERS if t in ids)
+    stock = bypass(prompt, q, QUANTIZERS[prompt[q]["class_type"]])
+    pos_node = prompt[ids["KSampler"]]["inputs"]["positive"][0]
+    if prompt[pos_node]["class_type"] != "CLIPTextEncode":  # unCLIP: text -> unCLIPConditioning -> sampler
+        pos_node = prompt[pos_node]["inputs"]["conditioning"][0]
+    save = ids["SaveImage"]
+    cuda = torch.cuda.is_available()
+    ex = new_executor(host)
+    res: dict = {"workflow": WORKFLOWS[name], "checkpoint": ckpt}
+
+    def one(graph: dict, text: str | None, prefix: str) -> tuple[float, np.ndarray, dict]:
+        g = json.loads(json.dumps(graph))
+        if text is not None:
+            g[pos_node]["inputs"]["text"] = text
+        g[save]["inputs"]["filename_prefix"] = prefix
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = run_graph(host, g, ex)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0), saved_image(host.base, out, save), out
+
+    for label, graph in (("stock", stock), ("pack", prompt)):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        cold_s, first_img, out = one(graph, None, f"{name}-{label}-cold")
+        cold_enc = timer.take()
+        if label == "pack":
+            preview = next(k for k, n in prompt.items() if n["class_type"] == "PreviewAny")
+            res["report"] = out[preview]["text"][0]
+        imgs, times = [first_img], []
+        for i, text in enumerate(EDITS):
+            s, img, _ = one(graph, text, f"{name}-{label}-{i}")
+            times.append(s)
+            imgs.append(img)
+        enc = timer.take()
+        res[label] = {"cold_graph_s": round(cold_s, 2), "requeue_graph_s": [round(t, 3) for t in times],
+                      "cold_encode_ms": {k: [round(x, 2) for x in v] for k, v in cold_enc.items()},
+                      "requeue_encode_ms": {k: [round(x, 2) for x in v] for k, v in enc.items()},
+                      "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20) if cuda else None}
+        res[label + "_images"] = imgs
+    s_imgs, p_imgs = res.pop("stock_images"), res.pop("pack_images")
+    res["psnr_pack_vs_stock_db"] = [round(psnr(a, b), 1) for a, b in zip(p_imgs, s_imgs)]
+    res["psnr_stock_other_prompt_db"] = [round(psnr(s_imgs[i], s_imgs[i + 1]), 1) for i in range(len(s_imgs) - 1)]
+    res["image_shape"] = list(s_imgs[0].shape)
+    res["identical_images"] = sum(bool((a == b).all()) for a, b in zip(p_imgs, s_imgs))
+    return res
+
+
+def table(results: dict, device: str) -> str:
+    def med(v):
+        return statistics.median(v) if v else float("nan")
+
+    lines = [f"Device: {device}.", "",
+             "| workflow | variant | first run s | re-queue with an edited prompt s (median of 3) | CLIPTextEncode "
+             "in the graph ms (median of the re-queues) | CLIPVisionEncode ms (first run) | peak GPU MB | "
+             "PSNR vs stock, same prompt (min) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for label in ("stock", "pack"):
+            v = r[label]
+            enc = v["requeue_encode_ms"].get("CLIPTextEncode", [])
+            vis = v["cold_encode_ms"].get("CLIPVisionEncode", [])
+            ratio = ""
+            if label == "pack":
+                s_enc = med(r["stock"]["requeue_encode_ms"].get("CLIPTextEncode", []))
+                ratio = f" ({s_enc / med(enc):.1f}x)" if enc else ""
+            lines.append(f"| {name} | {'stock CLIP' if label == 'stock' else 'FP8 CLIP (pack, runtime auto)'} | "
+                         f"{v['cold_graph_s']:.2f} | {med(v['requeue_graph_s']):.3f} | {med(enc):.2f}{ratio} | "
+                         f"{f'{vis[0]:.1f}' if vis else ''} | {v['peak_gpu_mb']} | "
+                         f"{min(r['psnr_pack_vs_stock_db']) if label == 'pack' else ''} |")
+    lines.append("")
+    for name, r in results.items():
+        lines += [f"{name}: PSNR pack vs stock {r['psnr_pack_vs_stock_db']} dB; stock vs stock with the next "
+                  f"prompt {r['psnr_stock_other_prompt_db']} dB; images {r['image_shape']}", "", "```",
+                  r.get("report", ""), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfy", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--workflows", default="sd15,sdxl,unclip")
+    ap.add_argument("--small", action="store_true", help="small SD1.5 UNet, 64x64 images (CPU dry run)")
+    ap.add_argument("--dynamic-vram", action="store_true", help="v0.29's default on NVIDIA (comfy-aimdo)")
+    ap.add_argument("--fixtures", type=Path, default=Path("/tmp/fp8clip-example-fixtures"))
+    args = ap.parse_args()
+    import torch
+
+    os.environ["FP8CLIP_HOST"] = str(args.comfy.resolve())
+    cuda = torch.cuda.is_available()
+    base = args.fixtures / "base"
+    from harness.host import boot_in_process, make_base
+
+    make_base(base)
+    if args.dynamic_vram:
+        from bench_text_encode import boot
+        boot(args.comfy, ["--base-directory", str(base)], dynamic_vram=True)
+    host = boot_in_process(base, cpu=not cuda)
+    if cuda:
+        from bench_text_encode import eager_modelopt
+        eager_modelopt()
+    from quant.images import synthetic_images
+    from PIL import Image
+
+    img = synthetic_images(1, seed=7, size=512)[0][0]  # the unCLIP example's input image
+    Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).save(base / "input" / "example.png")
+    timer = EncodeTimer(host.nodes.NODE_CLASS_MAPPINGS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.workflows.split(","):
+        ckpt = f"fp8clip-bench-{name}{'-small' if args.small else ''}.safetensors"
+        path = base / "models" / "checkpoints" / ckpt
+        t0 = time.perf_counter()
+        if not path.exists():
+            write_checkpoint(name, path, args.small, "cuda" if cuda else "cpu")
+        print(f"{name}: checkpoint ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        results[name] = run_workflow(host, name, ckpt, args, timer)
+        print(json.dumps({k: v for k, v in results[name].items() if k != "report"}, indent=1), flush=True)
+        (args.out / "example_workflows.json").write_text(json.dumps(results, indent=1))
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    mode = "dynamic VRAM" if args.dynamic_vram else "static patcher"
+    md = table(results, f"{device}, torch {torch.__version__}, {mode}")
+    (args.out / "example_workflows.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
