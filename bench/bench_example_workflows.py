@@ -8,7 +8,7 @@ in one process with one PromptExecutor (its cache on, as in a ComfyUI session) o
 real configs (harness/checkpoints.py; `--small`: a small UNet and 64x64 images, for a CPU dry run). Per
 workflow: the stock graph (the quantize node bypassed) cold, then re-queued with edited positive prompts; then
 the pack's graph cold (calibration and report included), then re-queued with the same prompts. Records graph
-wall times, CLIPTextEncode / CLIPVisionEncode times inside the graph, peak GPU memory, and how close the pack's
+wall times, each node's time inside the graph, ComfyUI's model loads / unloads, and how close the pack's
 images are to stock's for the same prompt (PSNR; for scale, stock against itself with another prompt).
 Absolute times only mean something from a GPU run; see bench/results/.
 """
@@ -51,19 +51,36 @@ def write_checkpoint(name: str, path: Path, small: bool, device: str) -> None:
     fixtures.save_atomic(sd, path, {"fixture": f"seeded random weights, not a trained model ({kind})"})
 
 
-class EncodeTimer:
-    """Times CLIPTextEncode / CLIPVisionEncode calls inside the executor (synchronized on the GPU)."""
+class NodeTimer:
+    """Times every call of the given node classes inside the executor (synchronized on the GPU), and counts
+    ComfyUI's model loads and unloads, to see where a re-queued graph spends its time."""
 
     def __init__(self, node_classes: dict):
+        import comfy.model_management as mm
+
+        self.node_classes = node_classes
+        self.times: dict[str, list[float]] = {}
+        self.moves: list[str] = []
+        for meth in ("model_load", "model_unload"):
+            orig = getattr(mm.LoadedModel, meth)
+
+            def counted(lm, *a, _orig=orig, _m=meth, **k):
+                self.moves.append(f"{_m} {type(lm.model.model).__name__}")
+                return _orig(lm, *a, **k)
+
+            setattr(mm.LoadedModel, meth, counted)
+
+    def watch(self, names: set[str]) -> None:
         import torch
 
-        self.times: dict[str, list[float]] = {}
-        for t in ("CLIPTextEncode", "CLIPVisionEncode"):
-            cls = node_classes[t]
-            fn = getattr(cls, cls.FUNCTION)
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        for t in names:
+            cls = self.node_classes[t]
+            fn = getattr(cls, getattr(cls, "FUNCTION", ""), None)
+            if not callable(fn) or getattr(fn, "_fp8clip_timed", False):
+                continue
 
             def timed(*a, _fn=fn, _t=t, **k):
-                sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
                 sync()
                 t0 = time.perf_counter()
                 out = _fn(*a, **k)
@@ -71,11 +88,12 @@ class EncodeTimer:
                 self.times.setdefault(_t, []).append((time.perf_counter() - t0) * 1e3)
                 return out
 
+            timed._fp8clip_timed = True
             setattr(cls, cls.FUNCTION, timed)
 
-    def take(self) -> dict[str, list[float]]:
-        out, self.times = self.times, {}
-        return out
+    def take(self) -> tuple[dict[str, list[float]], list[str]]:
+        out, moves, self.times, self.moves = self.times, self.moves, {}, []
+        return out, moves
 
 
 def saved_image(base: Path, outputs: dict, node: str) -> np.ndarray:
@@ -90,7 +108,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
 
 
-def run_workflow(host, name: str, ckpt: str, args, timer: EncodeTimer) -> dict:
+def run_workflow(host, name: str, ckpt: str, args, timer: NodeTimer) -> dict:
     import torch
 
     from harness.host import new_executor, run_graph
@@ -110,6 +128,7 @@ def run_workflow(host, name: str, ckpt: str, args, timer: EncodeTimer) -> dict:
     if prompt[pos_node]["class_type"] != "CLIPTextEncode":  # unCLIP: text -> unCLIPConditioning -> sampler
         pos_node = prompt[pos_node]["inputs"]["conditioning"][0]
     save = ids["SaveImage"]
+    timer.watch({n["class_type"] for n in prompt.values()})
     cuda = torch.cuda.is_available()
     ex = new_executor(host)
     res: dict = {"workflow": WORKFLOWS[name], "checkpoint": ckpt}
@@ -131,20 +150,34 @@ def run_workflow(host, name: str, ckpt: str, args, timer: EncodeTimer) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         cold_s, first_img, out = one(graph, None, f"{name}-{label}-cold")
-        cold_enc = timer.take()
+        cold_enc, cold_moves = timer.take()
         if label == "pack":
             preview = next(k for k, n in prompt.items() if n["class_type"] == "PreviewAny")
             res["report"] = out[preview]["text"][0]
         imgs, times = [first_img], []
-        for i, text in enumerate(EDITS):
+        for i, text in enumerate((EDITS * args.requeues)[:args.requeues]):
+            prof = None
+            if args.profile and i == args.requeues - 1:
+                import cProfile
+                prof = cProfile.Profile()
+                prof.enable()
             s, img, _ = one(graph, text, f"{name}-{label}-{i}")
+            if prof is not None:
+                import io
+                import pstats
+                prof.disable()
+                buf = io.StringIO()
+                pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(45)
+                (args.out / f"profile_{name}_{label}.txt").write_text(buf.getvalue())
             times.append(s)
             imgs.append(img)
-        enc = timer.take()
+        enc, moves = timer.take()
         res[label] = {"cold_graph_s": round(cold_s, 2), "requeue_graph_s": [round(t, 3) for t in times],
-                      "cold_encode_ms": {k: [round(x, 2) for x in v] for k, v in cold_enc.items()},
-                      "requeue_encode_ms": {k: [round(x, 2) for x in v] for k, v in enc.items()},
-                      "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20) if cuda else None}
+                      "cold_node_ms": {k: [round(x, 2) for x in v] for k, v in cold_enc.items()},
+                      "requeue_node_ms": {k: [round(x, 2) for x in v] for k, v in enc.items()},
+                      "cold_model_moves": cold_moves, "requeue_model_moves": moves,
+                      # the process's peak so far: models of earlier phases stay loaded, so not a comparison
+                      "peak_gpu_mb_so_far": round(torch.cuda.max_memory_allocated() / 2 ** 20) if cuda else None}
         res[label + "_images"] = imgs
     s_imgs, p_imgs = res.pop("stock_images"), res.pop("pack_images")
     res["psnr_pack_vs_stock_db"] = [round(psnr(a, b), 1) for a, b in zip(p_imgs, s_imgs)]
@@ -159,23 +192,30 @@ def table(results: dict, device: str) -> str:
         return statistics.median(v) if v else float("nan")
 
     lines = [f"Device: {device}.", "",
-             "| workflow | variant | first run s | re-queue with an edited prompt s (median of 3) | CLIPTextEncode "
-             "in the graph ms (median of the re-queues) | CLIPVisionEncode ms (first run) | peak GPU MB | "
+             "| workflow | variant | first run s | re-queue with an edited prompt s (median) | CLIPTextEncode "
+             "in the graph ms (median of the re-queues) | CLIPVisionEncode ms (first run) | "
              "PSNR vs stock, same prompt (min) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         for label in ("stock", "pack"):
             v = r[label]
-            enc = v["requeue_encode_ms"].get("CLIPTextEncode", [])
-            vis = v["cold_encode_ms"].get("CLIPVisionEncode", [])
+            enc = v["requeue_node_ms"].get("CLIPTextEncode", [])
+            vis = v["cold_node_ms"].get("CLIPVisionEncode", [])
             ratio = ""
             if label == "pack":
-                s_enc = med(r["stock"]["requeue_encode_ms"].get("CLIPTextEncode", []))
+                s_enc = med(r["stock"]["requeue_node_ms"].get("CLIPTextEncode", []))
                 ratio = f" ({s_enc / med(enc):.1f}x)" if enc else ""
             lines.append(f"| {name} | {'stock CLIP' if label == 'stock' else 'FP8 CLIP (pack, runtime auto)'} | "
                          f"{v['cold_graph_s']:.2f} | {med(v['requeue_graph_s']):.3f} | {med(enc):.2f}{ratio} | "
-                         f"{f'{vis[0]:.1f}' if vis else ''} | {v['peak_gpu_mb']} | "
+                         f"{f'{vis[0]:.1f}' if vis else ''} | "
                          f"{min(r['psnr_pack_vs_stock_db']) if label == 'pack' else ''} |")
+    lines += ["", "Re-queues, median ms per node and ComfyUI's model loads / unloads over the re-queues:", ""]
+    for name, r in results.items():
+        for label in ("stock", "pack"):
+            v = r[label]
+            nodes = ", ".join(f"{k} {med(x):.1f}" for k, x in sorted(v["requeue_node_ms"].items()))
+            moves = "; ".join(f"{m} x{v['requeue_model_moves'].count(m)}" for m in sorted(set(v["requeue_model_moves"])))
+            lines.append(f"- {name}, {label}: {nodes}; model moves: {moves or 'none'}")
     lines.append("")
     for name, r in results.items():
         lines += [f"{name}: PSNR pack vs stock {r['psnr_pack_vs_stock_db']} dB; stock vs stock with the next "
@@ -189,6 +229,8 @@ def main() -> None:
     ap.add_argument("--comfy", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--workflows", default="sd15,sdxl,unclip")
+    ap.add_argument("--requeues", type=int, default=3, help="re-queues per variant, cycling 3 prompts")
+    ap.add_argument("--profile", action="store_true", help="cProfile the last re-queue of each variant")
     ap.add_argument("--small", action="store_true", help="small SD1.5 UNet, 64x64 images (CPU dry run)")
     ap.add_argument("--dynamic-vram", action="store_true", help="v0.29's default on NVIDIA (comfy-aimdo)")
     ap.add_argument("--fixtures", type=Path, default=Path("/tmp/fp8clip-example-fixtures"))
@@ -213,8 +255,8 @@ def main() -> None:
 
     img = synthetic_images(1, seed=7, size=512)[0][0]  # the unCLIP example's input image
     Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).save(base / "input" / "example.png")
-    timer = EncodeTimer(host.nodes.NODE_CLASS_MAPPINGS)
     args.out.mkdir(parents=True, exist_ok=True)
+    timer = NodeTimer(host.nodes.NODE_CLASS_MAPPINGS)
     results = {}
     for name in args.workflows.split(","):
         ckpt = f"fp8clip-bench-{name}{'-small' if args.small else ''}.safetensors"

@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# How bench/results/*_h200* and *_h100* were produced, on the device machine (carry .whl and .device, see README):
+# How bench/results/*_h200* and *_h100* were produced, on the device machine. Carry `.whl` (ModelOpt and the
+# wheels ComfyUI v0.29 needs that the image lacks) in a first call, then `.device` (comfyui-v0.29.tar.xz, made in
+# a v0.29 checkout: tar -cJf comfyui-v0.29.tar.xz --exclude=__pycache__ *.py alembic.ini alembic_db api_server
+# app comfy comfy_api comfy_config comfy_execution comfy_extras middleware utils pyproject.toml requirements.txt)
+# and `.whl-av` (PyAV) in the next; together they pass the 64 MiB a call carries.
 #   bash bench/run_on_device.sh OUT [step ...]     steps: probe probe-stress text profile profile-rows vision
 #   text-dynamic text-sdxl text-sdxl-dynamic text-sd3 text-sd3-t5 text-flux profile-sdxl
 #   profile-sdxl-dynamic attention residency residency-dynamic workflows workflows-dynamic
@@ -23,28 +27,28 @@ for step in "${@:-probe text profile vision}"; do
       probe*) timeout 300 python3 bench/probe_fp8_fidelity.py --comfy /tmp/c29 --out "$out" ;;
       text-dynamic*) timeout 400 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack \
                        --dynamic-vram ;;
-      text-sdxl-dynamic*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
+      text-sdxl-dynamic*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                             --variants stock,pack --family sdxl --dynamic-vram ;;
       text-sdxl*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack \
                     --family sdxl ;;
-      text-sd3-t5*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
+      text-sd3-t5*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                       --variants stock,pack --family sd3-t5 ;;
-      text-flux*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
+      text-flux*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                     --variants stock,pack --family flux ;;
       text-sd3*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack \
                    --family sd3 ;;
       text*) timeout 400 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack ;;
       residency-dynamic*) timeout 300 python3 bench/probe_residency.py --comfy /tmp/c29 --out "$out" --dynamic-vram ;;
       residency*) timeout 300 python3 bench/probe_residency.py --comfy /tmp/c29 --out "$out" ;;
-      workflows-dynamic*) timeout 560 python3 bench/bench_example_workflows.py --comfy /tmp/c29 --out "$out/$s" \
+      workflows-dynamic*) timeout 560 python3 bench/bench_example_workflows.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                             --dynamic-vram ;;
-      workflows*) timeout 560 python3 bench/bench_example_workflows.py --comfy /tmp/c29 --out "$out/$s" ;;
+      workflows*) timeout 560 python3 bench/bench_example_workflows.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} ;;
       attention*) timeout 120 python3 bench/probe_attention.py --out "$out" ;;
-      profile-rows*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
+      profile-rows*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                        --executors fused,cuda_graph --cases "1 prompt (1x77),long prompt (3x77),8 rows of 77" ;;
-      profile-sdxl-dynamic*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
+      profile-sdxl-dynamic*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                                --family sdxl --executors fused --dynamic-vram ;;
-      profile-sdxl*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" \
+      profile-sdxl*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                        --family sdxl --executors fused,cuda_graph --cases "1 prompt (1x77),8 rows of 77" ;;
       profile*) timeout 200 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" ;;
       vision*) timeout 500 python3 bench/bench_vision_encode.py --comfy /tmp/c29 --out "$out/$s" ;;

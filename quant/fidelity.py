@@ -28,7 +28,9 @@ def score(prompt: str, ref: tuple[torch.Tensor, torch.Tensor | None], got: tuple
         raise RuntimeError(f"conditioning shape changed by quantization: {tuple(rc.shape)} -> {tuple(gc.shape)}")
     tok = F.cosine_similarity(rc.float().flatten(0, -2), gc.float().flatten(0, -2), dim=-1)
     pooled = None
-    if rp is not None and gp is not None:
+    # A checkpoint without a tower's projection (SDXL's clip_l) leaves ComfyUI's projection uninitialized, so
+    # that pooled output is noise the model never uses: no score rather than nan.
+    if rp is not None and gp is not None and bool(torch.isfinite(rp).all()):
         pooled = float(F.cosine_similarity(rp.float().flatten(), gp.float().flatten(), dim=0))
     return PromptScore(prompt, float(tok.mean()), float(tok.min()), pooled)
 

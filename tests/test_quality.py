@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
-from conftest import call, cosine, encode
+from conftest import call, cosine, encode, pack_module
 from test_quantize_clip import quantize
 
 
@@ -57,3 +58,14 @@ def test_stress_fixture_report_catches_outliers_and_exclusions_fix_them(comfy):
     assert all(re.search(r"layers\.([1-9]|1[01])\.mlp\.fc2$", n) for n in first_named)  # the planted fc2 inputs
     assert "WARNING" not in text and rounds[-1][1] >= 0.99  # fixed by the exclusions the report suggested
     assert len(rounds) >= 2
+
+
+def test_a_tower_pooled_output_left_uninitialized_gets_no_score_not_nan(pack):
+    """SDXL checkpoints carry no projection for clip_l, so ComfyUI leaves it uninitialized (its pooled output is
+    unused); seen as "pooled nan" in the report on a GPU. Such a reference gets no pooled score."""
+    score = pack_module(pack, "quant.fidelity").score
+    cond = torch.randn(1, 77, 8)
+    good = score("p", (cond, torch.ones(1, 8)), (cond, torch.ones(1, 8)))
+    assert good.pooled_cosine == pytest.approx(1.0)
+    bad = score("p", (cond, torch.full((1, 8), float("nan"))), (cond, torch.ones(1, 8)))
+    assert bad.pooled_cosine is None and bad.cond_cosine == pytest.approx(1.0)
