@@ -60,6 +60,8 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     container = torch.nn.ModuleDict(copies)
     names = modelopt_bridge.linear_layer_names(container)
     to_quantize, kept, unmatched = recipe.split(names)
+    unusable = modelopt_bridge.nonfinite_weight_layers(container, to_quantize)
+    to_quantize, kept = [n for n in to_quantize if n not in unusable], kept + unusable
     # Original weights (checkpoint dtype, CPU) for the per-layer errors; taken before the fp32 cast.
     reference = {n: container.get_submodule(n).weight.detach().to("cpu", copy=True) for n in to_quantize}
     for m in copies.values():
@@ -103,7 +105,10 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     report = QualityReport(family=family.label, scope=recipe.scope, method=recipe.method, towers=summaries,
                            prompts=scores, layer_errors=errors, calibration_prompts=len(prompts),
                            calibration_seconds=calib_s, evaluation_seconds=eval_s, min_cosine=min_cosine,
-                           keep=recipe.keep, passed_through=family.passed_through, unmatched_patterns=unmatched)
+                           keep=recipe.keep, passed_through=family.passed_through, unmatched_patterns=unmatched,
+                           notes=[f"Kept as they are, weights not finite (NaN/inf; e.g. a projection the checkpoint "
+                                  f"lacks, which ComfyUI leaves uninitialized): {', '.join(unusable)}"] if unusable
+                           else [])
     fp = fingerprint(prompts, recipe)
     for t in towers:
         prefix = t.name + "."

@@ -40,6 +40,12 @@ def linear_layer_names(module: torch.nn.Module) -> list[str]:
     return [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
+def nonfinite_weight_layers(module: torch.nn.Module, names: list[str]) -> list[str]:
+    """Layers among `names` whose weight holds NaN or inf (ModelOpt's calibration asserts on them). A checkpoint
+    without a tower's projection (SDXL's CLIP-L) leaves ComfyUI's uninitialized: NaN on a GPU, seen on an H100."""
+    return [n for n in names if not bool(torch.isfinite(module.get_submodule(n).weight).all())]
+
+
 def quantize(module: torch.nn.Module, config: dict, forward_loop: Callable[[torch.nn.Module], None]) -> None:
     """Insert quantizers per `config` and calibrate them in place by running `forward_loop`."""
     mtq = _mtq()

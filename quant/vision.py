@@ -151,6 +151,8 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     to_quantize, kept, unmatched = recipe.split(linears + convs)
     to_quantize = [n for n in to_quantize if n in linears]
     kept = kept + [c for c in convs if c not in kept]  # convolutions are never quantized
+    unusable = modelopt_bridge.nonfinite_weight_layers(container, to_quantize)
+    to_quantize, kept = [n for n in to_quantize if n not in unusable], kept + unusable
     # Original weights (checkpoint dtype, CPU) for the per-layer errors; taken before the fp32 cast.
     reference = {n: container.get_submodule(n).weight.detach().to("cpu", copy=True) for n in to_quantize}
     to_float32(copy_)

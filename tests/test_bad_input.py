@@ -1,6 +1,8 @@
 """Bad input gets a message that names the problem and the fix; nothing is changed or left behind."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,6 +36,27 @@ def test_pattern_that_matches_nothing_is_reported(comfy, clip):
     text = quantize(comfy, clip, calibration_prompts="a cat",
                     keep_high_precision="*text_projection, *mlp.fc3")["result"][1]
     assert "WARNING: Keep pattern '*mlp.fc3' matches no layer" in text
+
+
+def test_a_layer_with_nan_weights_is_kept_as_it_is_and_named(comfy):
+    """SDXL checkpoints carry no CLIP-L projection; ComfyUI leaves it uninitialized, NaN on an H100. With the
+    keep list cleared, ModelOpt's calibration used to stop on `detected nan values in amax`."""
+    clip = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")[0]
+    with torch.inference_mode():  # the loader made inference tensors
+        clip.cond_stage_model.clip_l.transformer.text_projection.weight.fill_(float("nan"))
+    q, text = quantize(comfy, clip, calibration_prompts="a cat\na castle at night", keep_high_precision="",
+                       evaluation_prompts="a dog on a beach\na red car")["result"]
+    print("\n" + text)
+    assert "kept in high precision: text_projection" in text
+    assert "weights not finite (NaN/inf" in text and "clip_l.text_projection" in text
+    ref, got = encode(comfy, clip, PROMPT)[0], encode(comfy, q, PROMPT)[0]
+    assert torch.isfinite(got).all() and torch.nn.functional.cosine_similarity(
+        ref.flatten(1), got.flatten(1)).item() > 0.99
+    (info,) = call(comfy, "FP8CLIPSave", clip=q, filename="fp8test/nan_projection",
+                   format="fp8 + scales (Load FP8 CLIP)", overwrite=True)
+    path = Path(info.split("Saved ", 1)[1].splitlines()[0])
+    assert path.is_file()  # its scales are finite: the file format refuses others
+    path.unlink()
 
 
 def test_unsupported_clip_type_names_the_supported_ones(comfy):
