@@ -22,8 +22,28 @@ from .towers import text_family
 Progress = Callable[[int, int], None]
 
 
+CLIP_TOKEN_KEYS = ("l", "g", "h")  # the tokenizer's keys for the clip_l / clip_g / clip_h towers
+PROMPTS_PER_CALIBRATION_ENCODE = 16
+
+
 def encode(clip: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     return clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+
+
+def encode_together(clip: Any, prompts: Sequence[str]) -> None:
+    """Run several calibration prompts through ComfyUI's encode path in one transformer call.
+
+    Each prompt's 77-token rows become rows of one batch, as ComfyUI runs a long prompt, so every tower sees the
+    same rows as prompt by prompt; per-tensor amax (max, and mse's search over it) does not depend on how rows
+    are grouped. One call instead of N matters on a GPU, where ModelOpt's calibrators cost a host sync per
+    quantizer per call. Other encoders of the bundle (T5) get the first prompt only: they are not calibrated.
+    """
+    merged = clip.tokenize(prompts[0])
+    for p in prompts[1:]:
+        for k, rows in clip.tokenize(p).items():
+            if k in CLIP_TOKEN_KEYS and k in merged:
+                merged[k] = list(merged[k]) + list(rows)
+    clip.encode_from_tokens(merged, return_pooled=True)
 
 
 def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), *,
@@ -49,9 +69,9 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     total = len(prompts) + len(held_out)
     done = 0
 
-    def step() -> None:
+    def step(count: int = 1) -> None:
         nonlocal done
-        done += 1
+        done += count
         if progress:
             progress(done, total)
 
@@ -71,10 +91,11 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     qclip = clone_with(clip, {t.path: copies[t.name] for t in towers})
 
     def forward_loop(_: torch.nn.Module) -> None:
-        for p in prompts:
+        n = PROMPTS_PER_CALIBRATION_ENCODE
+        for i in range(0, len(prompts), n):
             check_interrupt()
-            encode(qclip, p)
-            step()
+            encode_together(qclip, prompts[i:i + n])
+            step(len(prompts[i:i + n]))
 
     t0 = time.perf_counter()
     modelopt_bridge.quantize(container, recipe.modelopt_config(kept), forward_loop)
