@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import call, cosine, encode
+from conftest import call, cosine, encode, pack_module
 
 PROMPT = "a photo of an astronaut riding a horse, detailed, 4k"
 
@@ -140,6 +140,20 @@ def test_quantizing_loads_the_model_a_few_times_not_once_per_prompt(comfy, clip,
     first = [encode(comfy, c, PROMPT)[0] for c in (clip, q)]
     for _ in range(2):
         assert [torch.equal(encode(comfy, c, PROMPT)[0], f) for c, f in zip((clip, q), first)] == [True] * 2
+
+
+def test_calibrating_prompts_together_gives_the_scales_of_one_by_one(comfy, clip, pack, monkeypatch):
+    """Calibration runs 16 prompts per transformer call (their rows as one batch). The scales must be those of
+    prompt-by-prompt calibration, with weighted, long and textual-inversion prompts among them."""
+    cal = "\n".join(["a cat", "(a castle:1.3) at (night:0.8)", ", ".join(f"detail {i}" for i in range(40)),
+                     "embedding:fp8clip-fixture-emb a portrait", "a red car", "blurry, lowres"])
+    calibrate = pack_module(pack, "quant.calibrate")
+    out = {}
+    for n in (1, calibrate.PROMPTS_PER_CALIBRATION_ENCODE):
+        monkeypatch.setattr(calibrate, "PROMPTS_PER_CALIBRATION_ENCODE", n)
+        q = quantize(comfy, clip, calibration_prompts=cal, evaluation_prompts="a house", runtime="fake-quant")
+        out[n] = [encode(comfy, q["result"][0], p)[0] for p in (PROMPT, "(a castle:1.3) at night")]
+    assert all(torch.equal(a, b) for a, b in zip(*out.values()))
 
 
 def test_quantizing_again_while_a_quantized_clone_is_loaded(comfy, clip):
