@@ -1,4 +1,5 @@
-"""The pack in a real headless ComfyUI server: a workflow over HTTP, and the example workflows' node types."""
+"""The pack in a real headless ComfyUI server: a workflow over HTTP, the example workflows' node types, and the
+SD1.5 example workflow run whole against the same graph with the stock CLIP."""
 from __future__ import annotations
 
 import json
