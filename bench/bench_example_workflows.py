@@ -96,23 +96,11 @@ class NodeTimer:
         return out, moves
 
 
-def saved_image(base: Path, outputs: dict, node: str) -> np.ndarray:
-    from PIL import Image
-
-    img = outputs[node]["images"][0]
-    return np.asarray(Image.open(base / "output" / img["subfolder"] / img["filename"]), dtype=np.float64)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = ((a - b) ** 2).mean()
-    return float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
-
-
 def run_workflow(host, name: str, ckpt: str, args, timer: NodeTimer) -> dict:
     import torch
 
     from harness.host import new_executor, run_graph
-    from harness.workflows import bypass, to_api
+    from harness.workflows import bypass, psnr, saved_image, to_api
 
     nodes = host.nodes.NODE_CLASS_MAPPINGS
     wf = json.loads((ROOT / "example_workflows" / WORKFLOWS[name]).read_text())

@@ -6,6 +6,7 @@ from one builder keeps widget order and link types consistent with the nodes' IN
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -210,6 +211,21 @@ def bypass(prompt: dict, node_id: str, through: str) -> dict:
                     break
                 n["inputs"][name] = source
     return out
+
+
+def saved_image(base: Path, outputs: dict, node: str):
+    """The first image a SaveImage node `node` wrote under ComfyUI's base directory, as float64 HxWx3."""
+    import numpy as np
+    from PIL import Image
+
+    img = outputs[node]["images"][0]
+    return np.asarray(Image.open(base / "output" / img["subfolder"] / img["filename"]), dtype=np.float64)
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB between two 8-bit images (inf when identical)."""
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)
 
 
 WORKFLOWS = {"sd15_fp8_clip_txt2img.json": sd15_txt2img, "sdxl_fp8_clip_txt2img.json": sdxl_txt2img,

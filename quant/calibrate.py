@@ -94,8 +94,9 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
         n = PROMPTS_PER_CALIBRATION_ENCODE
         for i in range(0, len(prompts), n):
             check_interrupt()
-            encode_together(qclip, prompts[i:i + n])
-            step(len(prompts[i:i + n]))
+            group = prompts[i:i + n]
+            encode_together(qclip, group)
+            step(len(group))
 
     t0 = time.perf_counter()
     modelopt_bridge.quantize(container, recipe.modelopt_config(kept), forward_loop)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from harness import fixtures
 from harness.host import PACK_DIR, PACK_NAME, HeadlessServer
-from harness.workflows import bypass, to_api, widget_names
+from harness.workflows import bypass, psnr, saved_image, to_api, widget_names
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +74,6 @@ def example_prompt(server, name: str) -> dict:
     return to_api(wf, lambda t: info[t]["input"])
 
 
-def saved_image(server, entry: dict, node: str):
-    from PIL import Image
-
-    img = entry["outputs"][node]["images"][0]
-    return np.asarray(Image.open(server.base / "output" / img["subfolder"] / img["filename"]), dtype=np.float64)
-
-
 def test_sd15_example_workflow_samples_the_image_the_original_clip_gives(server):
     """The shipped SD1.5 workflow, as the browser queues it, run end to end (calibrate, quantize, encode,
     sample, decode, save), against the same graph with the stock CLIP; only the checkpoint and the image size
@@ -107,14 +98,10 @@ def test_sd15_example_workflow_samples_the_image_the_original_clip_gives(server)
     fp8_entry = server.run(prompt)
     report = fp8_entry["outputs"][nodes["PreviewAny"]]["text"][0]
     assert report.startswith("FP8 E4M3 CLIP quality report: SD1.5 (CLIP-L)")
-    fp8_img, stock_img, other_img = (saved_image(server, e, nodes["SaveImage"])
+    fp8_img, stock_img, other_img = (saved_image(server.base, e["outputs"], nodes["SaveImage"])
                                      for e in (fp8_entry, server.run(stock), server.run(other)))
     assert fp8_img.shape == stock_img.shape == (64, 64, 3)
     assert stock_img.std() > 5  # a picture, not a flat or black frame
-
-    def psnr(a, b):
-        return 10 * np.log10(255 ** 2 / ((a - b) ** 2).mean())
-
     print(f"\nSD1.5 example workflow vs the stock CLIP: FP8 CLIP {psnr(fp8_img, stock_img):.1f} dB PSNR, "
           f"the stock CLIP with another prompt {psnr(other_img, stock_img):.1f} dB")
     assert (fp8_img != stock_img).any()  # the FP8 CLIP, not the original, conditioned it
