@@ -6,7 +6,8 @@
 # and `.whl-av` (PyAV) in the next; together they pass the 64 MiB a call carries.
 #   bash bench/run_on_device.sh OUT [step ...]     steps: probe probe-stress text profile profile-rows vision
 #   text-dynamic text-sdxl text-sdxl-dynamic text-sd3 text-sd3-t5 text-flux profile-sdxl
-#   profile-sdxl-dynamic attention residency residency-dynamic workflows workflows-dynamic
+#   profile-sdxl-dynamic attention residency residency-dynamic workflows workflows-dynamic small-vram
+#   small-vram-dynamic
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
 # Sets up the carried wheels (ModelOpt, comfy-kitchen, ...) and ComfyUI v0.29 once per machine, then runs
 # each step under its own time limit, logging to OUT/<step>.log, so one slow step does not lose the others.
@@ -43,6 +44,9 @@ for step in "${@:-probe text profile vision}"; do
       workflows-dynamic*) timeout 560 python3 bench/bench_example_workflows.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                             --dynamic-vram ;;
       workflows*) timeout 560 python3 bench/bench_example_workflows.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} ;;
+      small-vram-dynamic*) timeout 560 python3 bench/probe_small_vram.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
+                             --dynamic-vram ;;
+      small-vram*) timeout 560 python3 bench/probe_small_vram.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} ;;
       attention*) timeout 120 python3 bench/probe_attention.py --out "$out" ;;
       profile-rows*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                        --executors fused,cuda_graph --cases "1 prompt (1x77),long prompt (3x77),8 rows of 77" ;;
