@@ -12,6 +12,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from .vram import make_room
+
 
 @dataclass
 class PromptScore:
@@ -42,8 +44,11 @@ class LayerErrorProbe:
     quantized layer saw, so each layer's own error is measured, not the error it inherits.
     """
 
-    def __init__(self, root: torch.nn.Module, reference: dict[str, torch.Tensor]):
+    def __init__(self, root: torch.nn.Module, reference: dict[str, torch.Tensor], keep: tuple = ()):
+        """`keep`: the patchers running the quantized model, which ComfyUI must not unload to make room for
+        the reference weights on the GPU."""
         self.reference = dict(reference)
+        self._keep, self._room = keep, False
         self.err: dict[str, torch.Tensor | float] = {n: 0.0 for n in reference}
         self.ref_energy: dict[str, torch.Tensor | float] = {n: 0.0 for n in reference}
         self._handles = []
@@ -54,6 +59,10 @@ class LayerErrorProbe:
     def _hook(self, name: str) -> Callable:
         def hook(mod, args, out):
             x = args[0].float()
+            if not self._room:  # all of them go to the GPU in the first encode: ComfyUI makes room first
+                self._room = True
+                make_room(sum(w.nbytes for w in self.reference.values() if w.device != x.device), x.device,
+                          self._keep)
             # The weight moves to the input's device once, not per call (SDXL: 1.6 GB per prompt from the host),
             # and the sums stay there: no host sync per layer.
             w = self.reference[name] = self.reference[name].to(x.device)
@@ -193,29 +202,29 @@ class QualityReport:
         return "\n".join(lines)
 
 
-def evaluate(prompts: Iterable[str], encode_ref: Callable[[str], tuple], encode_q: Callable[[str], tuple],
-             towers: list[TowerSummary], ref_modules: dict[str, torch.nn.Module],
-             q_modules: dict[str, torch.nn.Module], step: Callable[[], None] = lambda: None) -> list[PromptScore]:
-    """End-to-end scores per prompt; per-tower scores are appended to `towers`.
+def encode_all(prompts: Iterable[str], encode: Callable[[str], tuple], modules: dict[str, torch.nn.Module],
+               each: Callable[[], None] = lambda: None) -> list[tuple[tuple, dict]]:
+    """(encode(p), what each tower returned) for every prompt, one model after the other: a switch between the
+    input CLIP and the quantized clone makes ComfyUI load the model again (quant/patching.py), so alternating
+    per prompt reloaded it twice a prompt (Flux's 9.5 GB T5-XXL: quantizing did not finish in 8 minutes)."""
+    out = []
+    for p in prompts:
+        cap = TowerCapture(modules)
+        try:
+            out.append((encode(p), dict(cap.last)))
+        finally:
+            cap.close()
+        each()
+    return out
 
-    All reference encodes first, then all quantized ones: a switch between the input CLIP and the quantized
-    clone makes ComfyUI load the model again (quant/patching.py), so alternating per prompt reloaded it twice a
-    prompt: with Flux's 9.5 GB T5-XXL in the bundle, quantizing did not finish in 8 minutes on an H100."""
+
+def evaluate(prompts: Iterable[str], refs: list[tuple[tuple, dict]], encode_q: Callable[[str], tuple],
+             towers: list[TowerSummary], q_modules: dict[str, torch.nn.Module],
+             step: Callable[[], None] = lambda: None) -> list[PromptScore]:
+    """End-to-end scores per prompt against `refs` (`encode_all` of the original); per-tower scores are appended
+    to `towers`."""
     prompts = list(prompts)
-
-    def run(encode: Callable[[str], tuple], modules: dict[str, torch.nn.Module], each: Callable[[], None]) -> list:
-        out = []
-        for p in prompts:
-            cap = TowerCapture(modules)
-            try:
-                out.append((encode(p), dict(cap.last)))
-            finally:
-                cap.close()
-            each()
-        return out
-
-    refs = run(encode_ref, ref_modules, lambda: None)
-    got = run(encode_q, q_modules, step)
+    got = encode_all(prompts, encode_q, q_modules, step)
     scores = []
     for p, (ref, ref_towers), (q, q_towers) in zip(prompts, refs, got):
         scores.append(score(p, ref, q))

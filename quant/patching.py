@@ -25,9 +25,15 @@ def _loader_attrs(m: torch.nn.Module) -> list[str]:
     return [a for a in m.__dict__ if a in LOADER_ATTRS or a.startswith(LOADER_PREFIXES)]
 
 
-def module_copy(src: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of `src` without the loader's attachments (the module classes' own defaults apply)."""
+def module_copy(src: torch.nn.Module, device: Any = None) -> torch.nn.Module:
+    """A deep copy of `src` without the loader's attachments (the module classes' own defaults apply), its
+    tensors made on `device` (default: where they are): no second copy on the GPU the model is loaded on."""
     memo: dict[int, Any] = {}
+    if device is not None:
+        for t in (*src.parameters(), *src.buffers()):
+            c = t.detach().to(device, copy=True)
+            memo[id(t)] = torch.nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) \
+                else c
     for m in src.modules():
         for a in _loader_attrs(m):
             v = m.__dict__[a]
@@ -43,7 +49,8 @@ def module_copy(src: torch.nn.Module) -> torch.nn.Module:
 
 
 def patched_copy(clip: Any, path: str) -> torch.nn.Module:
-    """A private copy of the module at `path` with this clone's weight patches (LoRA, merges) applied.
+    """A private copy of the module at `path` with this clone's weight patches (LoRA, merges) applied, on the
+    offload device (the GPU gets it through the tower's proxy, which first asks ComfyUI for the room).
 
     Whatever clone ran last may still be patched into the shared model: its object patches (another FP8
     tower) and its in-place weight patches (another LoRA). So the module comes from `get_model_object`
@@ -54,7 +61,7 @@ def patched_copy(clip: Any, path: str) -> torch.nn.Module:
 
     from .proxy import unwrap
 
-    module = module_copy(unwrap(clip.patcher.get_model_object(path)))
+    module = module_copy(unwrap(clip.patcher.get_model_object(path)), clip.patcher.offload_device)
     backup = getattr(clip.patcher, "backup", {})
     patches = clip.patcher.patches
     with torch.no_grad():

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .vram import holders, make_room, tensor_bytes
+
 # Proxies whose tower sits on its load device. ComfyUI does not count that memory as weights it can move, so a
 # tower stays there only while ComfyUI will send it back itself (see `_comfy_unloads`); other towers go back when
 # another model's tower runs, which leaves one model's towers (SDXL's CLIP-L and CLIP-G together) at a time.
@@ -72,10 +74,15 @@ class TowerProxy(torch.nn.Module):
             host.release()  # the tower's structure changed since: move it the ordinary way
             del impl.__dict__[_HOST]
         elif device == self.load_device and p.device == self.offload_device:
-            if host is None or not host.holds(impl):
+            if not _final(impl):  # a calibration copy: its scales and weights change on the GPU, keep no copy
+                if host is not None:
+                    host.release()
+                    del impl.__dict__[_HOST]
+            elif host is None or not host.holds(impl):
                 if host is not None:
                     host.release()
                 impl.__dict__[_HOST] = HostCopy(impl)
+            make_room(tensor_bytes(impl), device, holders(self))
             impl.to(device, non_blocking=True)  # ordered before the kernels that use it (same stream)
             return
         impl.to(device)
@@ -137,6 +144,13 @@ class TowerProxy(torch.nn.Module):
             return getattr(impl, name)
 
 
+def _final(impl: torch.nn.Module) -> bool:
+    """Whether the tower is done changing: calibrated (its record attached) or an FP8 runtime tower."""
+    from .artifact import ATTR
+
+    return impl.__dict__.get(ATTR) is not None
+
+
 def _comfy_unloads(proxy: TowerProxy) -> bool:
     """Whether ComfyUI counts a model holding this tower as loaded, with the static patcher. It then unloads
     that model (ON_DETACH: `offload`) when it needs the memory: it measures free memory on the device, which
@@ -144,15 +158,7 @@ def _comfy_unloads(proxy: TowerProxy) -> bool:
     IP-Adapter workflow's CLIP and CLIP vision: each switch cost 13-18 ms on an H100, bench/results/
     residency_h100.md). Not with v0.29's dynamic VRAM, which does not unload one dynamic model for another, nor
     for a model ComfyUI dropped without a full unload (a clone of the same CLIP loaded in its place)."""
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return False
-    for loaded in mm.current_loaded_models:
-        patcher = loaded.model
-        if patcher is not None and any(o is proxy for o in getattr(patcher, "object_patches", {}).values()):
-            return not getattr(patcher, "is_dynamic", lambda: False)()
-    return False
+    return any(not getattr(patcher, "is_dynamic", lambda: False)() for patcher in holders(proxy))
 
 
 class RefuseLaterWeightPatches:

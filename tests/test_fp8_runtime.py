@@ -6,6 +6,7 @@ checked here; the GPU speed is measured by bench/ on an H100/H200.
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,6 +101,14 @@ def test_a_tower_sent_back_gets_its_host_tensors_back_instead_of_a_copy(pack, fp
     impl[0].register_buffer("input_scale", torch.tensor(0.5))
     host = [t.data_ptr() for t in [*impl.parameters(), *impl.buffers()]]
     t = proxy_mod.TowerProxy(impl, torch.nn.Linear(4, 4), load_device="meta", offload_device="cpu")
+    # A tower still calibrating changes on the GPU (its scales, then its folded weights): no host copy of it.
+    moved: list = []
+    impl.to = lambda device, **kw: moved.append(torch.device(device))
+    t.place(t.load_device)
+    assert moved == [torch.device("meta")] and proxy_mod._HOST not in impl.__dict__
+    t.offload_now()
+    del impl.to
+    mod(pack, "artifact").attach(impl, SimpleNamespace(tower="test"))  # calibrated: it no longer changes
     for _ in range(2):
         t.place(t.load_device)
         assert all(x.is_meta for x in [*impl.parameters(), *impl.buffers()])
@@ -122,6 +131,41 @@ def test_a_tower_sent_back_gets_its_host_tensors_back_instead_of_a_copy(pack, fp
     copy_ = proxy_mod.HostCopy(real)
     assert copy_.holds(real) and len(copy_.tensors) == len([*real.parameters(), *real.buffers()])
     copy_.release()
+
+
+def test_comfyui_makes_room_before_a_tower_goes_to_the_gpu(comfy, pack, fp8, monkeypatch):
+    """ComfyUI frees GPU memory only for what its loader places; the towers (the FP8 ones, and the fp32 copy
+    that calibration runs) go to the GPU behind their proxies. On a small card they met ComfyUI's models: SDXL on
+    an emulated 8 GB card failed with CUDA out of memory when the node was added to a workflow that had run
+    (bench/results/small_vram_h100.md). So a tower's move to the GPU first asks ComfyUI to free its size plus
+    ComfyUI's own inference reserve, never unloading the CLIP that runs it. Here the "GPU" is the meta device."""
+    import comfy.model_management as mm
+
+    vram, proxy_mod = mod(pack, "vram"), mod(pack, "proxy")
+    impl = proxy_mod.unwrap(fp8[0].patcher.object_patches["clip_l.transformer"])
+    proxy = proxy_mod.TowerProxy(impl, torch.nn.Linear(2, 2), load_device="meta", offload_device="cpu")
+    running = fp8[0].clone()
+    running.patcher.add_object_patch("clip_l.transformer", proxy)
+    running.load_model()  # ComfyUI's load: now in its loaded models
+    asked: list = []
+    monkeypatch.setattr(proxy_mod, "make_room", lambda n, device, keep: asked.append((n, device, list(keep))))
+    try:
+        proxy.place(proxy.load_device)
+        proxy.place(proxy.load_device)  # already there: nothing asked
+    finally:
+        proxy.offload_now()
+    size = sum(t.nbytes for t in (*impl.parameters(), *impl.buffers()))
+    assert 100 * 2 ** 20 < size < 130 * 2 ** 20  # the FP8 CLIP-L tower
+    assert asked == [(size, torch.device("meta"), [running.patcher])]
+    assert all(t.device.type == "cpu" for t in impl.parameters())
+
+    freed: list = []
+    monkeypatch.setattr(mm, "free_memory", lambda need, device, keep_loaded=(): freed.append((need, device, keep_loaded)))
+    vram.make_room(size, "cuda:0", [running.patcher])
+    vram.make_room(size, "cpu", [running.patcher])  # ComfyUI on the CPU: nothing to free
+    (need, device, keep_loaded), = freed
+    assert need == size + mm.minimum_inference_memory() and device == torch.device("cuda:0")
+    assert [lm.model for lm in keep_loaded] == [running.patcher]
 
 
 def test_fp8_matches_fake_quant_with_both_kernels(comfy, pack, fake, fp8):
