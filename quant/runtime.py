@@ -80,14 +80,14 @@ def to_fp8_runtime(qclip: Any, requested: str = "auto", compile_ok: bool | None 
     size = qclip.patcher.model_size()
     swaps = {}
     for path, (module, record) in towers.items():
-        if not isinstance(module, FP8Runner):  # the FP8 copy is made where the calibrated tower is
-            make_room(record.source_bytes, next(module.parameters()).device, (qclip.patcher,))
         if isinstance(module, FP8Runner):
             fp8 = module
-        elif record.tower == "vision_model":
-            fp8 = FP8VisionModel.from_quantized(module, record.scales)
-        else:
-            fp8 = FP8TextModel.from_quantized(module, record.scales, fp8_embedding=record.recipe.fp8_embedding)
+        else:  # the FP8 copy is made where the calibrated tower is: ask ComfyUI for the room (at most its size)
+            make_room(record.source_bytes, next(module.parameters()).device, (qclip.patcher,))
+            if record.tower == "vision_model":
+                fp8 = FP8VisionModel.from_quantized(module, record.scales)
+            else:
+                fp8 = FP8TextModel.from_quantized(module, record.scales, fp8_embedding=record.recipe.fp8_embedding)
         artifact.attach(fp8, record)
         if p.kernels == "fused":
             ok, why = fp8_fused.fusable(fp8.encoder_layers())
