@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -96,11 +97,11 @@ class NodeTimer:
         return out, moves
 
 
-def run_workflow(host, name: str, ckpt: str, args, timer: NodeTimer) -> dict:
-    import torch
-
-    from harness.host import new_executor, run_graph
-    from harness.workflows import bypass, psnr, saved_image, to_api
+def example_graphs(host, name: str, ckpt: str, small: bool) -> SimpleNamespace:
+    """The example workflow `name` as the API prompt the browser queues, on checkpoint `ckpt`: `.prompt` (the
+    pack's graph), `.stock` (its quantize node bypassed), node ids `.quantizer`, `.positive` (the prompt's text
+    node) and `.save`."""
+    from harness.workflows import bypass, to_api
 
     nodes = host.nodes.NODE_CLASS_MAPPINGS
     wf = json.loads((ROOT / "example_workflows" / WORKFLOWS[name]).read_text())
@@ -108,14 +109,59 @@ def run_workflow(host, name: str, ckpt: str, args, timer: NodeTimer) -> dict:
     ids = {n["class_type"]: k for k, n in prompt.items()}
     loader = ids.get("CheckpointLoaderSimple") or ids["unCLIPCheckpointLoader"]
     prompt[loader]["inputs"]["ckpt_name"] = ckpt
-    if args.small:
+    if small:
         prompt[ids["EmptyLatentImage"]]["inputs"].update(width=64, height=64)
     q = next(ids[t] for t in QUANTIZERS if t in ids)
-    stock = bypass(prompt, q, QUANTIZERS[prompt[q]["class_type"]])
-    pos_node = prompt[ids["KSampler"]]["inputs"]["positive"][0]
-    if prompt[pos_node]["class_type"] != "CLIPTextEncode":  # unCLIP: text -> unCLIPConditioning -> sampler
-        pos_node = prompt[pos_node]["inputs"]["conditioning"][0]
-    save = ids["SaveImage"]
+    pos = prompt[ids["KSampler"]]["inputs"]["positive"][0]
+    if prompt[pos]["class_type"] != "CLIPTextEncode":  # unCLIP: text -> unCLIPConditioning -> sampler
+        pos = prompt[pos]["inputs"]["conditioning"][0]
+    return SimpleNamespace(prompt=prompt, stock=bypass(prompt, q, QUANTIZERS[prompt[q]["class_type"]]),
+                           quantizer=q, positive=pos, save=ids["SaveImage"])
+
+
+def boot_host(comfy: Path, fixtures: Path, dynamic_vram: bool, comfy_args: tuple[str, ...] = ()):
+    """ComfyUI in this process with the pack (on the GPU when there is one), its base folder under `fixtures`
+    with the unCLIP example's input image; returns (host, base)."""
+    import torch
+
+    from harness.host import boot_in_process, make_base
+    from quant.images import synthetic_images
+    from PIL import Image
+
+    os.environ["FP8CLIP_HOST"] = str(comfy.resolve())
+    cuda = torch.cuda.is_available()
+    base = make_base(fixtures / "base")
+    if dynamic_vram:
+        from bench_text_encode import boot
+        boot(comfy, ["--base-directory", str(base), *comfy_args], dynamic_vram=True)
+    host = boot_in_process(base, comfy_args, cpu=not cuda)
+    if cuda:
+        from bench_text_encode import eager_modelopt
+        eager_modelopt()
+    img = synthetic_images(1, seed=7, size=512)[0][0]
+    Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).save(base / "input" / "example.png")
+    return host, base
+
+
+def checkpoint(base: Path, name: str, small: bool) -> str:
+    """The seeded checkpoint of workflow `name` in `base`, written the first time; its file name."""
+    import torch
+
+    ckpt = f"fp8clip-bench-{name}{'-small' if small else ''}.safetensors"
+    path = base / "models" / "checkpoints" / ckpt
+    if not path.exists():
+        write_checkpoint(name, path, small, "cuda" if torch.cuda.is_available() else "cpu")
+    return ckpt
+
+
+def run_workflow(host, name: str, ckpt: str, args, timer: NodeTimer) -> dict:
+    import torch
+
+    from harness.host import new_executor, run_graph
+    from harness.workflows import psnr, saved_image
+
+    graphs = example_graphs(host, name, ckpt, args.small)
+    prompt, stock, q, pos_node, save = graphs.prompt, graphs.stock, graphs.quantizer, graphs.positive, graphs.save
     timer.watch({n["class_type"] for n in prompt.values()})
     cuda = torch.cuda.is_available()
     ex = new_executor(host)
@@ -225,33 +271,14 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    os.environ["FP8CLIP_HOST"] = str(args.comfy.resolve())
     cuda = torch.cuda.is_available()
-    base = args.fixtures / "base"
-    from harness.host import boot_in_process, make_base
-
-    make_base(base)
-    if args.dynamic_vram:
-        from bench_text_encode import boot
-        boot(args.comfy, ["--base-directory", str(base)], dynamic_vram=True)
-    host = boot_in_process(base, cpu=not cuda)
-    if cuda:
-        from bench_text_encode import eager_modelopt
-        eager_modelopt()
-    from quant.images import synthetic_images
-    from PIL import Image
-
-    img = synthetic_images(1, seed=7, size=512)[0][0]  # the unCLIP example's input image
-    Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).save(base / "input" / "example.png")
+    host, base = boot_host(args.comfy, args.fixtures, args.dynamic_vram)
     args.out.mkdir(parents=True, exist_ok=True)
     timer = NodeTimer(host.nodes.NODE_CLASS_MAPPINGS)
     results = {}
     for name in args.workflows.split(","):
-        ckpt = f"fp8clip-bench-{name}{'-small' if args.small else ''}.safetensors"
-        path = base / "models" / "checkpoints" / ckpt
         t0 = time.perf_counter()
-        if not path.exists():
-            write_checkpoint(name, path, args.small, "cuda" if cuda else "cpu")
+        ckpt = checkpoint(base, name, args.small)
         print(f"{name}: checkpoint ready in {time.perf_counter() - t0:.0f} s", flush=True)
         results[name] = run_workflow(host, name, ckpt, args, timer)
         print(json.dumps({k: v for k, v in results[name].items() if k != "report"}, indent=1), flush=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_example_workflows import EDITS, QUANTIZERS, WORKFLOWS, NodeTimer, write_checkpoint  # noqa: E402
+from bench_example_workflows import EDITS, NodeTimer, boot_host, checkpoint, example_graphs  # noqa: E402
 
 EXTRA_CALIBRATION_PROMPT = "a lighthouse on a cliff at dusk, long exposure"
 
@@ -55,27 +54,15 @@ def run_steps(host, name: str, ckpt: str, small: bool, timer: NodeTimer) -> list
     import torch
 
     from harness.host import new_executor, run_graph
-    from harness.workflows import bypass, psnr, saved_image, to_api
+    from harness.workflows import psnr, saved_image
 
-    nodes = host.nodes.NODE_CLASS_MAPPINGS
-    prompt = to_api(json.loads((ROOT / "example_workflows" / WORKFLOWS[name]).read_text()),
-                    lambda t: nodes[t].INPUT_TYPES())
-    ids = {n["class_type"]: k for k, n in prompt.items()}
-    loader = ids.get("CheckpointLoaderSimple") or ids["unCLIPCheckpointLoader"]
-    prompt[loader]["inputs"]["ckpt_name"] = ckpt
-    if small:
-        prompt[ids["EmptyLatentImage"]]["inputs"].update(width=64, height=64)
-    q = next(ids[t] for t in QUANTIZERS if t in ids)
-    stock = bypass(prompt, q, QUANTIZERS[prompt[q]["class_type"]])
+    graphs = example_graphs(host, name, ckpt, small)
+    prompt, stock, q, pos, save = graphs.prompt, graphs.stock, graphs.quantizer, graphs.positive, graphs.save
     edited = json.loads(json.dumps(prompt))
     if "calibration_prompts" in edited[q]["inputs"]:
         edited[q]["inputs"]["calibration_prompts"] += "\n" + EXTRA_CALIBRATION_PROMPT
     else:  # CLIP vision: calibrate on other built-in images by keeping a layer more in high precision
         edited[q]["inputs"]["keep_high_precision"] += ", *layers.0.mlp.fc1"
-    pos = prompt[ids["KSampler"]]["inputs"]["positive"][0]
-    if prompt[pos]["class_type"] != "CLIPTextEncode":
-        pos = prompt[pos]["inputs"]["conditioning"][0]
-    save = ids["SaveImage"]
     timer.watch({n["class_type"] for n in prompt.values()})
     cuda = torch.cuda.is_available()
     ex = new_executor(host)
@@ -141,34 +128,11 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    os.environ["FP8CLIP_HOST"] = str(args.comfy.resolve())
-    cuda = torch.cuda.is_available()
-    base = args.fixtures / "base"
-    from harness.host import boot_in_process, make_base
-
-    make_base(base)
     comfy_args, card = card_args(args.vram_gb)
-    if args.dynamic_vram:
-        from bench_text_encode import boot
-        boot(args.comfy, ["--base-directory", str(base), *comfy_args], dynamic_vram=True)
-    host = boot_in_process(base, tuple(comfy_args), cpu=not cuda)
-    ckpts = {}  # made on the whole GPU (with the host's savers), before the cap: not what is measured
-    for name in args.workflows.split(","):
-        ckpt = f"fp8clip-bench-{name}{'-small' if args.small else ''}.safetensors"
-        path = base / "models" / "checkpoints" / ckpt
-        if not path.exists():
-            write_checkpoint(name, path, args.small, "cuda" if cuda else "cpu")
-        ckpts[name] = ckpt
+    host, base = boot_host(args.comfy, args.fixtures, args.dynamic_vram, tuple(comfy_args))
+    # made on the whole GPU (with the host's savers), before the cap: not what is measured
+    ckpts = {name: checkpoint(base, name, args.small) for name in args.workflows.split(",")}
     cap_allocator(args.vram_gb)
-    if cuda:
-        from bench_text_encode import eager_modelopt
-        eager_modelopt()
-    from PIL import Image
-
-    from quant.images import synthetic_images
-
-    img = synthetic_images(1, seed=7, size=512)[0][0]
-    Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).save(base / "input" / "example.png")
     args.out.mkdir(parents=True, exist_ok=True)
     timer = NodeTimer(host.nodes.NODE_CLASS_MAPPINGS)
     results = {"device": card, "torch": torch.__version__,
@@ -176,7 +140,7 @@ def main() -> None:
     for name, ckpt in ckpts.items():
         results[name] = run_steps(host, name, ckpt, args.small, timer)
         (args.out / "small_vram.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps({k: v for k, v in results.items()}, indent=1))
+    print(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
