@@ -21,7 +21,20 @@ def _mtq():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import modelopt.torch.quantization as mtq
+    _eager_fp8_formula()
     return mtq
+
+
+def _eager_fp8_formula() -> None:
+    """ModelOpt's own eager FP8 fake-quant formula, not its CUDA extension: on a GPU machine with a CUDA
+    toolkit, ModelOpt builds that extension with nvcc on first use (90 s inside a queued workflow, seen on an
+    H100) and sets TORCH_CUDA_ARCH_LIST for the whole process; without a toolkit it falls back to the same
+    formula. The FP8 runtime reproduces this formula (fp8_ops), so the report measures what runs. Marking
+    the extension as absent is ModelOpt's cached "could not load" state; one that is loaded already stays."""
+    from modelopt.torch.quantization import extensions
+
+    if not hasattr(extensions.get_cuda_ext_fp8, "extension"):
+        extensions.get_cuda_ext_fp8.extension = None
 
 
 def register_linear_classes(module: torch.nn.Module) -> None:
