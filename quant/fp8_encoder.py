@@ -135,6 +135,7 @@ class FP8Runner(torch.nn.Module):
         self.act_dtype = torch.float32
         self.executor = "eager"  # "eager" | "cuda_graph" | "compiled"
         self.fused = False  # Triton kernels between the FP8 matmuls (fp8_fused)
+        self.graphs = True  # "cuda_graph" / "compiled": replay CUDA graphs of `_core`
         self.planner: Callable | None = None
         self.load_device: torch.device | None = None  # where ComfyUI runs this model
         self._device: torch.device | None = None
@@ -144,8 +145,8 @@ class FP8Runner(torch.nn.Module):
 
     def configure(self, planner: Callable[[torch.device], Any]) -> None:
         """`planner(device)` -> an object with .matmul ('scaled_mm'|'dequant'), .executor ('eager'|
-        'cuda_graph'|'compiled'), .kernels ('fused'|'torch') and .act_dtype; asked again whenever the model
-        runs on another device."""
+        'cuda_graph'|'compiled'), .kernels ('fused'|'torch'), .act_dtype and .graphs; asked again whenever the
+        model runs on another device."""
         self.planner = planner
         self._device = None
 
@@ -179,6 +180,7 @@ class FP8Runner(torch.nn.Module):
         p = self.planner(device) if self.planner else None
         matmul = getattr(p, "matmul", "dequant")
         self.executor = getattr(p, "executor", "eager")
+        self.graphs = getattr(p, "graphs", True)
         self.act_dtype = getattr(torch, getattr(p, "act_dtype", "float32"))
         for mod in self.modules():
             if isinstance(mod, FP8Linear):
@@ -232,6 +234,8 @@ class FP8Runner(torch.nn.Module):
             if self._compiled is None:
                 self._compiled = torch.compile(self._core, fullgraph=True)
             fn = self._compiled
+        if not self.graphs:
+            return fn(x, mask, inter_idx, ln_inter)
         key = (tuple(x.shape), None if mask is None else tuple(mask.shape), inter_idx, ln_inter, x.device)
         entry = self._graphs.get(key)
         if entry is None:
@@ -255,13 +259,19 @@ class FP8Runner(torch.nn.Module):
         s.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(s):
             for _ in range(2):  # warm-up: compilation, cuBLAS workspaces, autotuning
-                fn(sx, smask, inter_idx, ln_inter)
+                warm = fn(sx, smask, inter_idx, ln_inter)
         torch.cuda.current_stream(x.device).wait_stream(s)
+        # Outputs allocated outside the capture: with cudaMallocAsync (ComfyUI's default) memory allocated in
+        # a capture belongs to the graph, and freeing it with the graph warned on every drop.
+        out = tuple(None if t is None else torch.empty_like(t) for t in warm)
+        del warm
         graph = torch.cuda.CUDAGraph()
         if "_pool" not in self.__dict__:
             self.__dict__["_pool"] = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.__dict__["_pool"]):
-            out = fn(sx, smask, inter_idx, ln_inter)
+            for dst, src in zip(out, fn(sx, smask, inter_idx, ln_inter)):
+                if dst is not None:
+                    dst.copy_(src)
         return graph, sx, smask, out
 
     def _drop_graphs(self) -> None:

@@ -67,6 +67,17 @@ class TowerProxy(torch.nn.Module):
         if p is None or p.device == device or (device.type == "cuda" and p.device.type == "cuda"
                                                and device.index is None):
             return
+        # Moved tensors keep their kind. ComfyUI unloads outside inference mode (/free, "Unload Models"): a
+        # tower that came back as normal tensors, indexed with inference ones in the next encode, failed with
+        # "Inference tensors do not track version counter" (ComfyUI v0.29 server, H100).
+        with torch.inference_mode(p.is_inference()):
+            self._move(impl, p, device)
+        if device == self.offload_device:
+            drop = getattr(impl, "_drop_graphs", None)  # captured CUDA graphs hold GPU memory of their own
+            if drop is not None:
+                drop()
+
+    def _move(self, impl: torch.nn.Module, p: torch.Tensor, device: torch.device) -> None:
         host = impl.__dict__.get(_HOST)
         if device == self.offload_device and host is not None:
             if host.restore(impl):

@@ -37,6 +37,18 @@ class Plan:
     act_dtype: str = "float32"  # activations between the FP8 matmuls
     reason: str = ""
     kernels: str = "torch"  # fp8 matmuls: "fused" (fp8_fused's Triton kernels between them) | "torch"
+    graphs: bool = True  # "cuda_graph" / "compiled": replay CUDA graphs (False: run the compiled code as is)
+
+
+def triton_in_graphs() -> tuple[bool, str]:
+    """Whether Triton kernels (the fused ones, torch.compile's) can be captured in CUDA graphs here, and why not.
+
+    Not with PyTorch's cudaMallocAsync allocator, ComfyUI's default on NVIDIA GPUs: memory allocated during
+    a capture has no address until the graph runs, and Triton's launcher refuses such pointers (seen in
+    ComfyUI v0.29's server on an H100: the capture failed, and freeing its tensors later aborted the process)."""
+    if torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+        return False, "PyTorch's cudaMallocAsync allocator (ComfyUI's default; --disable-cuda-malloc turns it off)"
+    return True, ""
 
 
 def plan(requested: str, device: torch.device, compile_ok: bool | None = None, kind: str = "text") -> Plan:
@@ -52,13 +64,17 @@ def plan(requested: str, device: torch.device, compile_ok: bool | None = None, k
             compile_ok = requested == "fp8-compiled"
         # CUDA graphs by default: ComfyUI's per-encode overhead dominates CLIP-L, and compiling costs
         # ~20 s on first use for little gain there (bench/results). "compiled" is opt-in.
-        executor = "compiled" if compile_ok else "cuda_graph"
+        graphs, no_graphs = triton_in_graphs()
         if compile_ok:  # torch.compile fuses the passes itself
-            return Plan("fp8", "scaled_mm", executor, GPU_ACT_DTYPE[kind], f"FP8 matmuls ({why}), compiled")
+            how = "compiled" if graphs else f"compiled, no CUDA graphs: {no_graphs}"
+            return Plan("fp8", "scaled_mm", "compiled", GPU_ACT_DTYPE[kind], f"FP8 matmuls ({why}), {how}",
+                        graphs=graphs)
         fused, no_triton = fp8_fused.available()
+        if fused and not graphs:  # unfused in CUDA graphs beat fused without them (bench/results)
+            fused, no_triton = False, f"the fused kernels do not run in CUDA graphs with {no_graphs}"
         how = "fused Triton kernels between them" if fused else f"unfused quantization passes: {no_triton}"
-        return Plan("fp8", "scaled_mm", executor, GPU_ACT_DTYPE[kind], f"FP8 matmuls ({why}), {how}, CUDA graphs",
-                    kernels="fused" if fused else "torch")
+        return Plan("fp8", "scaled_mm", "cuda_graph", GPU_ACT_DTYPE[kind],
+                    f"FP8 matmuls ({why}), {how}, CUDA graphs", kernels="fused" if fused else "torch")
     if device.type == "cuda":
         return Plan("fp8", "dequant", "cuda_graph", GPU_ACT_DTYPE[kind], f"FP8 weights, dequantized per matmul: {why}")
     return Plan("fp8", "dequant", "eager", "float32", f"FP8 weights, dequantized per matmul: {why}")
@@ -88,6 +104,10 @@ def to_fp8_runtime(qclip: Any, requested: str = "auto", compile_ok: bool | None 
                 fp8 = FP8VisionModel.from_quantized(module, record.scales)
             else:
                 fp8 = FP8TextModel.from_quantized(module, record.scales, fp8_embedding=record.recipe.fp8_embedding)
+            # All of it where ComfyUI keeps models it is not running: it was made partly on the calibration
+            # device (the matmuls) and partly in RAM (norms, embeddings), and the proxy moves a tower by its first
+            # tensor (a GPU half was kept as the "host" copy, on the GPU for good).
+            fp8.to(qclip.patcher.offload_device)
         artifact.attach(fp8, record)
         if p.kernels == "fused":
             ok, why = fp8_fused.fusable(fp8.encoder_layers())

@@ -133,6 +133,22 @@ def test_a_tower_sent_back_gets_its_host_tensors_back_instead_of_a_copy(pack, fp
     copy_.release()
 
 
+
+def test_a_tower_moved_outside_inference_mode_keeps_inference_tensors(pack):
+    """The towers are made inside ComfyUI's executor (inference mode); its /free ("Unload Models") moves them
+    outside it. Moved as normal tensors, the FP8 token table then failed the next encode's lookup with
+    "Inference tensors do not track version counter" (ComfyUI v0.29 server, H100, bench/probe_http_server.py).
+    Here the "GPU" is the meta device."""
+    proxy_mod = mod(pack, "proxy")
+    with torch.inference_mode():
+        impl = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    t = proxy_mod.TowerProxy(impl, torch.nn.Linear(4, 4), load_device="meta", offload_device="cpu")
+    t.place(t.load_device)  # outside inference mode
+    assert all(x.is_meta and x.is_inference() for x in impl.parameters())
+    with torch.inference_mode():
+        idx = torch.tensor([0, 2])
+        assert impl[0].bias[idx.to("meta")].shape == (2,)  # the lookup that failed
+
 def test_comfyui_makes_room_before_a_tower_goes_to_the_gpu(comfy, pack, fp8, monkeypatch):
     """ComfyUI frees GPU memory only for what its loader places; the towers (the FP8 ones, and the fp32 copy
     that calibration runs) go to the GPU behind their proxies. On a small card they met ComfyUI's models: SDXL on
@@ -204,6 +220,28 @@ def test_gpu_without_fp8_tensor_cores_falls_back_and_says_why(pack, monkeypatch)
     assert "compute capability 8.6; FP8 matmuls need 8.9+" in p.reason
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     assert mod(pack, "runtime").plan("auto", torch.device("cuda", 0)).matmul == "scaled_mm"
+
+
+def test_comfyui_cuda_malloc_allocator_keeps_triton_kernels_out_of_cuda_graphs(pack, monkeypatch):
+    """ComfyUI's main.py switches PyTorch to cudaMallocAsync on NVIDIA GPUs; Triton kernels captured in a CUDA
+    graph with it failed in the quantize node and later aborted the server (H100, bench/probe_http_server.py).
+    There the plan keeps the graphs and drops the fused kernels; `fp8-compiled` runs without graphs."""
+    runtime = mod(pack, "runtime")
+    if not mod(pack, "fp8_fused").available()[0]:
+        pytest.skip("no Triton here: the plan is unfused anyway")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    p = runtime.plan("auto", gpu)
+    assert (p.matmul, p.executor, p.kernels, p.graphs) == ("scaled_mm", "cuda_graph", "fused", True)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    p = runtime.plan("auto", gpu)
+    assert (p.matmul, p.executor, p.kernels, p.graphs) == ("scaled_mm", "cuda_graph", "torch", True)
+    assert "cudaMallocAsync" in p.reason and "--disable-cuda-malloc" in p.reason
+    c = runtime.plan("fp8-compiled", gpu)
+    assert (c.executor, c.graphs) == ("compiled", False) and "no CUDA graphs" in c.reason
 
 
 def test_model_moved_to_another_device_replans(comfy, pack, fp8):
