@@ -97,15 +97,17 @@ class NodeTimer:
         return out, moves
 
 
-def example_graphs(host, name: str, ckpt: str, small: bool) -> SimpleNamespace:
+def example_graphs(input_types, name: str, ckpt: str, small: bool) -> SimpleNamespace:
     """The example workflow `name` as the API prompt the browser queues, on checkpoint `ckpt`: `.prompt` (the
     pack's graph), `.stock` (its quantize node bypassed), node ids `.quantizer`, `.positive` (the prompt's text
-    node) and `.save`."""
+    node) and `.save`. `input_types`: an in-process host, or a node type's inputs (/object_info's "input")."""
     from harness.workflows import bypass, to_api
 
-    nodes = host.nodes.NODE_CLASS_MAPPINGS
+    if hasattr(input_types, "nodes"):
+        nodes = input_types.nodes.NODE_CLASS_MAPPINGS
+        input_types = lambda t: nodes[t].INPUT_TYPES()  # noqa: E731
     wf = json.loads((ROOT / "example_workflows" / WORKFLOWS[name]).read_text())
-    prompt = to_api(wf, lambda t: nodes[t].INPUT_TYPES())
+    prompt = to_api(wf, input_types)
     ids = {n["class_type"]: k for k, n in prompt.items()}
     loader = ids.get("CheckpointLoaderSimple") or ids["unCLIPCheckpointLoader"]
     prompt[loader]["inputs"]["ckpt_name"] = ckpt

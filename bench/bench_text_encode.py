@@ -218,7 +218,7 @@ def run_variant(args) -> dict:
     boot(Path(args.comfy), extra, args.dynamic_vram)
 
     out = {"variant": args.variant, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "dynamic_vram": args.dynamic_vram}
+           "dynamic_vram": args.dynamic_vram, "allocator": torch.cuda.get_allocator_backend()}
     clip = load_fixture_clip(Path(args.fixture), family=args.family)
     out["patcher"] = type(clip.patcher).__name__
     out["family"] = args.family
@@ -242,21 +242,27 @@ def run_variant(args) -> dict:
         held = list(HELD_OUT_PROMPTS)
         ref = {p: calibrate.encode(clip, p) for p in held}
         fq = {p: calibrate.encode(fake, p) for p in held}
-        # (executor, activations, kernels between the matmuls); the first is the default plan on FP8 GPUs
-        variants = [("cuda_graph", "float32", "fused"), ("cuda_graph", "float32", "torch"),
+        # (executor, activations, kernels between the matmuls); "plan": what `auto` picks on this machine (with
+        # ComfyUI's cudaMallocAsync allocator, not the fused kernels in graphs); the rest forced
+        variants = [("plan", "", ""), ("cuda_graph", "float32", "fused"), ("cuda_graph", "float32", "torch"),
                     ("compiled", "float32", "torch"), ("eager", "float32", "fused")]
         if args.quick or args.family in ("sd3-t5", "flux"):
             variants = variants[:1]
         elif args.family != "sd15":
-            variants = variants[:2]
+            variants = variants[:3]
+        if out["allocator"] == "cudaMallocAsync":  # no Triton kernels in CUDA graphs (runtime.triton_in_graphs)
+            variants = [v for v in variants if v != ("cuda_graph", "float32", "fused")]
         out["runtimes"] = {}
         for executor, act, kernels in variants:
             name = f"fp8 scaled_mm, {executor}, {'fused' if kernels == 'fused' else 'unfused'} kernels, {act} activations"
             res: dict = {}
             try:
                 fp8, plan = runtime.to_fp8_runtime(fake, "fp8")
-                for m, _ in pack.quant.artifact.quantized_towers(fp8).values():
-                    m.configure(lambda d, e=executor, a=act, k=kernels: runtime.Plan("fp8", "scaled_mm", e, a, "bench", k))
+                if executor == "plan":
+                    name = f"fp8 auto: {plan.reason}"
+                for m, _ in pack.quant.artifact.quantized_towers(fp8).values() if executor != "plan" else ():
+                    m.configure(lambda d, e=executor, a=act, k=kernels: runtime.Plan(
+                        "fp8", "scaled_mm", e, a, "bench", k, graphs=runtime.triton_in_graphs()[0] or e != "compiled"))
                 t0 = time.perf_counter()
                 calibrate.encode(fp8, held[0])
                 res["first_encode_s"] = time.perf_counter() - t0  # includes graph capture / compilation
@@ -293,7 +299,8 @@ def table(results: list[dict]) -> str:
     cases = list(CASES)
     lines = [f"Device: {stock['device']}, torch {stock['torch']}, {stock.get('family', 'sd15')} text encoder, "
              f"ComfyUI patcher {stock.get('patcher')}"
-             f"{' (dynamic VRAM)' if stock.get('dynamic_vram') else ''}. Median ms per case (ratio: stock / this).", "",
+             f"{' (dynamic VRAM)' if stock.get('dynamic_vram') else ''}, allocator {stock.get('allocator', 'native')}. "
+             "Median ms per case (ratio: stock / this).", "",
              "| variant | " + " | ".join(cases) + " | weights on GPU MB | allocated after an encode MB | peak MB | "
              "growth over 50 calls MB |",
              "|---|" + "---|" * (len(cases) + 4)]

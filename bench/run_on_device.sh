@@ -7,7 +7,7 @@
 #   bash bench/run_on_device.sh OUT [step ...]     steps: probe probe-stress text profile profile-rows vision
 #   text-dynamic text-sdxl text-sdxl-dynamic text-sd3 text-sd3-t5 text-flux profile-sdxl
 #   profile-sdxl-dynamic attention residency residency-dynamic workflows workflows-dynamic small-vram
-#   small-vram-dynamic
+#   small-vram-dynamic http text-default unload unload-async
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
 # Sets up the carried wheels (ModelOpt, comfy-kitchen, ...) and ComfyUI v0.29 once per machine, then runs
 # each step under its own time limit, logging to OUT/<step>.log, so one slow step does not lose the others.
@@ -18,6 +18,8 @@ mkdir -p "$out"
 [ -d /tmp/site/modelopt ] || pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
 # PyAV, which ComfyUI v0.29's executor imports (workflows steps), travels in its own call: .whl is near the limit.
 [ -d /tmp/site/av ] || [ ! -d .whl-av ] || pip install -q --no-deps --target /tmp/site .whl-av/*.whl 2>&1 | tail -2
+# ComfyUI's HTTP server (http step): aiohttp and its kin, SQLAlchemy and alembic, carried in .whl-srv.
+[ -d /tmp/site/aiohttp ] || [ ! -d .whl-srv ] || pip install -q --no-deps --target /tmp/site .whl-srv/*.whl 2>&1 | tail -2
 [ -f /tmp/c29/main.py ] || { mkdir -p /tmp/c29 && tar -xJf .device/comfyui-v0.29.tar.xz -C /tmp/c29; }
 export PYTHONPATH=/tmp/site
 for step in "${@:-probe text profile vision}"; do
@@ -26,6 +28,8 @@ for step in "${@:-probe text profile vision}"; do
     case $s in
       probe-stress*) timeout 300 python3 bench/probe_fp8_fidelity.py --comfy /tmp/c29 --out "$out" --stress ;;
       probe*) timeout 300 python3 bench/probe_fp8_fidelity.py --comfy /tmp/c29 --out "$out" ;;
+      text-default*) PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 400 python3 bench/bench_text_encode.py \
+                       --comfy /tmp/c29 --out "$out/$s" --variants stock,pack --dynamic-vram ;;  # main.py's defaults
       text-dynamic*) timeout 400 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack \
                        --dynamic-vram ;;
       text-sdxl-dynamic*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
@@ -47,6 +51,10 @@ for step in "${@:-probe text profile vision}"; do
       small-vram-dynamic*) timeout 560 python3 bench/probe_small_vram.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                              --dynamic-vram ;;
       small-vram*) timeout 560 python3 bench/probe_small_vram.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} ;;
+      http*) timeout 560 python3 bench/probe_http_server.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} ;;
+      unload-async*) PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 200 python3 bench/probe_unload.py \
+                       --comfy /tmp/c29 ;;
+      unload*) timeout 200 python3 bench/probe_unload.py --comfy /tmp/c29 ;;
       attention*) timeout 120 python3 bench/probe_attention.py --out "$out" ;;
       profile-rows*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                        --executors fused,cuda_graph --cases "1 prompt (1x77),long prompt (3x77),8 rows of 77" ;;

@@ -128,9 +128,11 @@ def free_port() -> int:
 
 
 class HeadlessServer:
-    """`python main.py` of the host, headless on a free port, with only this pack among custom nodes."""
+    """`python main.py` of the host, headless on a free port, with only this pack among custom nodes (on the CPU
+    unless `cpu=False`: then with the host's defaults for the GPU, as a user starts it)."""
 
-    def __init__(self, base: Path, extra_args: tuple[str, ...] = (), log_path: Path | None = None):
+    def __init__(self, base: Path, extra_args: tuple[str, ...] = (), log_path: Path | None = None,
+                 cpu: bool = True):
         self.base = make_base(base)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -139,7 +141,7 @@ class HeadlessServer:
         front = base / "frontend"
         front.mkdir(exist_ok=True)
         (front / "index.html").write_text("<html></html>")
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "main.py", *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base), "--disable-all-custom-nodes",
                "--whitelist-custom-nodes", PACK_NAME, "--front-end-root", str(front), *extra_args]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
