@@ -30,10 +30,9 @@ def full_path(name: str, folder: str = FOLDER, where: str = "models/text_encoder
     import folder_paths
 
     from ..quant.errors import FP8ClipError
-    from ..quant.paths import resolve_in_folder
+    from ..quant.paths import check_name
 
-    for base in folder_paths.get_folder_paths(folder):
-        resolve_in_folder(base, name, extension="")  # raises for '..', absolute paths, drives
+    check_name(name)  # raises for '..', absolute paths, drives; symlinks ComfyUI lists are followed, as it does
     path = folder_paths.get_full_path(folder, name)
     if path is None:
         raise FP8ClipError(f"{name} is not in {where}. Put the file there and refresh.")

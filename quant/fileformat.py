@@ -212,6 +212,8 @@ def check_header(name: str, entries: Mapping[str, Any], meta: Mapping[str, str],
         version = int(meta[FORMAT_KEY])
     except ValueError:
         raise FP8ClipError(f"{name}: unreadable {FORMAT_KEY} {meta[FORMAT_KEY]!r} in its header.") from None
+    if version < 1:
+        raise FP8ClipError(f"{name}: invalid {FORMAT_KEY} {version} in its header; the file is damaged.")
     if version > FORMAT_VERSION:
         raise FP8ClipError(f"{name} was written by a newer comfyui-fp8-clip (file format {version}; this version "
                            f"reads {FORMAT_VERSION}). Update the pack.")
@@ -277,8 +279,8 @@ def unpack_tensors(name: str, tensors: dict[str, torch.Tensor], meta: Mapping[st
             if inp is not None and (inp.numel() != 1 or not math.isfinite(float(inp)) or float(inp) <= 0):
                 raise FP8ClipError(f"{name}: layer {layer} has an invalid input_scale; the file is damaged.")
             inv = tensors.get(layer + ".input_scale_inv")
-            if inp is not None and stores_inv and (inv is None or inv.numel() != 1
-                                                   or abs(float(inv) * float(inp) - 1) > 1e-5):
+            if inp is not None and stores_inv and (inv is None or inv.numel() != 1  # NaN fails the <=
+                                                   or not abs(float(inv) * float(inp) - 1) <= 1e-5):
                 raise FP8ClipError(f"{name}: layer {layer} has a missing or invalid input_scale_inv (it must be "
                                    "1 / input_scale); the file is damaged or was edited. Save it again.")
             if layer + ".comfy_quant" not in tensors or layer not in comfy_layers:
@@ -309,4 +311,10 @@ def read_tower_file(path: str | os.PathLike, towers: tuple[str, ...] = TEXT_TOWE
     except Exception as e:  # safetensors raises its own error types for damaged data
         raise FP8ClipError(f"{path.name} could not be read as safetensors ({e}). It is truncated or corrupt: "
                            "download or save it again.") from None
-    return unpack_tensors(path.name, tensors, meta)
+    try:
+        return unpack_tensors(path.name, tensors, meta)
+    except FP8ClipError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # header JSON malformed or of the wrong shape
+        raise FP8ClipError(f"{path.name}: its header is damaged or was edited ({type(e).__name__}: {e}). Save the "
+                           "model again.") from None

@@ -12,8 +12,8 @@ from .errors import FP8ClipError
 EXTENSION = ".safetensors"
 
 
-def resolve_in_folder(folder: str | os.PathLike, name: str, extension: str = EXTENSION) -> Path:
-    """`name` (may contain sub-folders) as a path inside `folder`; anything that could escape it is refused."""
+def check_name(name: str) -> str:
+    """`name` as a relative path with '/' separators; names that could leave a models folder are refused."""
     raw = (name or "").strip()
     if not raw:
         raise FP8ClipError("The file name is empty. Enter a name such as 'fp8/clip_l_fp8'.")
@@ -23,12 +23,22 @@ def resolve_in_folder(folder: str | os.PathLike, name: str, extension: str = EXT
                            "with sub-folders ('fp8/clip_l_fp8'), without '..', '~', a drive or a leading '/'.")
     if any(p.startswith(".") for p in parts):
         raise FP8ClipError(f"File name {name!r} has a part starting with '.'; use a plain name.")
-    rel = "/".join(parts)
+    return "/".join(parts)
+
+
+def resolve_in_folder(folder: str | os.PathLike, name: str, extension: str = EXTENSION) -> Path:
+    """Where to write `name` (may contain sub-folders) in `folder`; anything that could escape it is refused,
+    a symlinked sub-folder pointing elsewhere included. (Reading follows the links ComfyUI lists.)"""
+    rel = check_name(name)
     if not rel.lower().endswith(extension):
         rel += extension
     base = Path(folder).resolve()
     path = (base / rel).resolve()
-    if os.path.commonpath([base, path]) != str(base):  # a symlinked sub-folder pointing elsewhere
+    try:
+        inside = os.path.commonpath([base, path]) == str(base)
+    except ValueError:  # another drive (Windows)
+        inside = False
+    if not inside:
         raise FP8ClipError(f"File name {name!r} resolves outside the models folder {base}.")
     return path
 
@@ -44,8 +54,12 @@ def write_atomic(path: Path, write: Callable[[str], None], overwrite: bool) -> P
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users (containers)
+        fd = os.open(tmp, os.O_RDWR)  # Windows cannot fsync a read-only handle
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -62,3 +76,25 @@ def write_atomic(path: Path, write: Callable[[str], None], overwrite: bool) -> P
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_set(files: list[tuple[Path, Callable[[str], None]]], overwrite: bool) -> list[Path]:
+    """`write_atomic` for the files of one model (a tower each): without `overwrite`, a failure part-way removes
+    the files this call wrote, so a retry does not find half a set in its way (a replaced file cannot be given
+    back, so with `overwrite` the written ones stay)."""
+    written: list[Path] = []
+    try:
+        for path, write in files:
+            written.append(write_atomic(path, write, overwrite))
+    except BaseException:
+        if not overwrite:
+            for p in written:
+                p.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -24,7 +24,6 @@ from .errors import FP8ClipError
 from .fp8_text_model import FP8TextModel
 from .modelopt_bridge import LayerScales
 from .patching import clone_with, weight_bytes
-from .paths import write_atomic
 from .recipe import Recipe
 
 PACK_DIR = Path(__file__).resolve().parent.parent
@@ -74,6 +73,8 @@ def bundle_info(clip: Any, towers: Sequence[str]) -> dict[str, Any]:
 def tower_file_names(name: str, towers: Sequence[str]) -> list[str]:
     """One tower: `name`; several (SDXL...): `name_clip_l`, `name_clip_g`, as ComfyUI's CLIPSave names them."""
     stem = name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
+    if not stem.strip() or stem.endswith(("/", "\\")):  # "" would become "_clip_l.safetensors"
+        raise FP8ClipError("The file name is empty. Enter a name such as 'fp8/sdxl_clip_fp8'.")
     if len(towers) == 1:
         return [stem + ".safetensors"]
     return [f"{stem}_{t}.safetensors" for t in towers]
@@ -131,7 +132,7 @@ def save_fp8_clip(clip: Any, folder: str | os.PathLike, name: str, overwrite: bo
     """Write every quantized tower of `clip` into `folder` (atomic; no file is replaced unless `overwrite`)."""
     from safetensors.torch import save_file
 
-    from .paths import resolve_in_folder
+    from .paths import resolve_in_folder, write_set
 
     towers = fp8_towers(clip)
     paths = [resolve_in_folder(folder, n) for n in tower_file_names(name, list(towers))]
@@ -140,10 +141,9 @@ def save_fp8_clip(clip: Any, folder: str | os.PathLike, name: str, overwrite: bo
         raise FP8ClipError(f"{', '.join(taken)} already exists in {paths[0].parent}. Choose another file name, or "
                            "set 'overwrite' to replace it.")
     bundle = bundle_info(clip, list(towers))
-    for path, (module, rec) in zip(paths, towers.values()):
-        tensors, header = tower_payload(module, rec, bundle)
-        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header), overwrite)
-    return paths
+    payloads = [tower_payload(module, rec, bundle) for module, rec in towers.values()]  # fail before writing
+    return write_set([(path, lambda tmp, t=tensors, h=header: save_file(t, tmp, metadata=h))
+                      for path, (tensors, header) in zip(paths, payloads)], overwrite)
 
 
 # --- loading -----------------------------------------------------------------------------------------------

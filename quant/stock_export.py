@@ -92,14 +92,15 @@ def export_stock_compatible(clip: Any, folder: str | os.PathLike, name: str, ove
                "reference": "the CLIP it was exported from, through ComfyUI's encode path",
                "held_out": "built-in" if tuple(held_out) == tuple(HELD_OUT_PROMPTS) else "custom"}
     bundle = bundle_info(clip, [t.name for t in towers])
-    from .paths import write_atomic
+    from .paths import write_set
+    files = []
     for path, t in zip(paths, towers):
         tensors, fp8 = payload[t.name]
         header = ff.header_strings({ff.H_STOCK: {"quality": quality, "fp8_tensors": len(fp8), "keep": list(keep),
                                                  "family": family.label, "tower": t.name},
                                     ff.H_NOTE: ff.STOCK_NOTE, ff.H_BUNDLE: bundle, ff.H_VERSIONS: versions()})
-        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header), overwrite)
-    return paths, quality
+        files.append((path, lambda tmp, d=tensors, h=header: save_file(d, tmp, metadata=h)))
+    return write_set(files, overwrite), quality
 
 
 def quality_text(quality: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 that refuse the file instead of loading it wrong, the stock-compatible export, and every bad input."""
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -14,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import call, cosine, encode
+from conftest import call, cosine, encode, pack_module
 
 CAL = "a cat\na dog on a beach\n(a red car:1.2)"
 EVAL = "a house by a lake\na portrait of a woman, oil painting"
@@ -296,11 +297,40 @@ def test_missing_input_scale_of_a_quantized_layer(comfy, saved, bad):
     assert f"layer {layer} was calibrated for FP8 activations but its input_scale is missing" in msg
 
 
-def test_edited_input_scale_inv_is_refused(comfy, saved, bad):
+@pytest.mark.parametrize("factor", [2.0, float("nan")])  # NaN once passed the check and made every output NaN
+def test_edited_input_scale_inv_is_refused(comfy, saved, bad, factor):
     layer = "text_model.encoder.layers.2.mlp.fc2"
     inv = load_file(str(saved))[layer + ".input_scale_inv"]
-    msg = bad("edited-inv.safetensors", lambda p: rewrite(saved, p, replace={layer + ".input_scale_inv": inv * 2}))
+    msg = bad("edited-inv.safetensors", lambda p: rewrite(saved, p, replace={layer + ".input_scale_inv": inv * factor}))
     assert f"layer {layer} has a missing or invalid input_scale_inv" in msg
+
+
+@pytest.mark.parametrize("edit,expected", [
+    ({"fp8clip.recipe": "null"}, "header is damaged or was edited"),
+    ({"fp8clip.layout": "{not json"}, "header is damaged or was edited"),
+    ({"_quantization_metadata": "[]"}, "header is damaged or was edited"),
+    ({"fp8clip.format": "-7"}, "invalid fp8clip.format -7"),
+])
+def test_damaged_header_entries_name_the_file_and_the_fix(comfy, saved, bad, edit, expected):
+    msg = bad("edited-header.safetensors", lambda p: rewrite(saved, p, meta_update=edit))
+    assert expected in msg and "edited-header.safetensors" in msg, msg
+
+
+def test_a_symlinked_file_comfyui_lists_loads(comfy, qclip, saved, te_dir, scratch, tmp_path):
+    """Model folders are often links to a shared disk: the Load node follows them, as ComfyUI does."""
+    outside = tmp_path / "shared" / "clip_l_fp8.safetensors"
+    outside.parent.mkdir()
+    outside.write_bytes(saved.read_bytes())
+    scratch(te_dir / "fp8test" / "linked.safetensors").symlink_to(outside)
+    lclip, _ = call(comfy, "FP8CLIPLoad", clip_name="fp8test/linked.safetensors", type="auto", runtime="auto")
+    assert torch.equal(encode(comfy, lclip, PROMPTS[0])[0], encode(comfy, qclip, PROMPTS[0])[0])
+
+
+def test_saved_files_are_readable_as_the_umask_allows(saved):
+    """A temp file is created 0600; renamed as it was, other users (a container's host) could not read it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    assert saved.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_files_of_format_1_still_load(comfy, qclip, saved, te_dir, scratch):
@@ -397,3 +427,22 @@ def test_command_line_build_engine_builds_once_into_the_cache(comfy, saved, tmp_
     assert again.returncode == 0 and "clip_l: found in the cache, no build" in again.stdout
     no_gpu = cli(comfy, "build-engine", saved, "--cache", cache)  # this machine has no CUDA GPU
     assert no_gpu.returncode == 2 and "No engine can be built here" in no_gpu.stderr and "--portable" in no_gpu.stderr
+    (tmp_path / "blocker").write_text("a file where the cache folder should be")
+    unusable = cli(comfy, "build-engine", saved, "--portable", "--max-rows", "2", "--cache", tmp_path / "blocker" / "e")
+    assert unusable.returncode == 2 and "could not be stored, so the node would not find it" in unusable.stderr
+
+
+def test_a_multi_tower_save_that_fails_part_way_leaves_no_half_set(pack, tmp_path):
+    """SDXL saves a file per tower: a full disk at the second must not leave the first, which would block the
+    retry ("already exists") or pair a new clip_l with an old clip_g."""
+    paths = pack_module(pack, "quant.paths")
+    files = [tmp_path / "sdxl_clip_l.safetensors", tmp_path / "sdxl_clip_g.safetensors"]
+
+    def full_disk(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        paths.write_set([(files[0], lambda tmp: Path(tmp).write_bytes(b"l")), (files[1], full_disk)], False)
+    assert list(tmp_path.iterdir()) == []
+    written = paths.write_set([(f, lambda tmp, f=f: Path(tmp).write_bytes(f.name.encode())) for f in files], False)
+    assert written == files and [f.read_bytes() for f in files] == [f.name.encode() for f in files]
