@@ -226,3 +226,63 @@ def test_tensorrt_model_folder_is_registered_for_engine_files(comfy, pack, tmp_p
     finally:
         (d / "listed-test.engine").unlink()
         (d / "listed-test.json").unlink()
+
+
+def test_a_read_only_cache_serves_the_engines_it_holds(pack, tmp_path, counted, monkeypatch):
+    """A shared or baked-in engine folder ComfyUI cannot write to: its intact engines are used, no rebuild."""
+    cache_mod = tr(pack, "cache")
+    key = cache_mod.engine_key(COMPONENTS)
+    cache_mod.EngineCache(tmp_path).get_or_build(key, COMPONENTS, counted, tower="clip_l")
+
+    def read_only(self):
+        raise cache_mod.EngineCacheError(f"The TensorRT engine folder {self.root} is not writable")
+
+    monkeypatch.setattr(cache_mod.EngineCache, "_ensure_writable", read_only)
+    found = cache_mod.EngineCache(tmp_path).get_or_build(key, COMPONENTS, counted, tower="clip_l")
+    assert not found.built and counted.calls == [1]
+    with pytest.raises(cache_mod.EngineCacheError, match="not writable"):  # a missing engine still needs writing
+        cache_mod.EngineCache(tmp_path).get_or_build("k" * 64, COMPONENTS, counted, tower="clip_l")
+
+
+def test_engines_are_readable_by_other_users_of_the_folder(pack, tmp_path, counted):
+    cache_mod = tr(pack, "cache")
+    found = cache_mod.EngineCache(tmp_path).get_or_build(cache_mod.engine_key(COMPONENTS), COMPONENTS, counted,
+                                                          tower="clip_l")
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in (found.path, found.path.with_suffix(".json")):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p.name
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_cache_error(pack, tmp_path, counted, monkeypatch):
+    """Another user's lock file (the command line run as root into ComfyUI's folder): the node falls back to an
+    engine in memory instead of failing with a bare PermissionError."""
+    import filelock
+
+    cache_mod = tr(pack, "cache")
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self.lock_file))
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", denied)
+    with pytest.raises(cache_mod.EngineCacheError, match=r"Cannot take the build lock .*Permission denied"):
+        cache_mod.EngineCache(tmp_path).get_or_build("k" * 64, COMPONENTS, counted, tower="clip_l")
+    assert counted.calls == []
+
+
+def test_cancel_raised_by_the_progress_hook_stops_the_build(pack, real_build):
+    """ComfyUI's progress hook raises when the user presses Cancel (and clears the flag): TensorRT swallows
+    exceptions of its progress monitor, so the cancel must be carried out of the build, not turned into a
+    failed build the node would shrug off."""
+    build, ox = tr(pack, "build"), tr(pack, "onnx_export")
+    _, rtx, module, record = real_build
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(fraction, phase):
+        raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        build.build_engine(ox.export_text_transformer(module, record), build.Profile(max_rows=1, opt_rows=1),
+                           rtx.flavour, target=rtx.target, progress=progress)

@@ -89,15 +89,17 @@ def _monitor(trt: Any, progress: Progress | None, check_interrupt: Callable[[], 
                     entry[2] = int(step) + 1
                     del self.stack[self.stack.index(entry) + 1:]
                     break
-            if self.stack and progress:
-                self.last = max(self.last, self.fraction())
-                progress(self.last, phase_name)
-            if check_interrupt:
-                try:
+            # Anything raised here would be swallowed by TensorRT ("Exception caught in step_complete") and
+            # the build reported as failed: ComfyUI's progress hook raises on Cancel, and clears the flag.
+            try:
+                if self.stack and progress:
+                    self.last = max(self.last, self.fraction())
+                    progress(self.last, phase_name)
+                if check_interrupt:
                     check_interrupt()
-                except BaseException as e:  # noqa: BLE001  (re-raised after the builder returns)
-                    self.interrupted = e
-                    return False
+            except BaseException as e:  # noqa: BLE001  (re-raised after the builder returns)
+                self.interrupted = e
+                return False
             return True
 
         def phase_finish(self, phase_name):

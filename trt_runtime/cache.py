@@ -12,6 +12,7 @@ last, so a build that dies leaves no engine the cache would accept (and no temp 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -21,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..quant.errors import FP8ClipError
 from .build import BuildResult
@@ -126,12 +127,15 @@ class EngineCache:
             return None, f"its manifest {manifest_path.name} records other build inputs"
         if not engine.exists():
             return None, f"{engine.name} is missing"
-        size = engine.stat().st_size
-        if size != manifest.get("engine_bytes"):
-            return None, (f"{engine.name} has {size} bytes, its manifest says {manifest.get('engine_bytes')} "
-                          "(truncated?)")
-        if sha256_file(engine) != manifest.get("sha256"):
-            return None, f"{engine.name} does not match the sha256 in its manifest (edited or corrupted)"
+        try:
+            size = engine.stat().st_size
+            if size != manifest.get("engine_bytes"):
+                return None, (f"{engine.name} has {size} bytes, its manifest says {manifest.get('engine_bytes')} "
+                              "(truncated?)")
+            if sha256_file(engine) != manifest.get("sha256"):
+                return None, f"{engine.name} does not match the sha256 in its manifest (edited or corrupted)"
+        except OSError as e:  # another user's file without read permission, a vanished file...
+            return None, f"{engine.name} cannot be read ({e.strerror or e})"
         return CachedEngine(engine, manifest, built=False), ""
 
     def get_or_build(self, key: str, components: dict[str, Any], build: Callable[[], BuildResult], *,
@@ -140,11 +144,14 @@ class EngineCache:
 
         One build per key at a time: a second caller waits for the first and then uses its engine.
         """
-        from filelock import FileLock
-
+        # An intact engine is used without the lock or write access: a read-only cache (a shared or baked-in
+        # folder) serves its engines. Reading checks the bytes against the manifest again.
+        found, _ = self.check(key, components, tower)
+        if found is not None:
+            return found
         self._ensure_writable()
         engine, manifest_path, lock = self._names(key, tower)
-        with FileLock(str(lock)):
+        with _build_lock(lock):
             found, why = self.check(key, components, tower)
             if found is not None:
                 return found
@@ -180,9 +187,28 @@ class EngineCache:
             return CachedEngine(engine, manifest, built=True, warnings=warnings)
 
 
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    from filelock import FileLock
+
+    lock = FileLock(str(path), mode=0o666)  # shared by every user of the folder
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise EngineCacheError(f"Cannot take the build lock {path} ({e.strerror or e}): another user's lock file? "
+                               "Delete it, or make the folder's .locks writable by ComfyUI.") from e
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would hide the engine from other users of the folder
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

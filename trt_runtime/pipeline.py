@@ -176,6 +176,9 @@ def prebuild(model: Any, vision: bool, max_rows: int, support: Support, *, cache
     for module, record in towers.values():
         engine = prepare_engine(module, record, profile=profile, support=support, cache=cache,
                                 activations=activations, progress=progress)
+        if engine.path is None:  # built, but the cache could not keep it: nothing for the node to find
+            raise FP8ClipError(f"{record.tower}: the engine was built but could not be stored, so the node would not "
+                               f"find it. {engine.note}")
         how = _how(engine)
         lines.append(f"{record.tower}: {how} ({_mb(engine.manifest['engine_bytes'])}) {engine.path}")
     return lines

@@ -75,7 +75,8 @@ class TrtRunner:
         self._runtime, self._engine, self._context = runtime, engine, context
 
     def __call__(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._lock:
+        # TensorRT runs on the current CUDA device: make it the engine's (a CLIP vision on cuda:1, say).
+        with self._lock, torch.cuda.device(self.device):
             if self._context is None:
                 self.load()
             x = embeds.to(self.device, torch.float32).contiguous()
