@@ -249,7 +249,7 @@ class FP8Runner(torch.nn.Module):
         sx.copy_(x)
         if smask is not None:
             smask.copy_(mask)
-        graph.replay()
+        graph.replay()  # on the current stream of the graph's device: after the copies
         return out[0].clone(), None if out[1] is None else out[1].clone()
 
     def _capture(self, fn, x, mask, inter_idx, ln_inter):
@@ -268,7 +268,9 @@ class FP8Runner(torch.nn.Module):
         graph = torch.cuda.CUDAGraph()
         if "_pool" not in self.__dict__:
             self.__dict__["_pool"] = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.__dict__["_pool"]):
+        # On this tower's device and stream: torch's default capture stream belongs to the device that was
+        # current when it was made, and a tower on another GPU would record nothing into the graph.
+        with torch.cuda.device(x.device), torch.cuda.graph(graph, pool=self.__dict__["_pool"], stream=s):
             for dst, src in zip(out, fn(sx, smask, inter_idx, ln_inter)):
                 if dst is not None:
                     dst.copy_(src)

@@ -112,6 +112,8 @@ class FP8TextModel(FP8Runner):
         inter = torch.cat(hs, dim=1)
         if which != "all":
             inter = inter[:, list(which)]
+        if ln_inter:  # as ComfyUI's CLIPTextModel_ does for every intermediate output
+            inter = tm.final_layer_norm(inter)
         return tm.final_layer_norm(x), inter
 
     def encoder_layers(self) -> torch.nn.ModuleList:

@@ -95,6 +95,9 @@ def _scales(q) -> tuple[float, float] | None:
     if a is None:
         return None
     amax = a.detach().to(torch.float32).max().reshape(())
+    # An all-zero tensor (amax 0): ModelOpt's formula takes amax 1, which keeps it zero; 448 / 0 would make
+    # every FP8 code NaN, and the saved file unloadable.
+    amax = torch.where(amax <= 1.0 / (1 << 24), torch.ones_like(amax), amax)
     mult = FP8_MAX / amax  # the same tensor ops as ModelOpt's _fp8_eager, so the same rounding
     return float(1 / mult), float(mult)
 

@@ -330,3 +330,33 @@ def test_fused_kernels_that_fail_to_build_fall_back_to_the_unfused_path(comfy, p
         assert torch.equal(out, encode(comfy, fake, PROMPTS[0])[0])  # the unfused path: the Q->DQ numbers
     finally:
         m.configure(lambda d: mod(pack, "runtime").plan("auto", d))
+
+
+def test_all_hidden_states_get_the_final_layer_norm_when_comfyui_asks(pack, fp8):
+    """intermediate_output="all" with final_layer_norm_intermediate, as ComfyUI's CLIPTextModel_ applies it to
+    every stacked layer output (it was skipped)."""
+    m = tower(pack, fp8[0])
+    embeds = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        plain = m(None, None, embeds=embeds, num_tokens=[77, 77], intermediate_output="all",
+                  final_layer_norm_intermediate=False, dtype=torch.float32)[1]
+        normed = m(None, None, embeds=embeds, num_tokens=[77, 77], intermediate_output="all",
+                   final_layer_norm_intermediate=True, dtype=torch.float32)[1]
+        assert plain.shape == normed.shape == (2, 12, 77, 768)
+        assert torch.allclose(normed, m.text_model.final_layer_norm(plain), atol=1e-5)
+        assert not torch.allclose(normed, plain, atol=1e-2)
+
+
+def test_an_all_zero_layer_gets_modelopts_scale_not_nan(pack):
+    """A Linear whose weights (or inputs) are all zero: ModelOpt's formula takes amax 1 and keeps zeros; 448/0
+    gave NaN FP8 codes, NaN outputs and a saved file the loader refuses."""
+    mb = mod(pack, "modelopt_bridge")
+    q = SimpleNamespace(is_enabled=True, amax=torch.tensor(0.0))
+    dequant, mult = mb._scales(q)
+    assert (dequant, mult) == (pytest.approx(1 / 448), 448.0)
+    lin = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        lin.weight.zero_()
+    fp8 = mod(pack, "fp8_ops").FP8Linear.from_linear(lin, dequant, dequant, mult)
+    x = torch.randn(2, 4)
+    assert torch.equal(fp8(x), lin.bias.detach().expand(2, 3))
