@@ -286,3 +286,28 @@ def test_cancel_raised_by_the_progress_hook_stops_the_build(pack, real_build):
     with pytest.raises(Cancelled):
         build.build_engine(ox.export_text_transformer(module, record), build.Profile(max_rows=1, opt_rows=1),
                            rtx.flavour, target=rtx.target, progress=progress)
+
+
+def test_an_engine_rebuilt_by_another_process_is_read_from_the_cache(pack, real_build, tmp_path, monkeypatch):
+    """The node's result keeps the engine's path and reads the file again whenever ComfyUI loads the model
+    after offloading it. Another ComfyUI (or the command line) rebuilding the same key meanwhile writes other
+    bytes: the intact engine of the same key is taken; only an engine the cache no longer holds intact fails,
+    saying how to make ComfyUI run the node again (it reuses a node's result while its inputs are unchanged)."""
+    pipeline, cache_mod = tr(pack, "pipeline"), tr(pack, "cache")
+    _, rtx, module, record = real_build
+    monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: real_build[0])
+    cache = cache_mod.EngineCache(tmp_path)
+    engine = pipeline.prepare_engine(module, record, profile=tr(pack, "build").Profile(max_rows=8), support=rtx,
+                                     cache=cache)
+    assert engine.read() == real_build[0].engine
+    other = real_build[0].engine + b"another build"
+    manifest_path = engine.path.with_suffix(".json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(engine_bytes=len(other), sha256=__import__("hashlib").sha256(other).hexdigest())
+    engine.path.write_bytes(other)
+    manifest_path.write_text(json.dumps(manifest))
+    assert engine.read() == other
+    engine.path.write_bytes(b"\0" * len(other))
+    with pytest.raises(cache_mod.EngineCacheError, match="changed after it was checked.*Change an input of the "
+                                                         "TensorRT node"):
+        engine.read()

@@ -67,8 +67,9 @@ class CachedEngine:
         """The engine bytes, checked against the manifest again (the file may have changed since)."""
         data = self.path.read_bytes()
         if len(data) != self.manifest["engine_bytes"] or hashlib.sha256(data).hexdigest() != self.manifest["sha256"]:
-            raise EngineCacheError(f"The engine file {self.path} changed after it was checked. Run the node "
-                                   "again to rebuild it.")
+            raise EngineCacheError(f"The engine file {self.path} changed after it was checked, and the cache holds no "
+                                   "intact engine for it now. Change an input of the TensorRT node (or restart "
+                                   "ComfyUI) so that the node runs again and rebuilds it.")
         return data
 
 

@@ -43,11 +43,22 @@ class Engine:
     path: Path | None
     data: bytes | None = None
     note: str = ""
+    cache: EngineCache | None = None
+    tower: str = ""
 
     def read(self) -> bytes:
         if self.data is not None:
             return self.data
-        return CachedEngine(self.path, self.manifest, built=self.built).read()
+        try:
+            return CachedEngine(self.path, self.manifest, built=self.built).read()
+        except EngineCacheError:
+            # Read again after ComfyUI offloaded the model, the file may be another process's build of this key
+            # (builds are not byte-identical): an intact engine of the same key has the same inputs and outputs.
+            found = self.cache.check(self.key, self.manifest["components"], self.tower)[0] if self.cache else None
+            if found is None:
+                raise
+            self.manifest, self.path = found.manifest, found.path
+            return found.read()
 
 
 def components(spec: TransformerSpec, support: Support, profile: Profile, activations: str) -> dict[str, Any]:
@@ -84,7 +95,7 @@ def prepare_engine(module: torch.nn.Module, record: Any, *, profile: Profile, su
         try:
             found = cache.get_or_build(key, comps, build, tower=record.tower, describe=describe)
             note = " ".join(found.warnings)
-            return Engine(key, found.manifest, found.built, found.path, note=note)
+            return Engine(key, found.manifest, found.built, found.path, note=note, cache=cache, tower=record.tower)
         except EngineCacheError as e:
             if e.result is None:
                 result = build()

@@ -17,6 +17,11 @@ from .flavour import Flavour
 from .onnx_export import HIDDEN_STATES, LAST_HIDDEN, TensorIO
 
 
+# ComfyUI reuses a node's last result while its inputs are unchanged: deleting the file alone rebuilds nothing.
+REBUILD = ("Delete it from models/tensorrt, then make the node run again (change one of its inputs, or restart "
+           "ComfyUI) to rebuild it.")
+
+
 class EngineLoadError(FP8ClipError):
     """TensorRT refused to load the engine on this GPU."""
 
@@ -62,12 +67,11 @@ class TrtRunner:
                 validity, diagnostics = runtime.get_engine_validity(blob)
                 if getattr(validity, "name", str(validity)) == "INVALID":
                     raise EngineLoadError(f"{self.flavour.label} reports the engine invalid on this GPU "
-                                          f"(diagnostics {diagnostics}: {'; '.join(log.lines[-3:])}). Delete it "
-                                          "from models/tensorrt to rebuild.")
+                                          f"(diagnostics {diagnostics}: {'; '.join(log.lines[-3:])}). {REBUILD}")
             engine = runtime.deserialize_cuda_engine(blob)
             if engine is None:
                 raise EngineLoadError(f"{self.flavour.label} could not load the engine: "
-                                      f"{'; '.join(log.lines[-3:]) or 'no message'}. Delete it to rebuild.")
+                                      f"{'; '.join(log.lines[-3:]) or 'no message'}. {REBUILD}")
             check_plan(plan_from_engine(engine), self.plan)
             context = engine.create_execution_context()
             if context is None:
