@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -50,11 +50,12 @@ def write_atomic(path: Path, write: Callable[[str], None], overwrite: bool) -> P
     if path.exists() and not overwrite:
         raise FP8ClipError(f"{path.name} already exists in {path.parent}. Choose another file name, or set "
                            "'overwrite' to replace it.")
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp(path.parent, "." + path.name + ".")
     os.close(fd)
     try:
+        mode = os.stat(tmp).st_mode & 0o777  # what open() gives here
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users (containers)
+        os.chmod(tmp, mode)  # safetensors replaces the file with a 0600 one
         fd = os.open(tmp, os.O_RDWR)  # Windows cannot fsync a read-only handle
         try:
             os.fsync(fd)
@@ -94,7 +95,13 @@ def write_set(files: list[tuple[Path, Callable[[str], None]]], overwrite: bool) 
     return written
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def create_temp(directory: str | os.PathLike, prefix: str) -> tuple[int, str]:
+    """A new temp file open for writing, with the mode a plain open() gives (0666 less the umask, applied by
+    the OS): mkstemp's 0600 would hide saved models from other users (a container's host, a shared folder)."""
+    for _ in range(100):
+        name = os.path.join(directory, f"{prefix}{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"Could not create a temporary file in {directory}.")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..quant.errors import FP8ClipError
+from ..quant.paths import create_temp
 from .build import BuildResult
 
 log = logging.getLogger("comfyui-fp8-clip")
@@ -205,11 +206,8 @@ def _build_lock(path: Path) -> Iterator[None]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp(path.parent, path.name + ".")  # readable by the folder's other users, as open() makes it
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would hide the engine from other users of the folder
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
