@@ -127,8 +127,6 @@ def boot_host(comfy: Path, fixtures: Path, dynamic_vram: bool, comfy_args: tuple
     import torch
 
     from harness.host import boot_in_process, make_base
-    from quant.images import synthetic_images
-    from PIL import Image
 
     os.environ["FP8CLIP_HOST"] = str(comfy.resolve())
     cuda = torch.cuda.is_available()
@@ -140,9 +138,18 @@ def boot_host(comfy: Path, fixtures: Path, dynamic_vram: bool, comfy_args: tuple
     if cuda:
         from bench_text_encode import eager_modelopt
         eager_modelopt()
+    example_image(base)
+    return host, base
+
+
+def example_image(base: Path) -> None:
+    """The unCLIP example's input image, in the base folder's input/."""
+    from PIL import Image
+
+    from quant.images import synthetic_images
+
     img = synthetic_images(1, seed=7, size=512)[0][0]
     Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).save(base / "input" / "example.png")
-    return host, base
 
 
 def checkpoint(base: Path, name: str, small: bool) -> str:

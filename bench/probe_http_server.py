@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_example_workflows import EDITS, checkpoint, example_graphs  # noqa: E402
+from bench_example_workflows import EDITS, checkpoint, example_graphs, example_image  # noqa: E402
 
 EXTRA_CALIBRATION_PROMPT = "a lighthouse on a cliff at dusk, long exposure"
 LOG_PATTERNS = r"Traceback|Error|error|WARNING|Warning|extension|fp8clip|FP8 CLIP|interrupt|out of memory"
@@ -163,23 +163,16 @@ def main() -> None:
     import os
 
     import torch
-    from PIL import Image
 
+    from bench_text_encode import boot
     from harness.host import HeadlessServer, make_base
-    from quant.images import synthetic_images
 
     os.environ["FP8CLIP_HOST"] = str(args.comfy.resolve())
     cuda = torch.cuda.is_available()
-    sys.path.insert(0, str(args.comfy.resolve()))  # the checkpoints are built with the host's own layers
-    sys.argv = ["main.py", *([] if cuda else ["--cpu"])]
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args  # noqa: F401  (parses sys.argv)
+    boot(args.comfy, [] if cuda else ["--cpu"])  # the checkpoints are built with the host's own layers
     args.out.mkdir(parents=True, exist_ok=True)
     base = make_base(args.fixtures / "base")
-    img = synthetic_images(1, seed=7, size=512)[0][0]
-    Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).save(base / "input" / "example.png")
+    example_image(base)
     names = args.workflows.split(",")
     ckpts = {n: checkpoint(base, n, args.small) for n in names}
     device = torch.cuda.get_device_name() if cuda else "CPU"
