@@ -127,6 +127,16 @@ def fp8_or_kept(name: str, lin: torch.nn.Module, scales: dict[str, Any]) -> torc
     return FP8Linear.from_linear(lin, s.weight_scale, s.input_scale, s.input_scale_inv)
 
 
+def _copy_into(dst: tuple, src: tuple) -> None:
+    """Copy a captured run's outputs into the preallocated ones. A function of its own so that no reference
+    to them outlives the capture: with cudaMallocAsync (ComfyUI's default), freeing memory allocated in a
+    capture after it ended aborted the process (the intermediate layer's output, left in a loop variable:
+    every CLIP vision encode, and text encodes with clip skip, on an H200)."""
+    for d, t in zip(dst, src):
+        if d is not None:
+            d.copy_(t)
+
+
 class FP8Runner(torch.nn.Module):
     """Base of the FP8 models: device placement, kernel plan, CUDA-graph execution of `_core`."""
 
@@ -271,9 +281,7 @@ class FP8Runner(torch.nn.Module):
         # On this tower's device and stream: torch's default capture stream belongs to the device that was
         # current when it was made, and a tower on another GPU would record nothing into the graph.
         with torch.cuda.device(x.device), torch.cuda.graph(graph, pool=self.__dict__["_pool"], stream=s):
-            for dst, src in zip(out, fn(sx, smask, inter_idx, ln_inter)):
-                if dst is not None:
-                    dst.copy_(src)
+            _copy_into(out, fn(sx, smask, inter_idx, ln_inter))
         return graph, sx, smask, out
 
     def _drop_graphs(self) -> None:

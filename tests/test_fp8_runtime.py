@@ -244,6 +244,54 @@ def test_comfyui_cuda_malloc_allocator_keeps_triton_kernels_out_of_cuda_graphs(p
     assert (c.executor, c.graphs) == ("compiled", False) and "no CUDA graphs" in c.reason
 
 
+@pytest.mark.parametrize("intermediate", [None, 10], ids=["last layer", "intermediate layer"])
+def test_tensors_made_during_a_cuda_graph_capture_die_inside_it(pack, monkeypatch, intermediate):
+    """With cudaMallocAsync (ComfyUI's default), freeing a tensor allocated during a capture after the capture
+    ended aborted the process: every FP8 CLIP vision encode died so on an H200 (its intermediate-layer output
+    was left in a loop variable; bench/probe_capture_async.py). Here CUDA's capture is a stand-in that records
+    which tensors the captured run made and checks, as the capture ends, that none of them is still alive."""
+    import contextlib
+    import weakref
+
+    made: list = []
+    alive_at_end: list = []
+
+    class Capture:
+        def __init__(self, graph, pool=None, stream=None):
+            pass
+
+        def __enter__(self):
+            made.clear()
+
+        def __exit__(self, *exc):
+            alive_at_end.extend(r for r in made if r() is not None)
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    for name, value in {"Stream": Stream, "current_stream": lambda d=None: Stream(),
+                        "stream": lambda s: contextlib.nullcontext(), "device": lambda d: contextlib.nullcontext(),
+                        "CUDAGraph": lambda: object(), "graph_pool_handle": lambda: (0, 0),
+                        "graph": Capture}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+
+    def core(x, mask, inter_idx, ln_inter):
+        last = x * 2
+        inter = None if inter_idx is None else x + 1
+        made.extend(weakref.ref(t) for t in (last, inter) if t is not None)
+        return last, inter
+
+    runner = mod(pack, "fp8_encoder").FP8Runner()
+    graph, sx, smask, out = runner._capture(core, torch.ones(2, 3), None, intermediate, True)
+    assert made and not alive_at_end, f"{len(alive_at_end)} tensors from the captured run outlived the capture"
+    assert torch.equal(out[0], torch.full((2, 3), 2.0))
+    assert (out[1] is None) == (intermediate is None)
+
+
 def test_model_moved_to_another_device_replans(comfy, pack, fp8):
     """Calibrated (and planned) for one device, run on another: the plan follows the device."""
     qclip = fp8[0]
