@@ -111,18 +111,26 @@ def run_variant(args) -> dict:
         ref_e = vision.embed(cv, test)[0]
         fq_e = vision.embed(fake, test)[0]
         out["runtimes"] = {}
-        # (executor, activations, kernels between the matmuls); the first is the default plan on FP8 GPUs
-        variants = (("cuda_graph", "float16", "fused"), ("cuda_graph", "float32", "fused"),
-                    ("cuda_graph", "float16", "torch"), ("compiled", "float16", "torch"))
+        # (executor, activations, kernels between the matmuls); "plan": what `auto` picks on this machine (with
+        # ComfyUI's cudaMallocAsync allocator, not the fused kernels in graphs); the rest forced
+        variants = [("plan", "", ""), ("cuda_graph", "float16", "fused"), ("cuda_graph", "float32", "fused"),
+                    ("cuda_graph", "float16", "torch"), ("compiled", "float16", "torch")]
         if args.quick:
             variants = variants[:1]
+        async_alloc = torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+        out["allocator"] = torch.cuda.get_allocator_backend()
+        if async_alloc:  # no Triton kernels in CUDA graphs (runtime.triton_in_graphs)
+            variants = [v for v in variants if v[0] == "plan" or v[2] != "fused"]
         for executor, act, kernels in variants:
             name = f"fp8 scaled_mm, {executor}, {'fused' if kernels == 'fused' else 'unfused'} kernels, {act} activations"
             res: dict = {}
             try:
-                fp8, _ = runtime.to_fp8_runtime(fake, "fp8")
-                for m, _r in pack.quant.artifact.quantized_towers(fp8).values():
-                    m.configure(lambda d, e=executor, a=act, k=kernels: runtime.Plan("fp8", "scaled_mm", e, a, "bench", k))
+                fp8, plan = runtime.to_fp8_runtime(fake, "fp8")
+                if executor == "plan":
+                    name = f"fp8 auto: {plan.reason}"
+                for m, _r in pack.quant.artifact.quantized_towers(fp8).values() if executor != "plan" else ():
+                    m.configure(lambda d, e=executor, a=act, k=kernels: runtime.Plan(
+                        "fp8", "scaled_mm", e, a, "bench", k, graphs=not async_alloc or e != "compiled"))
                 t0 = time.perf_counter()
                 got = vision.embed(fp8, test)[0]
                 res["first_call_s"] = time.perf_counter() - t0

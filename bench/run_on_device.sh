@@ -7,7 +7,8 @@
 #   bash bench/run_on_device.sh OUT [step ...]     steps: probe probe-stress text profile profile-rows vision
 #   text-dynamic text-sdxl text-sdxl-dynamic text-sd3 text-sd3-t5 text-flux profile-sdxl
 #   profile-sdxl-dynamic attention residency residency-dynamic workflows workflows-dynamic small-vram
-#   small-vram-dynamic http text-default unload unload-async
+#   small-vram-dynamic http text-default unload unload-async text-sdxl-default vision-async multi-gpu
+#   multi-gpu-async (two GPUs) capture-async
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
 # Sets up the carried wheels (ModelOpt, comfy-kitchen, ...) and ComfyUI v0.29 once per machine, then runs
 # each step under its own time limit, logging to OUT/<step>.log, so one slow step does not lose the others.
@@ -32,6 +33,8 @@ for step in "${@:-probe text profile vision}"; do
                        --comfy /tmp/c29 --out "$out/$s" --variants stock,pack --dynamic-vram ;;  # main.py's defaults
       text-dynamic*) timeout 400 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack \
                        --dynamic-vram ;;
+      text-sdxl-default*) PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 560 python3 bench/bench_text_encode.py \
+                            --comfy /tmp/c29 --out "$out/$s" --variants stock,pack --family sdxl --dynamic-vram ;;
       text-sdxl-dynamic*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                             --variants stock,pack --family sdxl --dynamic-vram ;;
       text-sdxl*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack \
@@ -63,6 +66,13 @@ for step in "${@:-probe text profile vision}"; do
       profile-sdxl*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                        --family sdxl --executors fused,cuda_graph --cases "1 prompt (1x77),8 rows of 77" ;;
       profile*) timeout 200 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" ;;
+      capture-async*) PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 400 python3 bench/probe_capture_async.py \
+                        --comfy /tmp/c29 --out "$out/$s" ${CAPTURE_ARGS:-} ;;
+      vision-async*) PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 500 python3 bench/bench_vision_encode.py \
+                       --comfy /tmp/c29 --out "$out/$s" --quick ;;  # main.py's allocator; its `auto` plan
+      multi-gpu-async*) PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 300 python3 bench/probe_multi_gpu.py \
+                          --comfy /tmp/c29 --out "$out/$s" ${MULTI_GPU_ARGS:-} ;;
+      multi-gpu*) timeout 300 python3 bench/probe_multi_gpu.py --comfy /tmp/c29 --out "$out/$s" ${MULTI_GPU_ARGS:-} ;;
       vision*) timeout 500 python3 bench/bench_vision_encode.py --comfy /tmp/c29 --out "$out/$s" ;;
       *) echo "unknown step $s" >&2; false ;;
     esac > "$out/$s.log" 2>&1
