@@ -27,9 +27,10 @@ class FP8TextModel(FP8Runner):
 
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_quantized(cls, src: torch.nn.Module, scales: dict[str, Any], fp8_embedding: bool = False
-                       ) -> "FP8TextModel":
-        """`src`: ComfyUI CLIPTextModel whose quantized Linears hold folded Q->DQ weights; `scales`: per layer."""
+    def from_quantized(cls, src: torch.nn.Module, scales: dict[str, Any], fp8_embedding: bool = False,
+                       table_dtype: torch.dtype | None = None) -> "FP8TextModel":
+        """`src`: ComfyUI CLIPTextModel whose quantized Linears hold folded Q->DQ weights; `scales`: per layer;
+        `table_dtype`: the token table's dtype when kept in high precision (default: `src`'s)."""
         m = cls()
         tm = src.text_model
         m.num_layers = len(tm.encoder.layers)
@@ -37,7 +38,7 @@ class FP8TextModel(FP8Runner):
         m.text_model.eos_token_id = tm.eos_token_id
         emb = torch.nn.Module()
         tok = tm.embeddings.token_embedding
-        emb.token_embedding = FP8Embedding(tok.weight) if fp8_embedding else _embedding_copy(tok)
+        emb.token_embedding = FP8Embedding(tok.weight) if fp8_embedding else _embedding_copy(tok, table_dtype)
         emb.position_embedding = torch.nn.Embedding(*tm.embeddings.position_embedding.weight.shape)
         with torch.no_grad():
             emb.position_embedding.weight.copy_(tm.embeddings.position_embedding.weight.float())
@@ -130,8 +131,16 @@ class _TokenEmbedding(torch.nn.Embedding):
         return super().forward(input.to(self.weight.device)).to(device=input.device, dtype=out_dtype or torch.float32)
 
 
-def _embedding_copy(tok: torch.nn.Module) -> torch.nn.Module:
-    e = _TokenEmbedding(*tok.weight.shape, dtype=tok.weight.dtype)
+def checkpoint_table_dtype(original: torch.nn.Module) -> torch.dtype:
+    """The dtype ComfyUI loaded the token table in (fp16 for CLIP checkpoints), for a table kept in high
+    precision: the calibration copy holds it in fp32, twice the memory (CLIP-L 152 MB, CLIP-G 253 MB). An FP8
+    table (--fp8_e4m3fn-text-enc) is kept in fp16 instead: its values exactly, for a plain lookup."""
+    dtype = original.text_model.embeddings.token_embedding.weight.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+
+
+def _embedding_copy(tok: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    e = _TokenEmbedding(*tok.weight.shape, dtype=dtype or tok.weight.dtype)
     with torch.no_grad():
         e.weight.copy_(tok.weight)
     return e.requires_grad_(False)

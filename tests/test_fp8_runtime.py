@@ -63,6 +63,24 @@ def test_fp8_weights_in_memory_and_reported_size(pack, clip, fp8):
     assert "matches the calibrated Q->DQ model: worst conditioning cosine" in report
 
 
+def test_a_token_table_kept_in_high_precision_keeps_the_checkpoints_dtype(comfy, pack, clip):
+    """With 'fp8_token_embedding' off the table stays as ComfyUI loaded it. It used to stay in the calibration
+    copy's fp32: twice its memory (CLIP-L 152 instead of 76 MB), for the same numbers."""
+    fake = quantize(comfy, clip, runtime="fake-quant", calibration_prompts=CALIBRATION,
+                    fp8_token_embedding=False)["result"][0]
+    with torch.inference_mode():
+        qclip, _ = mod(pack, "runtime").to_fp8_runtime(fake, "auto")
+    (path, _), = mod(pack, "artifact").quantized_towers(qclip).items()
+    loaded = clip.patcher.get_model_object(path).text_model.embeddings.token_embedding.weight
+    table = tower(pack, qclip).get_input_embeddings().weight
+    assert loaded.dtype == torch.float16 and table.dtype == loaded.dtype and torch.equal(table, loaded)
+    ratio = qclip.patcher.model_size() / clip.patcher.model_size()
+    assert ratio <= 0.55 + table.numel() * 2 / clip.patcher.model_size(), ratio  # FP8 layers, fp16 table
+    for p in PROMPTS[1:]:
+        got, want = encode(comfy, qclip, p), encode(comfy, fake, p)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_proxy_state_dict_is_the_original_towers(comfy, pack, fp8):
     """ComfyUI sizes (v0.29 dynamic VRAM: every encode), backs up and saves the quantized CLIP's tower through
     the proxy's state_dict: it must be exactly the original tower's, read at call time."""
