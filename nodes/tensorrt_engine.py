@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 
+from ..trt_runtime.watch import EngineWatch
 from .ui import interrupt_check, progress_bar
 
 log = logging.getLogger("comfyui-fp8-clip")
@@ -21,9 +22,13 @@ def _register_tensorrt_folder() -> None:
 _register_tensorrt_folder()
 
 
-def run_on_engine(model, vision: bool, max_rows: int, activations: str = "float32"):
+_WATCH = EngineWatch()  # the engine files each node's output runs on (IS_CHANGED)
+
+
+def run_on_engine(model, vision: bool, max_rows: int, activations: str = "float32", node_id: str | None = None):
     """(model on a cached engine, status), or (model unchanged, why not): what the engine nodes and the
-    quantize nodes' `tensorrt` runtime do."""
+    quantize nodes' `tensorrt` runtime do. `node_id`: the engine node's, watched for its engine files changing
+    (see IS_CHANGED)."""
     import comfy.model_management
     import folder_paths
 
@@ -37,9 +42,11 @@ def run_on_engine(model, vision: bool, max_rows: int, activations: str = "float3
     device = getattr(model, "load_device", None) if vision else None
     device = device or comfy.model_management.get_torch_device()
     run = engine_clip_vision if vision else engine_clip
+    used: list = []
     out, status = run(model, max_rows, engine_support(device), cache_root=root, activations=activations,
-                      progress=lambda f, phase: bar(int(f * 100), 100), check_interrupt=interrupt_check())
+                      progress=lambda f, phase: bar(int(f * 100), 100), check_interrupt=interrupt_check(), used=used)
     log.info(status)
+    _WATCH.ran(node_id, used)
     return out, status
 
 
@@ -69,10 +76,15 @@ class BuildTensorRTEngine:
                 "default": "float32",
                 "tooltip": "Precision between the FP8 matmuls. float32 reproduces the quality report's numbers; "
                            "float16 moves less memory but rounds once more. Changing it rebuilds."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def build(self, clip, max_batch_rows, activations="float32"):
-        out, status = run_on_engine(clip, False, max_batch_rows, activations)
+    @classmethod
+    def IS_CHANGED(cls, unique_id=None, **_):
+        # Again when an engine file it used was deleted, damaged or rebuilt elsewhere: ComfyUI would reuse its output.
+        return _WATCH.token(unique_id)
+
+    def build(self, clip, max_batch_rows, activations="float32", unique_id=None):
+        out, status = run_on_engine(clip, False, max_batch_rows, activations, unique_id)
         return {"ui": {"text": [status]}, "result": (out, status)}
 
 
@@ -103,8 +115,12 @@ class BuildTensorRTEngineVision:
                 "default": "float32",
                 "tooltip": "Precision between the FP8 matmuls. float32 reproduces the quality report's numbers; "
                            "float16 moves less memory but rounds once more. Changing it rebuilds."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def build(self, clip_vision, max_images, activations="float32"):
-        out, status = run_on_engine(clip_vision, True, max_images, activations)
+    @classmethod
+    def IS_CHANGED(cls, unique_id=None, **_):
+        return _WATCH.token(unique_id)
+
+    def build(self, clip_vision, max_images, activations="float32", unique_id=None):
+        out, status = run_on_engine(clip_vision, True, max_images, activations, unique_id)
         return {"ui": {"text": [status]}, "result": (out, status)}

@@ -292,7 +292,8 @@ def test_an_engine_rebuilt_by_another_process_is_read_from_the_cache(pack, real_
     """The node's result keeps the engine's path and reads the file again whenever ComfyUI loads the model
     after offloading it. Another ComfyUI (or the command line) rebuilding the same key meanwhile writes other
     bytes: the intact engine of the same key is taken; only an engine the cache no longer holds intact fails,
-    saying how to make ComfyUI run the node again (it reuses a node's result while its inputs are unchanged)."""
+    saying how to make ComfyUI run the node again (queue again: the node's IS_CHANGED sees the file changed,
+    test_tensorrt_engine.py)."""
     pipeline, cache_mod = tr(pack, "pipeline"), tr(pack, "cache")
     _, rtx, module, record = real_build
     monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: real_build[0])
@@ -308,6 +309,5 @@ def test_an_engine_rebuilt_by_another_process_is_read_from_the_cache(pack, real_
     manifest_path.write_text(json.dumps(manifest))
     assert engine.read() == other
     engine.path.write_bytes(b"\0" * len(other))
-    with pytest.raises(cache_mod.EngineCacheError, match="changed after it was checked.*Change an input of the "
-                                                         "TensorRT node"):
+    with pytest.raises(cache_mod.EngineCacheError, match="changed after it was checked.*Queue the prompt again"):
         engine.read()

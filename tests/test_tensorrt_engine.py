@@ -205,6 +205,71 @@ def test_node_builds_caches_and_reuses_the_engine(comfy, fp8_clip, engine_node):
     assert len(engine_node) == 2 and "built in" in status3  # another profile: another engine
 
 
+def test_comfyui_runs_the_node_again_when_its_engine_file_changes(comfy, pack, engine_node, monkeypatch):
+    """ComfyUI reuses a node's output while its inputs stay the same: an engine damaged or deleted after the
+    node ran was rebuilt only after an input change or a restart. Now the node runs again (and rebuilds) when
+    the files it used change, and only then."""
+    import copy
+    import shutil
+
+    from harness.host import new_executor, run_graph
+
+    node = pack_module(pack, "nodes.tensorrt_engine")
+    runs = []
+    real = node.run_on_engine
+    monkeypatch.setattr(node, "run_on_engine", lambda *a, **k: runs.append(1) or real(*a, **k))
+    shutil.rmtree(comfy.base / "models" / "tensorrt", ignore_errors=True)
+    prompt = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": comfy.files["clip_l"],
+                                                           "type": "stable_diffusion"}},
+              "2": {"class_type": "FP8CLIPQuantize", "inputs": {
+                  "clip": ["1", 0], "calibration_prompts": "a cat", "keep_high_precision": "*text_projection",
+                  "method": "max", "quantize": "weights+activations", "min_cosine": 0.9, "runtime": "auto",
+                  "fp8_token_embedding": True}},
+              "3": {"class_type": "FP8CLIPTensorRTEngine", "inputs": {"clip": ["2", 0], "max_batch_rows": 2,
+                                                                      "activations": "float32"}},
+              "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}}
+    ex = new_executor(comfy)
+
+    def queue():  # as a browser queues it: a new prompt each time (ComfyUI notes IS_CHANGED in it)
+        run_graph(comfy, copy.deepcopy(prompt), ex)
+
+    queue()
+    (engine,) = engine_files(comfy)
+    queue()
+    assert (len(runs), len(engine_node)) == (1, 1)  # unchanged: ComfyUI's cached output
+
+    with engine.open("r+b") as f:  # damaged on disk after the node ran
+        f.seek(1000)
+        f.write(b"\0" * 64)
+    queue()
+    assert (len(runs), len(engine_node)) == (2, 2)  # run again; the cache refused the file and rebuilt it
+    queue()
+    assert (len(runs), len(engine_node)) == (2, 2)
+
+    engine.unlink()
+    engine.with_suffix(".json").unlink()
+    queue()
+    assert (len(runs), len(engine_node)) == (3, 3) and engine_files(comfy) == [engine]
+
+    # An engine the GPU refuses: the node falls back, and the fix its message gives (delete, queue) works.
+    pipeline, runners = pack_module(pack, "trt_runtime.pipeline"), pack_module(pack, "trt_runtime.runners")
+    loads = pipeline.make_runner
+
+    def refuse(*a, **k):
+        raise runners.EngineLoadError(f"refused. {runners.REBUILD}")
+
+    monkeypatch.setattr(pipeline, "make_runner", refuse)
+    prompt["3"]["inputs"]["max_batch_rows"] = 1
+    out = run_graph(comfy, copy.deepcopy(prompt), ex)
+    assert "could not be loaded" in out["4"]["text"][0] and "queue the prompt again" in out["4"]["text"][0]
+    assert len(runs) == 4
+    monkeypatch.setattr(pipeline, "make_runner", loads)
+    for f in set(engine_files(comfy)) - {engine}:
+        f.unlink()
+    queue()
+    assert len(runs) == 5 and len(engine_node) == 5
+
+
 @pytest.fixture
 def engine_clip(comfy, fp8_clip, engine_node):
     return call(comfy, "FP8CLIPTensorRTEngine", clip=fp8_clip[1], max_batch_rows=8)[0]

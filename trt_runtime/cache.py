@@ -69,8 +69,10 @@ class CachedEngine:
         data = self.path.read_bytes()
         if len(data) != self.manifest["engine_bytes"] or hashlib.sha256(data).hexdigest() != self.manifest["sha256"]:
             raise EngineCacheError(f"The engine file {self.path} changed after it was checked, and the cache holds no "
-                                   "intact engine for it now. Change an input of the TensorRT node (or restart "
-                                   "ComfyUI) so that the node runs again and rebuilds it.")
+                                   "intact engine for it now. Queue the prompt again: the 'Build TensorRT Engine' "
+                                   "node runs again when its engine file has changed, and rebuilds it (with the "
+                                   "Quantize node's 'tensorrt' runtime, change one of that node's inputs or restart "
+                                   "ComfyUI).")
         return data
 
 

@@ -151,24 +151,27 @@ VISION = Target("CLIP_VISION", "'Quantize CLIP Vision to FP8 (calibrated)'",
 
 def engine_clip(clip: Any, max_rows: int, support: Support, *, cache_root: str | Path | None,
                 activations: str = "float32", progress: Progress | None = None,
-                check_interrupt: Callable[[], None] | None = None) -> tuple[Any, str]:
-    """(CLIP on the engine, status); or (the input CLIP, status saying why not) where the engine cannot run."""
+                check_interrupt: Callable[[], None] | None = None, used: list[Path] | None = None) -> tuple[Any, str]:
+    """(CLIP on the engine, status); or (the input CLIP, status saying why not) where the engine cannot run.
+    `used` gets the cached engine files it prepared, loaded or not (what the node watches)."""
     profile = Profile.for_max_rows(max_rows)
     header = (f"  profile: 1 to {profile.max_rows} rows of 77 tokens (max_batch_rows); FP8 matmuls, {activations} "
               "activations")
     return _engine_model(clip, TEXT, profile, header, support, cache_root=cache_root, activations=activations,
-                         progress=progress, check_interrupt=check_interrupt)
+                         progress=progress, check_interrupt=check_interrupt, used=used)
 
 
 def engine_clip_vision(clip_vision: Any, max_images: int, support: Support, *, cache_root: str | Path | None,
                        activations: str = "float32", progress: Progress | None = None,
-                       check_interrupt: Callable[[], None] | None = None) -> tuple[Any, str]:
-    """(CLIP_VISION on the engine, status); or (the input, status saying why not) where the engine cannot run."""
+                       check_interrupt: Callable[[], None] | None = None, used: list[Path] | None = None
+                       ) -> tuple[Any, str]:
+    """(CLIP_VISION on the engine, status); or (the input, status saying why not) where the engine cannot run.
+    `used`: as for engine_clip."""
     # Optimized for one image (IP-Adapter, unCLIP, Redux encode one reference at a time); batches up to max.
     profile = Profile(max_rows=max_images, opt_rows=1, min_rows=1)
     header = f"  profile: 1 to {profile.max_rows} images (max_images); FP8 matmuls, {activations} activations"
     return _engine_model(clip_vision, VISION, profile, header, support, cache_root=cache_root,
-                         activations=activations, progress=progress, check_interrupt=check_interrupt)
+                         activations=activations, progress=progress, check_interrupt=check_interrupt, used=used)
 
 
 def prebuild(model: Any, vision: bool, max_rows: int, support: Support, *, cache_root: str | Path,
@@ -197,7 +200,7 @@ def prebuild(model: Any, vision: bool, max_rows: int, support: Support, *, cache
 
 def _engine_model(model: Any, target: Target, profile: Profile, header: str, support: Support, *,
                   cache_root: str | Path | None, activations: str, progress: Progress | None,
-                  check_interrupt: Callable[[], None] | None) -> tuple[Any, str]:
+                  check_interrupt: Callable[[], None] | None, used: list[Path] | None = None) -> tuple[Any, str]:
     towers = artifact.quantized_towers(model) if model is not None and hasattr(model, "patcher") else {}
     if not towers:
         raise FP8ClipError(f"This {target.noun} is not quantized by this pack. Connect the output of "
@@ -219,6 +222,8 @@ def _engine_model(model: Any, target: Target, profile: Profile, header: str, sup
         except (EngineBuildError, EngineCacheError) as e:
             log.warning("TensorRT engine not used: %s", e)
             return model, f"TensorRT engine not used: {e}\n{fallback}"
+        if used is not None and engine.path is not None:
+            used.append(engine.path)
         try:
             runner = make_runner(engine, support, module, record)
         except Exception as e:  # noqa: BLE001  (whatever the GPU/driver/TensorRT says: fall back, never crash)

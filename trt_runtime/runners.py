@@ -18,8 +18,9 @@ from .onnx_export import HIDDEN_STATES, LAST_HIDDEN, TensorIO
 
 
 # ComfyUI reuses a node's last result while its inputs are unchanged: deleting the file alone rebuilds nothing.
-REBUILD = ("Delete it from models/tensorrt, then make the node run again (change one of its inputs, or restart "
-           "ComfyUI) to rebuild it.")
+REBUILD = ("Delete it from models/tensorrt and queue the prompt again: the 'Build TensorRT Engine' node runs again "
+           "when its engine file is gone, and rebuilds it (with the Quantize node's 'tensorrt' runtime, change one "
+           "of that node's inputs or restart ComfyUI).")
 
 
 class EngineLoadError(FP8ClipError):
