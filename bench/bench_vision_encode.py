@@ -117,8 +117,8 @@ def run_variant(args) -> dict:
                     ("cuda_graph", "float16", "torch"), ("compiled", "float16", "torch")]
         if args.quick:
             variants = variants[:1]
-        async_alloc = torch.cuda.get_allocator_backend() == "cudaMallocAsync"
         out["allocator"] = torch.cuda.get_allocator_backend()
+        async_alloc = out["allocator"] == "cudaMallocAsync"
         if async_alloc:  # no Triton kernels in CUDA graphs (runtime.triton_in_graphs)
             variants = [v for v in variants if v[0] == "plan" or v[2] != "fused"]
         for executor, act, kernels in variants:

@@ -50,7 +50,14 @@ def run_on_engine(model, vision: bool, max_rows: int, activations: str = "float3
     return out, status
 
 
-class BuildTensorRTEngine:
+class _WatchedEngineNode:
+    @classmethod
+    def IS_CHANGED(cls, unique_id=None, **_):
+        # Again when an engine file it used was deleted, damaged or rebuilt elsewhere: ComfyUI would reuse its output.
+        return _WATCH.token(unique_id)
+
+
+class BuildTensorRTEngine(_WatchedEngineNode):
     NODE_ID = "FP8CLIPTensorRTEngine"
     DISPLAY_NAME = "Build TensorRT Engine for FP8 CLIP"
     CATEGORY = "advanced/fp8 clip"
@@ -78,17 +85,12 @@ class BuildTensorRTEngine:
                            "float16 moves less memory but rounds once more. Changing it rebuilds."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    @classmethod
-    def IS_CHANGED(cls, unique_id=None, **_):
-        # Again when an engine file it used was deleted, damaged or rebuilt elsewhere: ComfyUI would reuse its output.
-        return _WATCH.token(unique_id)
-
     def build(self, clip, max_batch_rows, activations="float32", unique_id=None):
         out, status = run_on_engine(clip, False, max_batch_rows, activations, unique_id)
         return {"ui": {"text": [status]}, "result": (out, status)}
 
 
-class BuildTensorRTEngineVision:
+class BuildTensorRTEngineVision(_WatchedEngineNode):
     NODE_ID = "FP8CLIPVisionTensorRTEngine"
     DISPLAY_NAME = "Build TensorRT Engine for FP8 CLIP Vision"
     CATEGORY = "advanced/fp8 clip"
@@ -116,10 +118,6 @@ class BuildTensorRTEngineVision:
                 "tooltip": "Precision between the FP8 matmuls. float32 reproduces the quality report's numbers; "
                            "float16 moves less memory but rounds once more. Changing it rebuilds."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    @classmethod
-    def IS_CHANGED(cls, unique_id=None, **_):
-        return _WATCH.token(unique_id)
 
     def build(self, clip_vision, max_images, activations="float32", unique_id=None):
         out, status = run_on_engine(clip_vision, True, max_images, activations, unique_id)

@@ -178,6 +178,18 @@ def test_engine_that_cannot_be_loaded_falls_back_to_pytorch(comfy, pack, fp8_cli
 
 # --- the node end to end, with onnxruntime executing the engine's graph -------------------------------------
 
+def engine_graph(comfy, max_batch_rows: int) -> dict:
+    """API-format prompt: CLIPLoader -> FP8CLIPQuantize (one prompt) -> FP8CLIPTensorRTEngine, as nodes 1-3."""
+    return {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": comfy.files["clip_l"],
+                                                         "type": "stable_diffusion"}},
+            "2": {"class_type": "FP8CLIPQuantize", "inputs": {
+                "clip": ["1", 0], "calibration_prompts": "a cat", "keep_high_precision": "*text_projection",
+                "method": "max", "quantize": "weights+activations", "min_cosine": 0.9, "runtime": "auto",
+                "fp8_token_embedding": True}},
+            "3": {"class_type": "FP8CLIPTensorRTEngine", "inputs": {"clip": ["2", 0], "max_batch_rows": max_batch_rows,
+                                                                    "activations": "float32"}}}
+
+
 def engine_files(comfy):
     return sorted((comfy.base / "models" / "tensorrt").glob("*.engine"))
 
@@ -219,15 +231,8 @@ def test_comfyui_runs_the_node_again_when_its_engine_file_changes(comfy, pack, e
     real = node.run_on_engine
     monkeypatch.setattr(node, "run_on_engine", lambda *a, **k: runs.append(1) or real(*a, **k))
     shutil.rmtree(comfy.base / "models" / "tensorrt", ignore_errors=True)
-    prompt = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": comfy.files["clip_l"],
-                                                           "type": "stable_diffusion"}},
-              "2": {"class_type": "FP8CLIPQuantize", "inputs": {
-                  "clip": ["1", 0], "calibration_prompts": "a cat", "keep_high_precision": "*text_projection",
-                  "method": "max", "quantize": "weights+activations", "min_cosine": 0.9, "runtime": "auto",
-                  "fp8_token_embedding": True}},
-              "3": {"class_type": "FP8CLIPTensorRTEngine", "inputs": {"clip": ["2", 0], "max_batch_rows": 2,
-                                                                      "activations": "float32"}},
-              "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}}
+    prompt = engine_graph(comfy, max_batch_rows=2)
+    prompt["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}
     ex = new_executor(comfy)
 
     def queue():  # as a browser queues it: a new prompt each time (ComfyUI notes IS_CHANGED in it)
@@ -348,16 +353,9 @@ def test_quantizing_an_engine_clip_again_is_refused(comfy, engine_clip):
 def test_status_reaches_the_ui_through_the_executor(comfy):
     from harness.host import run_graph
 
-    prompt = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": comfy.files["clip_l"],
-                                                           "type": "stable_diffusion"}},
-              "2": {"class_type": "FP8CLIPQuantize", "inputs": {
-                  "clip": ["1", 0], "calibration_prompts": "a cat", "keep_high_precision": "*text_projection",
-                  "method": "max", "quantize": "weights+activations", "min_cosine": 0.9, "runtime": "auto",
-                  "fp8_token_embedding": True}},
-              "3": {"class_type": "FP8CLIPTensorRTEngine", "inputs": {"clip": ["2", 0], "max_batch_rows": 8,
-                                                                      "activations": "float32"}},
-              "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": PROMPT}},
-              "5": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}}
+    prompt = engine_graph(comfy, max_batch_rows=8)
+    prompt["4"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": PROMPT}}
+    prompt["5"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}
     out = run_graph(comfy, prompt)
     assert re.match(r"TensorRT engine not used: .*not a CUDA GPU", out["5"]["text"][0])
 
