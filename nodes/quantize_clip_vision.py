@@ -10,7 +10,7 @@ class QuantizeCLIPVision:
     NODE_ID = "FP8CLIPVisionQuantize"
     DISPLAY_NAME = "Quantize CLIP Vision to FP8 (calibrated)"
     CATEGORY = "advanced/fp8 clip"
-    DESCRIPTION = ("Calibrates a CLIP vision model (IP-Adapter, unCLIP, Redux) on images with NVIDIA Model "
+    DESCRIPTION = ("Calibrates a CLIP vision model (IP-Adapter, unCLIP; not SigLIP) on images with NVIDIA Model "
                    "Optimizer and returns an FP8 E4M3 copy for CLIPVisionEncode and friends, with a report of "
                    "the quality cost. The patch embedding stays in high precision. The input is not changed.")
     RETURN_TYPES = ("CLIP_VISION", "STRING")

@@ -22,7 +22,8 @@ from .recipe import Recipe, fingerprint
 
 PATH = "vision_model"
 DEFAULT_VISION_KEEP = ("*patch_embedding*",)
-SUPPORTED_VISION = "CLIP vision models (ViT-L/14, ViT-L/14-336, ViT-H/14, ViT-bigG/14: IP-Adapter, unCLIP, Redux)"
+SUPPORTED_VISION = ("CLIP vision models (ViT-L/14, ViT-L/14-336, ViT-H/14, ViT-bigG/14: IP-Adapter, unCLIP); "
+                    "not SigLIP encoders such as Flux Redux's")
 SIZES = {(1024, 24): "ViT-L/14", (1280, 32): "ViT-H/14", (1664, 48): "ViT-bigG/14"}
 
 

@@ -68,6 +68,14 @@ def test_report_widget_script_is_served(server):
     assert f"/extensions/{PACK_NAME}/js/fp8clip_report.js" in server.get("/extensions")
 
 
+def test_example_workflows_are_listed_in_the_template_browser(server):
+    names = sorted(p.stem for p in (PACK_DIR / "example_workflows").glob("*.json"))
+    assert sorted(server.get("/workflow_templates").get(PACK_NAME, [])) == names
+    for name in names:  # what the browser fetches when a template is picked
+        served = server.get(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
+        assert served == json.loads((PACK_DIR / "example_workflows" / f"{name}.json").read_text())
+
+
 def example_prompt(server, name: str) -> dict:
     info = server.get("/object_info")
     wf = json.loads((PACK_DIR / "example_workflows" / name).read_text())

@@ -1,4 +1,4 @@
-"""TensorRT engines for the FP8 CLIP vision tower (IP-Adapter / unCLIP / Redux image encoders).
+"""TensorRT engines for the FP8 CLIP vision tower (IP-Adapter / unCLIP image encoders).
 
 Model: ViT-H/14's width, heads and GELU with 4 of its 32 layers (the fixture the vision tests use for speed),
 quantized by the pack's node. What runs here, for real: the export (pixel values in), onnxruntime executing it,

@@ -167,7 +167,7 @@ def engine_clip_vision(clip_vision: Any, max_images: int, support: Support, *, c
                        ) -> tuple[Any, str]:
     """(CLIP_VISION on the engine, status); or (the input, status saying why not) where the engine cannot run.
     `used`: as for engine_clip."""
-    # Optimized for one image (IP-Adapter, unCLIP, Redux encode one reference at a time); batches up to max.
+    # Optimized for one image (IP-Adapter and unCLIP encode one reference at a time); batches up to max.
     profile = Profile(max_rows=max_images, opt_rows=1, min_rows=1)
     header = f"  profile: 1 to {profile.max_rows} images (max_images); FP8 matmuls, {activations} activations"
     return _engine_model(clip_vision, VISION, profile, header, support, cache_root=cache_root,
