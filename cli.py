@@ -78,7 +78,10 @@ def read_lines(path: str | None) -> list[str] | None:
         return None
     from .quant.prompts import parse_prompts
 
-    return parse_prompts(Path(path).read_text(encoding="utf-8"))
+    try:
+        return parse_prompts(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"{path}: cannot read the prompts ({e}); give a UTF-8 text file, one prompt per line.") from None
 
 
 def output_paths(out: Path, towers: list[str]) -> list[Path]:
@@ -96,6 +99,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from .quant.fileformat import read_header
     from .quant.prompts import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS
     from .quant.recipe import DEFAULT_KEEP, Recipe
+    from .quant.serialize import clip_type_enum
+    from .quant.towers import text_family
 
     inputs = [Path(a.input), *([Path(a.input2)] if a.input2 else [])]
     for p in inputs:
@@ -105,14 +110,17 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     out = Path(a.output)
     if out.suffix.lower() != ".safetensors":
         raise CLIError(f"{out}: the output must be a .safetensors file.")
-    ctype = getattr(comfy.sd.CLIPType, a.type.upper(), None)
-    if ctype is None:
-        raise CLIError(f"Unknown --type {a.type!r} for this ComfyUI.")
+    ctype = clip_type_enum(a.type)
+    prompts = read_lines(a.prompts) or list(CALIBRATION_PROMPTS)  # read before the work: a missing file fails now
+    held_out = read_lines(a.eval_prompts) or list(HELD_OUT_PROMPTS)
     t0 = time.perf_counter()
     clip = comfy.sd.load_clip(ckpt_paths=[str(p) for p in inputs],
                               embedding_directory=folder_paths.get_folder_paths("embeddings"), clip_type=ctype)
     print(f"Loaded {', '.join(p.name for p in inputs)} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
-    held_out = read_lines(a.eval_prompts) or list(HELD_OUT_PROMPTS)
+    _, towers = text_family(clip)
+    taken = [p for p in output_paths(out, [t.name for t in towers]) if p.exists()]
+    if taken and not a.overwrite:  # before the minutes of calibration (the save checks again, without a race)
+        raise CLIError(f"{taken[0]} exists; pass --overwrite to replace it.")
     import torch
 
     if a.format == "stock-compatible":
@@ -129,10 +137,6 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
         recipe = Recipe(keep=tuple(a.keep) if a.keep is not None else DEFAULT_KEEP, method=a.method,
                         scope=a.scope, fp8_embedding=not a.no_fp8_embedding)
-        prompts = read_lines(a.prompts) or list(CALIBRATION_PROMPTS)
-        taken = [p for p in output_paths(out, ["x"]) if p.exists() and not a.overwrite]
-        if taken:  # before the minutes of calibration (save_fp8_clip checks again, for every tower file)
-            raise CLIError(f"{taken[0]} exists; pass --overwrite to replace it.")
         with torch.inference_mode():
             qclip, report = quantize_clip(clip, prompts, recipe, held_out=held_out, min_cosine=a.min_cosine,
                                           progress=progress_printer("calibrating + evaluating"))
@@ -151,7 +155,12 @@ def cmd_info(a: argparse.Namespace) -> int:
     entries, meta = ff.read_header(Path(a.file))
     if ff.H_STOCK in meta:
         from .quant.stock_export import quality_text
-        print(quality_text(json.loads(meta[ff.H_STOCK])["quality"]))
+        try:
+            text = quality_text(json.loads(meta[ff.H_STOCK])["quality"])
+        except (ValueError, TypeError, KeyError):
+            raise CLIError(f"{a.file}: its stock-compatible header is damaged (no quality record). Export the "
+                           "model again to get the report.") from None
+        print(text)
         return 0
     ff.check_header(Path(a.file).name, entries, meta, ff.KNOWN_TOWERS)
     for k in (ff.H_FAMILY, ff.H_TOWER, ff.H_FINGERPRINT, ff.H_KEPT, ff.H_RECIPE, ff.H_VERSIONS):
@@ -212,6 +221,6 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_build_engine(a, argv[k + 1:])
         a = ap.parse_args(argv)
         return {"quantize": cmd_quantize, "info": cmd_info}[a.command](a)
-    except (CLIError, FP8ClipError) as e:
+    except (CLIError, FP8ClipError, OSError) as e:  # OSError: a file or folder given cannot be read or written
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .ui import progress_bar
 
 FORMATS = ("fp8 + scales (Load FP8 CLIP)", "stock-compatible (weights-only FP8)")
-CLIP_TYPES = ("auto", "stable_diffusion", "sdxl", "sd3", "flux", "stable_cascade", "hidream")
+CLIP_TYPES = ("auto", "stable_diffusion", "sdxl", "sd3", "flux", "stable_cascade")
 FOLDER = "text_encoders"  # models/text_encoders (ComfyUI also lists models/clip under this name)
 
 

@@ -142,6 +142,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]
     if path.suffix.lower() not in (".safetensors", ".sft"):
         raise FP8ClipError(f"{name} is not a .safetensors file. Only safetensors files are read (pickle-based "
                            ".ckpt/.pt/.bin files can run code when loaded).")
+    if not path.is_file():
+        raise FP8ClipError(f"{path}: {'is a folder, not a file' if path.is_dir() else 'no such file'}.")
     size = path.stat().st_size
     broken = (f"{name} is not a readable safetensors file ({{}}). It is truncated or corrupt: download or save "
               "it again.")
@@ -257,6 +259,9 @@ def unpack_tensors(name: str, tensors: dict[str, torch.Tensor], meta: Mapping[st
             raise FP8ClipError(f"{name}: the header lists {key} but the file does not hold it; the file is "
                                "incomplete. Save it again.")
         shape = [int(s) for s in spec["shape"]]
+        if len(shape) != 2 or min(shape) < 1:  # FP8 weights are matrices (Linear) or tables (embedding)
+            raise FP8ClipError(f"{name}: the header gives {key} the shape {shape}, which no weight has; the header "
+                               "is damaged or was edited. Save the model again.")
         if t.dtype != FP8 or t.numel() != math.prod(shape):
             raise FP8ClipError(f"{name}: {key} should be float8_e4m3fn with {math.prod(shape)} values, found "
                                f"{t.dtype} with {t.numel()}; the file is damaged. Save it again.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import time
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -46,10 +47,32 @@ def resolve_in_folder(folder: str | os.PathLike, name: str, extension: str = EXT
 def write_atomic(path: Path, write: Callable[[str], None], overwrite: bool) -> Path:
     """`write(tmp_path)` then move the finished file into place: readers never see a partial file, and an
     existing file is replaced only when `overwrite` is set (checked again at the final step, without a race)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not overwrite:
-        raise FP8ClipError(f"{path.name} already exists in {path.parent}. Choose another file name, or set "
-                           "'overwrite' to replace it.")
+    return write_set([(path, write)], overwrite)[0]
+
+
+def write_set(files: list[tuple[Path, Callable[[str], None]]], overwrite: bool) -> list[Path]:
+    """The files of one model (a tower each), all or none: each is written to a temp file first, and only when
+    all are written are they moved into place. A failure then puts back the files they replaced (`overwrite`)
+    and removes the ones they created, so a set is never half one model and half another."""
+    for path, _ in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
+        if path.exists() and not overwrite:
+            raise FP8ClipError(f"{path.name} already exists in {path.parent}. Choose another file name, or set "
+                               "'overwrite' to replace it.")
+    temps: list[str] = []
+    try:
+        for path, write in files:
+            temps.append(_write_temp(path, write))
+        _move_all([(tmp, path) for tmp, (path, _) in zip(temps, files)], overwrite)
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return [path for path, _ in files]
+
+
+def _write_temp(path: Path, write: Callable[[str], None]) -> str:
     fd, tmp = create_temp(path.parent, "." + path.name + ".")
     os.close(fd)
     try:
@@ -61,38 +84,93 @@ def write_atomic(path: Path, write: Callable[[str], None], overwrite: bool) -> P
             os.fsync(fd)
         finally:
             os.close(fd)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if the name was taken meanwhile, unlike os.replace
-            except FileExistsError:
-                raise FP8ClipError(f"{path.name} was created by someone else while saving; nothing was "
-                                   "overwritten. Choose another file name.") from None
-            except OSError:  # file systems without hard links
-                if path.exists():
-                    raise FP8ClipError(f"{path.name} already exists; nothing was overwritten.") from None
-                os.replace(tmp, path)
-    finally:
+    except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
-
-
-def write_set(files: list[tuple[Path, Callable[[str], None]]], overwrite: bool) -> list[Path]:
-    """`write_atomic` for the files of one model (a tower each): without `overwrite`, a failure part-way removes
-    the files this call wrote, so a retry does not find half a set in its way (a replaced file cannot be given
-    back, so with `overwrite` the written ones stay)."""
-    written: list[Path] = []
-    try:
-        for path, write in files:
-            written.append(write_atomic(path, write, overwrite))
-    except BaseException:
-        if not overwrite:
-            for p in written:
-                p.unlink(missing_ok=True)
         raise
-    return written
+    return tmp
+
+
+def _move_all(moves: list[tuple[str, Path]], overwrite: bool) -> None:
+    placed: list[tuple[Path, str | None]] = []  # (path, where its previous file waits, if it had one)
+    try:
+        for tmp, path in moves:
+            backup = _set_aside(path) if overwrite and path.exists() else None
+            try:
+                _move(tmp, path, overwrite)
+            except BaseException:
+                if backup is not None:
+                    _restore(backup, path)
+                raise
+            placed.append((path, backup))
+    except BaseException:
+        for path, backup in reversed(placed):
+            if backup is not None:
+                _restore(backup, path)
+            elif path.exists():
+                path.unlink()
+        raise
+    for _, backup in placed:
+        if backup is not None and os.path.exists(backup):
+            os.unlink(backup)
+
+
+def _set_aside(path: Path) -> str:
+    """Keep the file at `path` under a hidden name until the new one is in place (a hard link: `path` stays
+    readable meanwhile; a rename where the file system has no hard links)."""
+    backup = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(8)}.old")
+    try:
+        os.link(path, backup)
+    except OSError:
+        os.replace(path, backup)
+    return backup
+
+
+def _restore(backup: str, path: Path) -> None:
+    try:
+        same = os.path.samefile(backup, path)  # the move never happened: `path` is still the old file
+    except OSError:
+        same = False
+    if same:
+        os.unlink(backup)  # (renaming a hard link onto its twin would leave both names)
+    else:
+        os.replace(backup, path)
+
+
+def _move(tmp: str, path: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if the name was taken meanwhile, unlike os.replace
+    except FileExistsError:
+        raise FP8ClipError(f"{path.name} was created by someone else while saving; nothing was "
+                           "overwritten. Choose another file name.") from None
+    except OSError:  # file systems without hard links
+        if path.exists():
+            raise FP8ClipError(f"{path.name} already exists; nothing was overwritten.") from None
+        os.replace(tmp, path)
+
+
+STALE_SECONDS = 3600.0
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files of `path` left by a save that was killed (power cut, kill -9): nothing else removes them, and
+    each is the size of a model. Only ones untouched for an hour: a save in progress writes to its own."""
+    now = time.time()
+    pattern = re.compile(re.escape("." + path.name + ".") + r"[0-9a-f]{16}\.(tmp|old)$")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for e in entries:
+        if pattern.match(e.name):
+            try:
+                if now - e.stat(follow_symlinks=False).st_mtime > STALE_SECONDS:
+                    os.unlink(e.path)
+            except OSError:
+                pass
 
 
 def create_temp(directory: str | os.PathLike, prefix: str) -> tuple[int, str]:

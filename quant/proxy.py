@@ -172,20 +172,26 @@ def _comfy_unloads(proxy: TowerProxy) -> bool:
     return any(not getattr(patcher, "is_dynamic", lambda: False)() for patcher in holders(proxy))
 
 
+def refuse_later_weight_patches(patcher: Any, path: str) -> None:
+    """A LoRA (or merge) added after quantization targets weights that now live in FP8 outside the model
+    ComfyUI patches: encoding would silently skip it, and so would saving or building an engine. Fail with
+    the fix instead."""
+    late = [k for k in getattr(patcher, "patches", {}) if k.startswith(path + ".")]
+    if late:
+        raise WeightPatchAfterQuantization(
+            f"{len(late)} weight patches (a LoRA or model merge) were applied to the quantized model, e.g. "
+            f"{late[0]}. They cannot be applied to FP8 weights after calibration. Apply LoRAs to the CLIP "
+            "before the Quantize node: they are baked into the FP8 weights there.")
+
+
 class RefuseLaterWeightPatches:
-    """ON_LOAD callback: a LoRA added after quantization targets weights that now live in FP8 outside the
-    model ComfyUI patches, so ComfyUI would silently skip it. Fail with the fix instead."""
+    """ON_LOAD callback: `refuse_later_weight_patches` each time ComfyUI loads the quantized clone."""
 
     def __init__(self, path: str):
-        self.prefix = path + "."
+        self.path = path
 
     def __call__(self, patcher: Any, *args: Any, **kwargs: Any) -> None:
-        late = [k for k in patcher.patches if k.startswith(self.prefix)]
-        if late:
-            raise WeightPatchAfterQuantization(
-                f"{len(late)} weight patches (a LoRA or model merge) were applied to the quantized CLIP, e.g. "
-                f"{late[0]}. They cannot be applied to FP8 weights after calibration. Apply LoRAs to the CLIP "
-                "before the Quantize node: they are baked into the FP8 weights there.")
+        refuse_later_weight_patches(patcher, self.path)
 
 
 _HOST = "_fp8clip_host_copy"

@@ -11,11 +11,12 @@ The high-precision copy stays in the base model on the offload device, as it doe
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -24,6 +25,7 @@ from .errors import FP8ClipError
 from .fp8_text_model import FP8TextModel
 from .modelopt_bridge import LayerScales
 from .patching import clone_with, weight_bytes
+from .proxy import refuse_later_weight_patches
 from .recipe import Recipe
 
 PACK_DIR = Path(__file__).resolve().parent.parent
@@ -93,6 +95,17 @@ def summary_text(report: dict[str, Any]) -> str:
 
 # --- saving ------------------------------------------------------------------------------------------------
 
+def set_id(records: Iterable[artifact.QuantizedTower]) -> str:
+    """Names the towers of one quantized model: a digest of their calibrated scales, which differ between any
+    two models (or calibrations) and are the same when the same model is saved again."""
+    h = hashlib.sha256()
+    for rec in sorted(records, key=lambda r: r.tower):
+        h.update(rec.tower.encode())
+        for name, s in sorted(rec.scales.items()):
+            h.update(f"{name}:{s.weight_scale!r}:{s.input_scale!r}:{s.input_scale_inv!r}".encode())
+    return h.hexdigest()[:16]
+
+
 def fp8_towers(clip: Any) -> dict[str, tuple[FP8TextModel, artifact.QuantizedTower]]:
     """tower name -> (FP8 module, record) for every text tower of `clip` quantized by this pack."""
     found = artifact.quantized_towers(clip) if hasattr(clip, "patcher") else {}
@@ -100,11 +113,16 @@ def fp8_towers(clip: Any) -> dict[str, tuple[FP8TextModel, artifact.QuantizedTow
         raise FP8ClipError("This CLIP is not quantized by this pack. Connect the output of 'Quantize CLIP to FP8' "
                            "(or 'Load FP8 CLIP') to save it.")
     out = {}
-    for _, (module, rec) in sorted(found.items()):
+    for path, (module, rec) in sorted(found.items()):
         if rec.tower not in ff.TEXT_TOWERS:
             raise FP8ClipError(f"This model holds a {rec.tower!r} tower, not a CLIP text encoder: save a CLIP "
                                "vision model with 'Save FP8 CLIP Vision'.")
-        if not isinstance(module, FP8TextModel):  # fake-quant runtime: the same conversion as the fp8 runtime
+        refuse_later_weight_patches(clip.patcher, path)  # the file would hold the FP8 weights without them
+        if not isinstance(module, FP8TextModel):
+            if not hasattr(module, "text_model"):  # not the Q->DQ tower either: the engine node's wrapper
+                raise FP8ClipError("This CLIP runs on a TensorRT engine, which cannot be saved as a model. Save the "
+                                   "CLIP that goes into 'Build TensorRT Engine' (the same FP8 model; the engine is "
+                                   "found again in the engine cache).")
             module = FP8TextModel.from_quantized(module, rec.scales, fp8_embedding=rec.recipe.fp8_embedding)
         out[rec.tower] = (module, rec)
     return out
@@ -141,6 +159,13 @@ def save_fp8_clip(clip: Any, folder: str | os.PathLike, name: str, overwrite: bo
         raise FP8ClipError(f"{', '.join(taken)} already exists in {paths[0].parent}. Choose another file name, or "
                            "set 'overwrite' to replace it.")
     bundle = bundle_info(clip, list(towers))
+    n_files = len(towers) + len(bundle["others"])
+    if n_files > 3:  # 'Load FP8 CLIP' has three file slots, as TripleCLIPLoader
+        raise FP8ClipError(f"This CLIP is made of {n_files} files ({', '.join([*towers, *bundle['others']])}); "
+                           "'Load FP8 CLIP' loads at most 3, so the saved model could not be loaded again. Keep "
+                           "the quantize node in the workflow instead of saving.")
+    if len(towers) > 1:  # the towers of one save carry one id: files of two saves are never loaded as a pair
+        bundle["set"] = set_id(rec for _, rec in towers.values())
     payloads = [tower_payload(module, rec, bundle) for module, rec in towers.values()]  # fail before writing
     return write_set([(path, lambda tmp, t=tensors, h=header: save_file(t, tmp, metadata=h))
                       for path, (tensors, header) in zip(paths, payloads)], overwrite)
@@ -183,6 +208,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def clip_type_enum(name: str) -> Any:
+    """ComfyUI's CLIPType for a type name as Load CLIP / DualCLIPLoader offer it. 'sdxl' has no member of its
+    own: DualCLIPLoader builds SDXL's pair as STABLE_DIFFUSION (the two towers make it SDXL), and so does this."""
+    import comfy.sd
+
+    enum = getattr(comfy.sd.CLIPType, name.upper(), None)
+    if enum is None and name == "sdxl":
+        enum = comfy.sd.CLIPType.STABLE_DIFFUSION
+    if enum is None:
+        known = ", ".join(["sdxl", *(m.name.lower() for m in comfy.sd.CLIPType)])
+        raise FP8ClipError(f"Unknown CLIP type {name!r} for this ComfyUI. Use one of: {known}.")
+    return enum
+
+
 def resolve_clip_type(requested: str, files: Sequence[ff.TowerFile]) -> str:
     if requested != "auto":
         return requested
@@ -194,6 +233,11 @@ def check_bundle(files: Sequence[ff.TowerFile], n_stock: int) -> None:
     """Name the missing files when one tower of a bundle (SDXL, Flux, SD3) is loaded without the others: ComfyUI
     would otherwise build a different CLIP type from the towers it got (a lone CLIP-L becomes SD1.5)."""
     have = {f.tower for f in files}
+    ids = {f.bundle.get("set") for f in files if f.bundle.get("set")}
+    if len(ids) > 1:  # e.g. one tower of a set overwritten by another model's save
+        raise FP8ClipError(f"The selected {' and '.join(f.tower for f in files)} files come from different saves "
+                           "(each 'Save FP8 CLIP' writes the towers of one model together). Select the files "
+                           "saved together.")
     for f in files:
         wanted = [t for t in f.bundle.get("towers", []) if t not in have]
         others = f.bundle.get("others", [])
@@ -249,11 +293,9 @@ def load_fp8_clip(paths: Sequence[str | os.PathLike], clip_type: str = "auto", r
                            f"({', '.join(f.tower for f in files)}); select the files of different towers.")
     check_bundle(files, n_stock)
     ctype = resolve_clip_type(clip_type, files)
-    enum = getattr(comfy.sd.CLIPType, ctype.upper(), None)
-    if enum is None:
-        raise FP8ClipError(f"Unknown CLIP type {ctype!r} for this ComfyUI.")
     clip = comfy.sd.load_text_encoder_state_dicts(state_dicts, embedding_directory=embedding_directory,
-                                                  clip_type=enum, model_options=dict(model_options or {}))
+                                                  clip_type=clip_type_enum(ctype),
+                                                  model_options=dict(model_options or {}))
     device = torch.device(clip.patcher.load_device)
     swaps, size = {}, clip.patcher.model_size()
     for tf in files:

@@ -5,10 +5,15 @@ is built at a reduced size (a full one is 4.7B parameters) inside ComfyUI's real
 """
 from __future__ import annotations
 
+import gc
+import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from conftest import call, cosine, encode, pack_module
 from test_quantize_clip import quantize
@@ -43,6 +48,38 @@ def test_sdxl_both_towers_quantized_with_shapes_and_report(comfy, sdxl):
     long = ", ".join(f"detail {i}" for i in range(60))
     lq, lr = encode(comfy, q, long)[0], encode(comfy, clip, long)[0]
     assert lq.shape == lr.shape and lq.shape[1] >= 3 * 77 and lq.shape[1] % 77 == 0
+
+
+def test_sdxl_saved_and_loaded_again_encodes_bit_identically(comfy, sdxl):
+    """Save FP8 CLIP writes a file per tower; Load FP8 CLIP rebuilds the pair with type auto (as saved) or sdxl
+    (ComfyUI has no SDXL CLIP type: DualCLIPLoader builds the pair as stable_diffusion, and so must this)."""
+    from test_save_load import rewrite
+
+    _, q, _ = sdxl
+    folder = Path(comfy.folder_paths.get_folder_paths("text_encoders")[0]) / "fp8sdxl"
+    try:
+        (info,) = call(comfy, "FP8CLIPSave", clip=q, filename="fp8sdxl/pair", format="fp8 + scales (Load FP8 CLIP)",
+                       overwrite=False)
+        assert sorted(p.name for p in folder.iterdir()) == ["pair_clip_g.safetensors", "pair_clip_l.safetensors"]
+        names = dict(clip_name="fp8sdxl/pair_clip_l.safetensors", clip_name2="fp8sdxl/pair_clip_g.safetensors")
+        for ctype in ("auto", "sdxl"):
+            loaded, _ = call(comfy, "FP8CLIPLoad", type=ctype, runtime="auto", **names)
+            for prompt in (PROMPT, "a (red:1.4) fox in the snow"):
+                (a, ap), (b, bp) = encode(comfy, q, prompt), encode(comfy, loaded, prompt)
+                assert torch.equal(a, b) and torch.equal(ap, bp), (ctype, prompt)
+            del loaded  # an SDXL CLIP is GBs: one at a time
+            gc.collect()
+        # clip_g of another save beside this clip_l (a set half overwritten): refused, not loaded as a pair
+        g = folder / "pair_clip_g.safetensors"
+        with safe_open(str(g), "pt") as f:
+            bundle = json.loads(f.metadata()["fp8clip.bundle"])
+        rewrite(g, folder / "other_clip_g.safetensors",
+                meta_update={"fp8clip.bundle": json.dumps({**bundle, "set": "0" * 16})})
+        with pytest.raises(ValueError, match="come from different saves"):
+            call(comfy, "FP8CLIPLoad", type="auto", runtime="auto", clip_name="fp8sdxl/pair_clip_l.safetensors",
+                 clip_name2="fp8sdxl/other_clip_g.safetensors")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_sdxl_default_clip_skip_is_preserved(comfy, sdxl):

@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -225,6 +226,16 @@ def test_saving_the_fake_quant_preview_writes_the_same_file(comfy, quantized, sa
                else torch.equal(a[k], b[k]) for k in a)
 
 
+def test_saving_a_clip_with_a_lora_added_after_quantizing_is_refused(comfy, qclip, te_dir):
+    """The file would hold the FP8 weights without the LoRA: refused, as encoding that CLIP is."""
+    _, lq = call(comfy, "LoraLoader", model=None, clip=qclip, lora_name=comfy.files["lora"], strength_model=0.0,
+                 strength_clip=1.0)
+    with pytest.raises(Exception, match="Apply LoRAs to the CLIP before the Quantize node"):
+        call(comfy, "FP8CLIPSave", clip=lq, filename="fp8test/with_lora", format="fp8 + scales (Load FP8 CLIP)",
+             overwrite=False)
+    assert not (te_dir / "fp8test" / "with_lora.safetensors").exists()
+
+
 def test_saving_an_unquantized_clip_in_fp8_format_is_refused(comfy, clip):
     with pytest.raises(ValueError, match="not quantized by this pack.*'Quantize CLIP to FP8'"):
         call(comfy, "FP8CLIPSave", clip=clip, filename="fp8test/x", format="fp8 + scales (Load FP8 CLIP)",
@@ -314,6 +325,16 @@ def test_edited_input_scale_inv_is_refused(comfy, saved, bad, factor):
 def test_damaged_header_entries_name_the_file_and_the_fix(comfy, saved, bad, edit, expected):
     msg = bad("edited-header.safetensors", lambda p: rewrite(saved, p, meta_update=edit))
     assert expected in msg and "edited-header.safetensors" in msg, msg
+
+
+def test_an_edited_weight_shape_in_the_header_is_refused(comfy, saved, bad):
+    with safe_open(str(saved), "pt") as f:
+        layout = json.loads(f.metadata()["fp8clip.layout"])
+    key = "text_model.encoder.layers.0.mlp.fc1.weight"
+    rows, cols = layout[key]["shape"]
+    layout[key]["shape"] = [-rows, -cols]  # same number of values: passes the size check
+    msg = bad("edited-shape.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.layout": json.dumps(layout)}))
+    assert f"gives {key} the shape [-{rows}, -{cols}]" in msg and "edited-shape.safetensors" in msg, msg
 
 
 def test_a_symlinked_file_comfyui_lists_loads(comfy, qclip, saved, te_dir, scratch, tmp_path):
@@ -411,6 +432,14 @@ def test_command_line_bad_input(comfy, tmp_path):
     assert r.returncode == 2 and "is not a CLIP text encoder" in r.stderr
     r = cli(comfy, "--comfyui", tmp_path, "quantize", pickle, tmp_path / "out.safetensors")
     assert r.returncode == 2 and "is not a ComfyUI folder" in r.stderr
+    r = cli(comfy, "info", tmp_path / "missing.safetensors")
+    assert r.returncode == 2 and "missing.safetensors: no such file" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "folder.safetensors").mkdir()
+    r = cli(comfy, "info", tmp_path / "folder.safetensors")
+    assert r.returncode == 2 and "is a folder" in r.stderr and "Traceback" not in r.stderr
+    src = comfy.base / "models" / "text_encoders" / comfy.files["clip_l"]
+    r = cli(comfy, "quantize", src, tmp_path / "out.safetensors", "--prompts", tmp_path / "no-prompts.txt")
+    assert r.returncode == 2 and "cannot read the prompts" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_command_line_build_engine_builds_once_into_the_cache(comfy, saved, tmp_path):
@@ -446,3 +475,52 @@ def test_a_multi_tower_save_that_fails_part_way_leaves_no_half_set(pack, tmp_pat
     assert list(tmp_path.iterdir()) == []
     written = paths.write_set([(f, lambda tmp, f=f: Path(tmp).write_bytes(f.name.encode())) for f in files], False)
     assert written == files and [f.read_bytes() for f in files] == [f.name.encode() for f in files]
+
+
+def test_overwriting_a_multi_tower_set_that_fails_part_way_keeps_the_old_set(pack, tmp_path, monkeypatch):
+    """Overwriting SDXL's pair with another model's: a full disk at the second file, or a failed move into
+    place, must leave the old pair whole, never a new clip_l beside the old clip_g."""
+    paths = pack_module(pack, "quant.paths")
+    files = [tmp_path / "sdxl_clip_l.safetensors", tmp_path / "sdxl_clip_g.safetensors"]
+    for f in files:
+        f.write_bytes(b"old " + f.name.encode())
+
+    def full_disk(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        paths.write_set([(files[0], lambda tmp: Path(tmp).write_bytes(b"new l")), (files[1], full_disk)], True)
+    assert [f.read_bytes() for f in files] == [b"old " + f.name.encode() for f in files]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in files)
+
+    real_replace, moves = os.replace, []
+
+    def replace(src, dst):  # the second file's move into place fails
+        if str(dst) == str(files[1]) and str(src).endswith(".tmp"):
+            raise OSError(errno.EIO, "Input/output error")
+        moves.append(dst)
+        return real_replace(src, dst)
+    monkeypatch.setattr(paths.os, "replace", replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        paths.write_set([(f, lambda tmp, f=f: Path(tmp).write_bytes(b"new " + f.name.encode())) for f in files],
+                        True)
+    assert moves  # the first file was moved into place, then put back
+    assert [f.read_bytes() for f in files] == [b"old " + f.name.encode() for f in files]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in files)
+    monkeypatch.setattr(paths.os, "replace", real_replace)
+    paths.write_set([(f, lambda tmp, f=f: Path(tmp).write_bytes(b"new " + f.name.encode())) for f in files], True)
+    assert [f.read_bytes() for f in files] == [b"new " + f.name.encode() for f in files]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in files)
+
+
+def test_temp_files_of_a_killed_save_are_removed_by_the_next_save(pack, tmp_path):
+    paths = pack_module(pack, "quant.paths")
+    target = tmp_path / "clip_l_fp8.safetensors"
+    stale, fresh = (tmp_path / f".clip_l_fp8.safetensors.{h * 16}.tmp" for h in "ab")
+    stale.write_bytes(b"half a model")
+    fresh.write_bytes(b"another save, still writing")
+    os.utime(stale, (time.time() - 2 * 3600,) * 2)
+    other = tmp_path / ".unrelated.tmp"
+    other.write_bytes(b"not ours")
+    paths.write_set([(target, lambda tmp: Path(tmp).write_bytes(b"model"))], False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, fresh.name, other.name])

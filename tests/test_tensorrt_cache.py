@@ -311,3 +311,33 @@ def test_an_engine_rebuilt_by_another_process_is_read_from_the_cache(pack, real_
     engine.path.write_bytes(b"\0" * len(other))
     with pytest.raises(cache_mod.EngineCacheError, match="changed after it was checked.*Queue the prompt again"):
         engine.read()
+
+
+def test_an_engine_file_deleted_after_the_check_says_how_to_recover(pack, real_build, tmp_path, monkeypatch):
+    """Deleted by a user or by another process's rebuild, between the node's run and an encode that reads it
+    again: a cache error naming the fix (which the nodes report), not a bare FileNotFoundError."""
+    pipeline, cache_mod = tr(pack, "pipeline"), tr(pack, "cache")
+    _, rtx, module, record = real_build
+    monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: real_build[0])
+    engine = pipeline.prepare_engine(module, record, profile=tr(pack, "build").Profile(max_rows=8), support=rtx,
+                                     cache=cache_mod.EngineCache(tmp_path))
+    engine.path.unlink()
+    with pytest.raises(cache_mod.EngineCacheError, match="cannot be read now.*Queue the prompt again"):
+        engine.read()
+
+
+def test_a_standard_tensorrt_older_than_10_2_is_passed_over_with_the_reason(pack, monkeypatch):
+    """TensorRT 8.x imports fine but cannot build strongly typed FP8 networks: use TensorRT for RTX where it is
+    installed, else say what to upgrade, instead of failing in the builder."""
+    import sys
+    import types
+
+    flavour = tr(pack, "flavour")
+    old = types.ModuleType("tensorrt")
+    old.Builder, old.__version__ = object, "8.6.1"
+    monkeypatch.setitem(sys.modules, "tensorrt", old)
+    found, _ = flavour.find_tensorrt()
+    assert found is not None and found.name == flavour.RTX  # installed here
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx_bindings", None)  # as if not installed
+    found, why = flavour.find_tensorrt()
+    assert found is None and "tensorrt 8.6.1 is older than 10.2" in why and "pip install -U tensorrt" in why

@@ -299,6 +299,21 @@ def test_lora_after_the_engine_node_is_refused_not_ignored(comfy, engine_clip):
         encode(comfy, lq, PROMPT)
 
 
+def test_saving_the_engine_clip_names_the_clip_to_save(comfy, engine_clip):
+    with pytest.raises(ValueError, match="runs on a TensorRT engine, which cannot be saved.*goes into 'Build TensorRT"):
+        call(comfy, "FP8CLIPSave", clip=engine_clip, filename="fp8test/engine_clip",
+             format="fp8 + scales (Load FP8 CLIP)", overwrite=False)
+
+
+def test_lora_between_the_quantize_and_engine_nodes_is_refused_not_built_without(comfy, fp8_clip, engine_node):
+    _, lq = call(comfy, "LoraLoader", model=None, clip=fp8_clip[1], lora_name=comfy.files["lora"],
+                 strength_model=0.0, strength_clip=1.0)
+    builds = len(engine_node)
+    with pytest.raises(Exception, match="Apply LoRAs to the CLIP before the Quantize node"):
+        call(comfy, "FP8CLIPTensorRTEngine", clip=lq, max_batch_rows=8)
+    assert len(engine_node) == builds  # nothing built from the weights without the LoRA
+
+
 def test_engine_clip_clip_skip_weights_long_prompts_and_embeddings(comfy, fp8_clip, engine_clip):
     q = fp8_clip[1]
     (q_skip,) = call(comfy, "CLIPSetLastLayer", clip=q, stop_at_clip_layer=-2)

@@ -236,6 +236,9 @@ def test_engine_clip_vision_encodes_like_the_pytorch_fp8_one(comfy, pack, vit_h4
             min_cosine=0.9, images=images(1, seed=2))
     with pytest.raises(ValueError, match="already runs on a TensorRT engine"):
         call(comfy, "FP8CLIPVisionTensorRTEngine", clip_vision=out, max_images=4)
+    # nor saved as a model: the message names what to save
+    with pytest.raises(ValueError, match="runs on a TensorRT engine, which cannot be saved.*goes into 'Build"):
+        call(comfy, "FP8CLIPVisionSave", clip_vision=out, filename="fp8test/engine_cv", overwrite=False)
 
 
 def test_engine_that_cannot_be_loaded_falls_back_to_pytorch(comfy, pack, fp8_cv, rtx, monkeypatch):

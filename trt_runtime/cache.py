@@ -66,9 +66,15 @@ class CachedEngine:
 
     def read(self) -> bytes:
         """The engine bytes, checked against the manifest again (the file may have changed since)."""
-        data = self.path.read_bytes()
-        if len(data) != self.manifest["engine_bytes"] or hashlib.sha256(data).hexdigest() != self.manifest["sha256"]:
-            raise EngineCacheError(f"The engine file {self.path} changed after it was checked, and the cache holds no "
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:  # deleted (a user, another process's rebuild) or unreadable: as for a changed file
+            data, what = None, f"cannot be read now ({e.strerror or e})"
+        else:
+            what = "changed after it was checked"
+        if data is None or len(data) != self.manifest["engine_bytes"] \
+                or hashlib.sha256(data).hexdigest() != self.manifest["sha256"]:
+            raise EngineCacheError(f"The engine file {self.path} {what}, and the cache holds no "
                                    "intact engine for it now. Queue the prompt again: the 'Build TensorRT Engine' "
                                    "node runs again when its engine file has changed, and rebuilds it (with the "
                                    "Quantize node's 'tensorrt' runtime, change one of that node's inputs or restart "

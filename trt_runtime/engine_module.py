@@ -115,7 +115,8 @@ class EngineTextModel(EngineTower):
                 f"This prompt needs {rows} rows of 77 tokens (long prompts take one row per 77 tokens, weighted "
                 f"prompts one more, batched prompts one each), but the TensorRT engine was built for at most "
                 f"{self.max_rows}. Raise max_batch_rows on the 'Build TensorRT Engine for FP8 CLIP' node to at "
-                f"least {rows} (the engine is rebuilt once), or shorten the prompt.")
+                f"least {rows} (the engine is rebuilt once; the Quantize node's 'tensorrt' runtime always builds "
+                "for 8: use the Build node for more), or shorten the prompt.")
         last, hidden = self.runner(embeds.float())
         last, hidden = last.to(embeds.device), hidden.to(embeds.device)
 
@@ -150,7 +151,8 @@ class EngineVisionModel(EngineTower):
             raise EngineProfileError(
                 f"This batch has {rows} images, but the TensorRT engine was built for at most {self.max_rows}. "
                 f"Raise max_images on the 'Build TensorRT Engine for FP8 CLIP Vision' node to at least {rows} "
-                "(the engine is rebuilt once), or encode fewer images at a time.")
+                "(the engine is rebuilt once; the Quantize node's 'tensorrt' runtime always builds for 4: use the "
+                "Build node for more), or encode fewer images at a time.")
         if tuple(pixel_values.shape[1:]) != self.pixels:
             raise FP8ClipError(f"The TensorRT engine takes images of {list(self.pixels)} (channels, height, width), "
                                f"got {list(pixel_values.shape[1:])}. Encode through CLIPVisionEncode, which resizes "

@@ -28,6 +28,17 @@ class Flavour:
         return f"{'TensorRT' if self.name == STANDARD else 'TensorRT for RTX'} {self.version}"
 
 
+MIN_STANDARD = (10, 2)  # FP8 Q/DQ in strongly typed networks; older builders lack the flags build.py sets
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for p in version.split(".")[:2]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def _try(module_name: str) -> tuple[Any | None, str]:
     try:
         mod = importlib.import_module(module_name)
@@ -35,6 +46,10 @@ def _try(module_name: str) -> tuple[Any | None, str]:
         return None, f"{module_name}: {type(e).__name__}: {e}"
     if not hasattr(mod, "Builder"):
         return None, f"{module_name}: imported but has no Builder (a stub package?)"
+    version = str(getattr(mod, "__version__", "unknown"))
+    if module_name == "tensorrt" and version != "unknown" and _version_tuple(version) < MIN_STANDARD:
+        return None, (f"tensorrt {version} is older than 10.2, which FP8 engines need: `pip install -U tensorrt`"
+                      " (or remove it, and TensorRT for RTX is used where installed)")
     return mod, ""
 
 

@@ -16,6 +16,7 @@ import torch
 from ..quant import artifact
 from ..quant.errors import FP8ClipError
 from ..quant.patching import clone_with, weight_bytes
+from ..quant.proxy import refuse_later_weight_patches
 from .availability import Support
 from .bindings import EngineMismatchError, plan_from_dicts
 from .build import BuildResult, EngineBuildError, Profile, build_engine
@@ -208,6 +209,8 @@ def _engine_model(model: Any, target: Target, profile: Profile, header: str, sup
     if any(isinstance(m, EngineTower) for m, _ in towers.values()):
         raise FP8ClipError(f"This {target.noun} already runs on a TensorRT engine. Connect the output of "
                            f"{target.source_node} instead.")
+    for path in towers:  # the engine would be built from the FP8 weights without them
+        refuse_later_weight_patches(model.patcher, path)
     fallback = f"The {target.noun} keeps running in PyTorch (same FP8 numerics, no engine)."
     if not support.ok:
         return model, f"TensorRT engine not used: {support.reason}\n{fallback}"
