@@ -128,7 +128,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
         with torch.inference_mode():
             paths, quality = export_stock_compatible(clip, out.parent, out.name, a.overwrite, held_out=held_out,
-                                                     keep=tuple(a.keep or DEFAULT_KEEP),
+                                                     keep=tuple(a.keep) if a.keep is not None else DEFAULT_KEEP,
                                                      progress=progress_printer("measuring"))
         print(quality_text(quality))
     else:

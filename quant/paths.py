@@ -27,12 +27,26 @@ def check_name(name: str) -> str:
     return "/".join(parts)
 
 
+def check_portable(name: str, rel: str) -> None:
+    """Names of new files must be valid on every system (models folders are shared and copied between them):
+    on Windows, 'clip:l' would write an alternate data stream and 'CON' a device."""
+    for p in rel.split("/"):
+        if re.search(r'[<>:"|?*\x00-\x1f]', p) or p.rstrip(" .") != p or p.split(".")[0].upper() in WINDOWS_RESERVED:
+            raise FP8ClipError(f"File name {name!r} cannot be stored on Windows (it has one of <>:\"|?*, a part "
+                               "ending in '.' or ' ', or a reserved name such as CON or NUL). Use letters, digits, "
+                               "'-', '_' and '/' for sub-folders.")
+
+
+WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+
+
 def resolve_in_folder(folder: str | os.PathLike, name: str, extension: str = EXTENSION) -> Path:
     """Where to write `name` (may contain sub-folders) in `folder`; anything that could escape it is refused,
     a symlinked sub-folder pointing elsewhere included. (Reading follows the links ComfyUI lists.)"""
     rel = check_name(name)
     if not rel.lower().endswith(extension):
         rel += extension
+    check_portable(name, rel)
     base = Path(folder).resolve()
     path = (base / rel).resolve()
     try:

@@ -251,6 +251,15 @@ def test_file_names_that_escape_the_models_folder_are_refused(comfy, qclip, te_d
     assert not Path("/tmp/fp8clip-escaped.safetensors").exists()
 
 
+@pytest.mark.parametrize("name", ["fp8test/clip:l", "fp8test/CON", "fp8test/nul.x", "fp8test/a?b", "fp8test./x",
+                                  "fp8test /x"])
+def test_file_names_windows_cannot_store_are_refused(comfy, qclip, te_dir, name):
+    before = sorted(te_dir.rglob("*"))
+    with pytest.raises(ValueError, match="cannot be stored on Windows"):
+        call(comfy, "FP8CLIPSave", clip=qclip, filename=name, format="fp8 + scales (Load FP8 CLIP)", overwrite=True)
+    assert sorted(te_dir.rglob("*")) == before
+
+
 def test_load_refuses_names_outside_the_models_folder_and_pickles(comfy):
     with pytest.raises(ValueError, match="outside the models folder"):
         call(comfy, "FP8CLIPLoad", clip_name="../loras/" + comfy.files["lora"], type="auto", runtime="auto")
