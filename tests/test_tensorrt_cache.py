@@ -127,6 +127,42 @@ def test_two_builds_of_one_key_at_once_make_one_engine(pack, tmp_path, real_buil
     assert results[0].path == results[1].path and len(list(tmp_path.glob("*.engine"))) == 1
 
 
+def test_waiting_for_another_build_of_the_key_can_be_cancelled(pack, tmp_path, real_build):
+    """Another process builds this engine for minutes: ComfyUI's cancel must stop the wait, not hang the queue."""
+    cache_mod = tr(pack, "cache")
+    key, started, release = cache_mod.engine_key(COMPONENTS), threading.Event(), threading.Event()
+
+    def other_build():
+        started.set()
+        release.wait(30)
+        return real_build[0]
+
+    other = threading.Thread(target=lambda: cache_mod.EngineCache(tmp_path).get_or_build(
+        key, COMPONENTS, other_build, tower="clip_l"))
+    other.start()
+    started.wait(30)
+    checks = []
+
+    class Cancelled(Exception):
+        pass
+
+    def check_interrupt():
+        checks.append(1)
+        if len(checks) >= 2:
+            raise Cancelled
+
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Cancelled):
+            cache_mod.EngineCache(tmp_path).get_or_build(key, COMPONENTS, lambda: pytest.fail("built twice"),
+                                                         tower="clip_l", check_interrupt=check_interrupt)
+        assert time.monotonic() - t0 < 10
+    finally:
+        release.set()
+        other.join()
+    assert len(list(tmp_path.glob("*.engine"))) == 1
+
+
 def test_a_build_that_dies_leaves_nothing(pack, tmp_path):
     cache_mod = tr(pack, "cache")
 

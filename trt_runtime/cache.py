@@ -149,10 +149,12 @@ class EngineCache:
         return CachedEngine(engine, manifest, built=False), ""
 
     def get_or_build(self, key: str, components: dict[str, Any], build: Callable[[], BuildResult], *,
-                     tower: str, describe: dict[str, Any] | None = None) -> CachedEngine:
+                     tower: str, describe: dict[str, Any] | None = None,
+                     check_interrupt: Callable[[], None] | None = None) -> CachedEngine:
         """The engine for `key`: from the cache when intact, else built by `build()` and stored.
 
-        One build per key at a time: a second caller waits for the first and then uses its engine.
+        One build per key at a time: a second caller waits for the first and then uses its engine
+        (`check_interrupt`, called while waiting, may raise to stop waiting: ComfyUI's cancel).
         """
         # An intact engine is used without the lock or write access: a read-only cache (a shared or baked-in
         # folder) serves its engines. Reading checks the bytes against the manifest again.
@@ -161,7 +163,7 @@ class EngineCache:
             return found
         self._ensure_writable()
         engine, manifest_path, lock = self._names(key, tower)
-        with _build_lock(lock):
+        with _build_lock(lock, check_interrupt):
             found, why = self.check(key, components, tower)
             if found is not None:
                 return found
@@ -198,12 +200,18 @@ class EngineCache:
 
 
 @contextlib.contextmanager
-def _build_lock(path: Path) -> Iterator[None]:
-    from filelock import FileLock
+def _build_lock(path: Path, check_interrupt: Callable[[], None] | None = None) -> Iterator[None]:
+    from filelock import FileLock, Timeout
 
     lock = FileLock(str(path), mode=0o666)  # shared by every user of the folder
     try:
-        lock.acquire()
+        while True:  # another process may build this key for minutes: stay cancellable meanwhile
+            try:
+                lock.acquire(timeout=0.5)
+                break
+            except Timeout:
+                if check_interrupt is not None:
+                    check_interrupt()
     except OSError as e:
         raise EngineCacheError(f"Cannot take the build lock {path} ({e.strerror or e}): another user's lock file? "
                                "Delete it, or make the folder's .locks writable by ComfyUI.") from e

@@ -94,7 +94,8 @@ def prepare_engine(module: torch.nn.Module, record: Any, *, profile: Profile, su
 
     if cache is not None:
         try:
-            found = cache.get_or_build(key, comps, build, tower=record.tower, describe=describe)
+            found = cache.get_or_build(key, comps, build, tower=record.tower, describe=describe,
+                                       check_interrupt=check_interrupt)
             note = " ".join(found.warnings)
             return Engine(key, found.manifest, found.built, found.path, note=note, cache=cache, tower=record.tower)
         except EngineCacheError as e:
