@@ -11,14 +11,18 @@ app.registerExtension({
       const text = (message?.text ?? []).join("\n");
       let widget = this.widgets?.find((w) => w.name === "fp8clip_report");
       if (!widget) {
+        // An output, not a setting. options.serialize: false keeps it out of the prompt sent to the server (as
+        // an input it would change the node's cache key after every run, so each queue would recalibrate);
+        // widget.serialize = false keeps it out of saved workflows.
         widget = this.addDOMWidget?.("fp8clip_report", "fp8clip_report", document.createElement("textarea"), {
           getValue: () => widget.element.value,
           setValue: (v) => { widget.element.value = v; },
+          serialize: false,
         });
         if (!widget) return;
         widget.element.readOnly = true;
         widget.element.style.cssText = "width:100%;min-height:140px;font:11px monospace;white-space:pre;";
-        widget.serialize = false;  // output, not a setting: keep it out of saved workflows
+        widget.serialize = false;
       }
       widget.element.value = text;
       this.setDirtyCanvas?.(true, true);

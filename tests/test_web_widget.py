@@ -1,0 +1,68 @@
+"""The report widget in ComfyUI's frontend: shown after a run, but never sent back as an input (it would change
+the node's cache key, so every queue would calibrate again) nor saved into workflows.
+
+Runs web/js/fp8clip_report.js in Node.js against a stand-in for the frontend's node API. The rules the frontend
+applies are checked against the frontend bundle installed with the test host."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness.host import PACK_DIR
+
+# What the frontend does with a node's widgets (comfyui-frontend-package): graphToPrompt skips widgets whose
+# options.serialize is false when it builds the prompt; LGraphNode.serialize skips widget.serialize === false.
+PROMPT_RULE = "options?.serialize===!1"
+
+RUNNER = r"""
+globalThis.document = { createElement: () => ({ style: {}, value: "" }) };
+const { registered } = await import("./scripts/app.js");
+await import("./extensions/fp8clip/fp8clip_report.js");
+function Node() { this.widgets = [{ name: "calibration_prompts", value: "a cat", options: {} }]; }
+Node.prototype.addDOMWidget = function (name, type, element, options = {}) {  // as the frontend's: value via getValue
+  const w = { name, type, element, options: { hideOnZoom: true, ...options } };
+  Object.defineProperty(w, "value", { get() { return this.options.getValue?.(); }, set(v) { this.options.setValue?.(v); } });
+  this.widgets.push(w);
+  return w;
+};
+Node.prototype.setDirtyCanvas = () => {};
+await registered[0].beforeRegisterNodeDef(Node, { name: "FP8CLIPQuantize" });
+const node = new Node();
+const prompt = () => Object.fromEntries(node.widgets.filter((w) => w.name && w.options?.serialize !== false)
+                                                 .map((w) => [w.name, w.value]));
+const workflow = () => node.widgets.filter((w) => w.serialize !== false).map((w) => w.value);
+const before = prompt();
+node.onExecuted({ text: ["FP8 E4M3 CLIP quality report", "Calibration: 64 prompts, 8.1 s"] });
+node.onExecuted({ text: ["FP8 E4M3 CLIP quality report", "Calibration: 64 prompts, 7.9 s"] });
+console.log(JSON.stringify({ before, after: prompt(), workflow: workflow(),
+                             shown: node.widgets.find((w) => w.name === "fp8clip_report")?.value }));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the frontend extension")
+def test_report_widget_shows_the_report_but_is_not_an_input_or_saved(tmp_path):
+    (tmp_path / "package.json").write_text('{"type": "module"}')
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "app.js").write_text(
+        "export const registered = [];\nexport const app = { registerExtension: (e) => registered.push(e) };\n")
+    ext = tmp_path / "extensions" / "fp8clip"
+    ext.mkdir(parents=True)
+    shutil.copy(PACK_DIR / "web" / "js" / "fp8clip_report.js", ext / "fp8clip_report.js")
+    (tmp_path / "run.js").write_text(RUNNER)
+    r = subprocess.run(["node", "run.js"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["shown"] == "FP8 E4M3 CLIP quality report\nCalibration: 64 prompts, 7.9 s"
+    assert out["after"] == out["before"] == {"calibration_prompts": "a cat"}  # same inputs: ComfyUI's cache hits
+    assert out["workflow"] == ["a cat"]
+
+
+def test_the_frontend_still_skips_widgets_marked_so_when_it_builds_the_prompt():
+    frontend = pytest.importorskip("comfyui_frontend_package")
+    bundles = list((Path(frontend.__file__).parent / "static" / "assets").glob("*.js"))
+    assert any(PROMPT_RULE in b.read_text(errors="ignore") for b in bundles), \
+        "the installed frontend no longer builds prompts with this rule: check the report widget against it"
