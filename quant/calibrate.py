@@ -16,6 +16,7 @@ from .errors import FP8ClipError
 from .fidelity import LayerErrorProbe, QualityReport, TowerSummary, encode_all, evaluate
 from .patching import clone_with, fake_quant_embedding, patched_copy, to_float32, weight_bytes
 from .prompts import HELD_OUT_PROMPTS
+from .proxy import HOOKS_FIX, hooked_weights
 from .recipe import Recipe, fingerprint
 from .towers import text_family
 
@@ -60,6 +61,10 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
         if artifact.record_of(clip.patcher.get_model_object(t.path)) is not None:
             raise FP8ClipError(f"The {t.name} tower of this CLIP is already quantized to FP8 by this node. "
                                "Connect the original CLIP (from the loader) instead.")
+        hooked = hooked_weights(clip.patcher, t.path)
+        if hooked:  # calibrated once, FP8 weights cannot follow what hooks patch at each encode
+            raise FP8ClipError(f"This CLIP has hooks that patch {len(hooked)} weights of its {t.name} tower. "
+                               f"{HOOKS_FIX}")
     prompts = [p for p in (s.strip() for s in prompts) if p]
     if not prompts:
         raise FP8ClipError("The calibration prompts are empty. Enter at least one prompt, one per line "

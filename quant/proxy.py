@@ -172,16 +172,31 @@ def _comfy_unloads(proxy: TowerProxy) -> bool:
     return any(not getattr(patcher, "is_dynamic", lambda: False)() for patcher in holders(proxy))
 
 
+def hooked_weights(patcher: Any, path: str) -> list[str]:
+    """Weights under `path` that hooks patch (Create Hook LoRA -> Set CLIP Hooks): ComfyUI applies them to the
+    module at encode time, in place, which an FP8 tower cannot follow."""
+    return [k for group in (getattr(patcher, "hook_patches", None) or {}).values() for k in group
+            if k.startswith(path + ".")]
+
+
+HOOKS_FIX = ("Hooks (Create Hook LoRA -> Set CLIP Hooks) cannot patch FP8 weights: apply the LoRA with 'Load LoRA' "
+             "before the Quantize node instead (it is baked into the FP8 weights there), or remove the hooks.")
+
+
 def refuse_later_weight_patches(patcher: Any, path: str) -> None:
-    """A LoRA (or merge) added after quantization targets weights that now live in FP8 outside the model
-    ComfyUI patches: encoding would silently skip it, and so would saving or building an engine. Fail with
-    the fix instead."""
+    """A LoRA (or merge, or hook) added after quantization targets weights that now live in FP8 outside the
+    model ComfyUI patches: encoding would silently skip it, and so would saving or building an engine. Fail
+    with the fix instead."""
     late = [k for k in getattr(patcher, "patches", {}) if k.startswith(path + ".")]
     if late:
         raise WeightPatchAfterQuantization(
             f"{len(late)} weight patches (a LoRA or model merge) were applied to the quantized model, e.g. "
             f"{late[0]}. They cannot be applied to FP8 weights after calibration. Apply LoRAs to the CLIP "
             "before the Quantize node: they are baked into the FP8 weights there.")
+    hooked = hooked_weights(patcher, path)
+    if hooked:
+        raise WeightPatchAfterQuantization(f"{len(hooked)} weights of the quantized model are patched by hooks, "
+                                           f"e.g. {hooked[0]}. {HOOKS_FIX}")
 
 
 class RefuseLaterWeightPatches:

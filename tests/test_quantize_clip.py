@@ -172,6 +172,20 @@ def test_lora_after_quantizing_is_refused_not_ignored(comfy, quantized):
         encode(comfy, lq, PROMPT)
 
 
+def test_lora_hooks_are_refused_on_the_quantized_clip_and_on_its_input(comfy, clip, quantized):
+    """Create Hook LoRA -> Set CLIP Hooks patches weights in place at each encode, which FP8 weights cannot follow:
+    after the node it would be silently ignored, before it only half applied. Both stop with the fix."""
+    plain = encode(comfy, quantized[0], PROMPT)[0]
+    (hooks,) = call(comfy, "CreateHookLora", lora_name=comfy.files["lora"], strength_model=1.0, strength_clip=1.0)
+    (after,) = call(comfy, "SetClipHooks", clip=quantized[0], apply_to_conds=True, schedule_clip=False, hooks=hooks)
+    with pytest.raises(Exception, match=r"patched by hooks.*apply the LoRA with 'Load LoRA' before the Quantize node"):
+        encode(comfy, after, PROMPT)
+    (before,) = call(comfy, "SetClipHooks", clip=clip, apply_to_conds=True, schedule_clip=False, hooks=hooks)
+    with pytest.raises(ValueError, match=r"has hooks that patch \d+ weights of its clip_l tower.*'Load LoRA'"):
+        quantize(comfy, before)
+    assert torch.equal(encode(comfy, quantized[0], PROMPT)[0], plain)  # the un-hooked clone is as it was
+
+
 class _LoaderState:
     """Stands in for what ComfyUI v0.29's dynamic-VRAM loader hangs on the modules of a CLIP that has encoded
     (virtual VRAM allocations, registered host buffers): copying it fails as the real thing does on a GPU."""
