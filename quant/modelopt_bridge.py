@@ -6,7 +6,10 @@ ModelOpt inserts no quantizer and says "no weight quantizer is enabled".
 """
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -18,11 +21,33 @@ log = logging.getLogger(__name__)
 
 def _mtq():
     # Imported on first use: ModelOpt takes seconds to import and ComfyUI's start-up should not pay for it.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import modelopt.torch.quantization as mtq
+    if "modelopt.torch.quantization" not in sys.modules:
+        _import_in_a_thread("modelopt.torch.quantization")
+    import modelopt.torch.quantization as mtq
+
     _eager_fp8_formula()
     return mtq
+
+
+def _import_in_a_thread(name: str) -> None:
+    """Import `name` from a thread of its own. ModelOpt's import keeps exceptions of optional imports that failed
+    (pulp's solvers), tracebacks included, for the life of the process; their frames hold every caller's frame,
+    which in the quantize node is the first calibration's copy of the model (GBs for SDXL)."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                importlib.import_module(name)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+            failed.append(e)
+
+    t = threading.Thread(target=run, name="fp8clip-import")
+    t.start()
+    t.join()
+    if failed:
+        raise failed[0]
 
 
 def _eager_fp8_formula() -> None:

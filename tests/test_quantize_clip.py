@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from conftest import call, cosine, encode, pack_module
+from harness.host import PACK_DIR
 
 PROMPT = "a photo of an astronaut riding a horse, detailed, 4k"
 
@@ -184,6 +188,36 @@ def test_lora_hooks_are_refused_on_the_quantized_clip_and_on_its_input(comfy, cl
     with pytest.raises(ValueError, match=r"has hooks that patch \d+ weights of its clip_l tower.*'Load LoRA'"):
         quantize(comfy, before)
     assert torch.equal(encode(comfy, quantized[0], PROMPT)[0], plain)  # the un-hooked clone is as it was
+
+
+FIRST_IMPORT = """
+import gc, sys, weakref
+import torch
+sys.path.insert(0, sys.argv[1])
+from quant import modelopt_bridge
+
+class CalibrationCopy:  # stands in for what the quantize node holds when it first needs ModelOpt
+    pass
+
+def quantize_node():
+    copy = CalibrationCopy()
+    modelopt_bridge.register_linear_classes(torch.nn.Linear(2, 2))  # imports ModelOpt
+    return weakref.ref(copy)
+
+ref = quantize_node()
+gc.collect()
+print("freed" if ref() is None else "kept alive")
+"""
+
+
+def test_the_first_modelopt_import_does_not_keep_the_quantize_nodes_memory():
+    """ModelOpt's import stores exceptions (with tracebacks, so with every caller's frame) for the life of the
+    process: imported from the node's frames, it kept the first calibration's model copy (GBs for SDXL)
+    until ComfyUI exited. A fresh process, where ModelOpt is not imported yet."""
+    r = subprocess.run([sys.executable, "-c", FIRST_IMPORT, str(PACK_DIR)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "freed"
 
 
 class _LoaderState:
