@@ -95,7 +95,6 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     import comfy.sd
     import folder_paths
 
-    from .quant.errors import FP8ClipError
     from .quant.fileformat import read_header
     from .quant.prompts import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS
     from .quant.recipe import DEFAULT_KEEP, Recipe
