@@ -470,6 +470,22 @@ def test_command_line_build_engine_builds_once_into_the_cache(comfy, saved, tmp_
     assert unusable.returncode == 2 and "could not be stored, so the node would not find it" in unusable.stderr
 
 
+def test_the_file_gives_the_engine_key_the_node_looks_up(pack, qclip, loaded, rtx):
+    """`build-engine` builds from the saved file; the TensorRT node, later, from the quantize node's CLIP. The same
+    key (same GPU, TensorRT and rows) is what lets the node find the engine the command line built."""
+    pipeline, build = (pack_module(pack, f"trt_runtime.{n}") for n in ("pipeline", "build"))
+    spec_of = pack_module(pack, "trt_runtime.onnx_export").spec_from_module
+    artifact = mod(pack, "artifact")
+
+    def key(clip, rows=8):
+        ((module, record),) = artifact.quantized_towers(clip).values()
+        comps = pipeline.components(spec_of(module, record), rtx, build.Profile(max_rows=rows), "float32")
+        return pipeline.engine_key(comps)
+
+    assert key(loaded[0]) == key(qclip)
+    assert key(loaded[0], rows=4) != key(qclip)  # and the key does see what changes the engine
+
+
 def test_a_multi_tower_save_that_fails_part_way_leaves_no_half_set(pack, tmp_path):
     """SDXL saves a file per tower: a full disk at the second must not leave the first, which would block the
     retry ("already exists") or pair a new clip_l with an old clip_g."""
