@@ -106,6 +106,18 @@ def set_id(records: Iterable[artifact.QuantizedTower]) -> str:
     return h.hexdigest()[:16]
 
 
+def refuse_unsaveable(model: Any, path: str, module: torch.nn.Module, fp8_cls: type, qdq_attr: str, noun: str,
+                      engine_node: str) -> None:
+    """Refuse a tower whose file would not hold the model that runs: weight patches added after quantizing
+    (the file would hold the FP8 weights without them), or a TensorRT engine in place of the FP8 or Q->DQ
+    tower (an engine wrapper holds no weights to save)."""
+    refuse_later_weight_patches(model.patcher, path)
+    if not isinstance(module, fp8_cls) and not hasattr(module, qdq_attr):
+        raise FP8ClipError(f"This {noun} runs on a TensorRT engine, which cannot be saved as a model. Save the "
+                           f"{noun} that goes into '{engine_node}' (the same FP8 model; the engine is found again "
+                           "in the engine cache).")
+
+
 def fp8_towers(clip: Any) -> dict[str, tuple[FP8TextModel, artifact.QuantizedTower]]:
     """tower name -> (FP8 module, record) for every text tower of `clip` quantized by this pack."""
     found = artifact.quantized_towers(clip) if hasattr(clip, "patcher") else {}
@@ -117,12 +129,8 @@ def fp8_towers(clip: Any) -> dict[str, tuple[FP8TextModel, artifact.QuantizedTow
         if rec.tower not in ff.TEXT_TOWERS:
             raise FP8ClipError(f"This model holds a {rec.tower!r} tower, not a CLIP text encoder: save a CLIP "
                                "vision model with 'Save FP8 CLIP Vision'.")
-        refuse_later_weight_patches(clip.patcher, path)  # the file would hold the FP8 weights without them
-        if not isinstance(module, FP8TextModel):
-            if not hasattr(module, "text_model"):  # not the Q->DQ tower either: the engine node's wrapper
-                raise FP8ClipError("This CLIP runs on a TensorRT engine, which cannot be saved as a model. Save the "
-                                   "CLIP that goes into 'Build TensorRT Engine' (the same FP8 model; the engine is "
-                                   "found again in the engine cache).")
+        refuse_unsaveable(clip, path, module, FP8TextModel, "text_model", "CLIP", "Build TensorRT Engine for FP8 CLIP")
+        if not isinstance(module, FP8TextModel):  # fake-quant runtime: the same conversion as the fp8 runtime
             module = FP8TextModel.from_quantized(module, rec.scales, fp8_embedding=rec.recipe.fp8_embedding)
         out[rec.tower] = (module, rec)
     return out

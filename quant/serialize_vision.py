@@ -20,8 +20,7 @@ from .fp8_vision_model import FP8VisionModel
 from .modelopt_bridge import LayerScales
 from .patching import clone_with, patched_copy, weight_bytes
 from .paths import resolve_in_folder, write_atomic
-from .proxy import refuse_later_weight_patches
-from .serialize import check_load_runtime, dequantized, fill_exactly, payload, record_from_file
+from .serialize import check_load_runtime, dequantized, fill_exactly, payload, record_from_file, refuse_unsaveable
 
 TOWER = ff.VISION_TOWERS[0]
 PREFIX = TOWER + "."
@@ -47,12 +46,9 @@ def fp8_vision_tower(cv: Any) -> tuple[FP8VisionModel, artifact.QuantizedTower]:
         raise FP8ClipError("This CLIP_VISION is not quantized by this pack. Connect the output of 'Quantize CLIP "
                            "Vision to FP8' (or 'Load FP8 CLIP Vision') to save it.")
     module, rec = found[TOWER]
-    refuse_later_weight_patches(cv.patcher, TOWER)  # the file would hold the FP8 weights without them
-    if not isinstance(module, FP8VisionModel):
-        if not hasattr(module, "encoder"):  # not the Q->DQ tower either: the engine node's wrapper
-            raise FP8ClipError("This CLIP_VISION runs on a TensorRT engine, which cannot be saved as a model. Save "
-                               "the CLIP_VISION that goes into 'Build TensorRT Engine for FP8 CLIP Vision' (the "
-                               "same FP8 model; the engine is found again in the engine cache).")
+    refuse_unsaveable(cv, TOWER, module, FP8VisionModel, "encoder", "CLIP_VISION",
+                      "Build TensorRT Engine for FP8 CLIP Vision")
+    if not isinstance(module, FP8VisionModel):  # fake-quant runtime: the same conversion as the fp8 runtime
         module = FP8VisionModel.from_quantized(module, rec.scales)
     return module, rec
 
