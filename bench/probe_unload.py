@@ -1,15 +1,18 @@
 """An FP8 CLIP after ComfyUI unloads it: encode, unload (outside inference mode, as /free and the UI's
-"Unload Models" do, then inside it), encode again; with and without the FP8 token table.
+"Unload Models" do, then inside it), encode again: the fake-quant runtime, and the FP8 runtime with and
+without the FP8 token table.
 
     [PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync] python bench/probe_unload.py --comfy /path/to/ComfyUI
-        [--dynamic-vram] [--fixture PATH]
+        [--dynamic-vram] [--fixture PATH] [--old-lookup]
 
 Prints each tower's first tensors (device, dtype, inference tensor or not) after each step, whether the encode
-after the unload matches the one before, and, where the token lookup fails, which lookups fail. Found by
+after the unload matches the one before, on which device its token lookups ran and how long it took, and,
+where the token lookup fails, which lookups fail. Found by
 bench/probe_http_server.py; see bench/results/http_server_gpu.md.
 """
 import argparse
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -22,6 +25,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--comfy", required=True, type=Path)
 ap.add_argument("--dynamic-vram", action="store_true")
 ap.add_argument("--fixture", type=Path, default=Path("/tmp/fx/bench-clip_l.safetensors"))
+ap.add_argument("--old-lookup", action="store_true", help="the token-table hand-out as before 2026-11-28")
 args = ap.parse_args()
 import torch  # noqa: E402
 
@@ -66,12 +70,25 @@ def show(fp8) -> None:
             print("  ", path, n, p.device, p.dtype, "inference" if p.is_inference() else "normal", flush=True)
 
 
-for fp8_embedding in (True, False):
+def lookup_devices(model) -> list:
+    """Devices the token lookups of `model`'s towers ran on in the next encode (a forward hook on each table)."""
+    seen, hooks = [], []
+    for path, (m, _) in pack.quant.artifact.quantized_towers(model).items():
+        hooks.append(m.get_input_embeddings().register_forward_hook(lambda mod, i, o: seen.append(str(o.device))))
+    return seen, hooks
+
+
+if args.old_lookup:  # the proxy as before 2026-11-28: it handed out the table wherever the tower was
+    from comfyui_fp8_clip.quant.proxy import TowerProxy  # noqa: E402
+    TowerProxy.get_input_embeddings = lambda self: self.impl.get_input_embeddings()
+
+cases = [("fake-quant", False), ("auto", True), ("auto", False)]
+for runtime_name, fp8_embedding in cases:
     with torch.inference_mode():  # as in ComfyUI's executor
         fake, _ = calibrate.quantize_clip(clip, ["a cat", "a dog on a sofa"], Recipe(fp8_embedding=fp8_embedding),
                                           held_out=["a house"])
-        fp8, plan = runtime.to_fp8_runtime(fake, "auto")
-        print("plan:", plan.reason, flush=True)
+        fp8, plan = runtime.to_fp8_runtime(fake, runtime_name)
+        print(f"runtime={runtime_name} plan:", plan.reason, flush=True)
         before = calibrate.encode(fp8, "a red fox")[0]
     show(fp8)
     for where in ("outside", "inside"):
@@ -80,12 +97,26 @@ for fp8_embedding in (True, False):
         else:
             with torch.inference_mode():
                 mm.unload_all_models()
-        print(f"fp8_embedding={fp8_embedding}: unloaded {where} inference mode", flush=True)
+        print(f"runtime={runtime_name} fp8_embedding={fp8_embedding}: unloaded {where} inference mode", flush=True)
         show(fp8)
+        seen, hooks = lookup_devices(fp8)
         try:
             with torch.inference_mode():
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
                 after = calibrate.encode(fp8, "a red fox")[0]
-            print("  encode OK, equal:", torch.equal(before.cpu(), after.cpu()), flush=True)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                ms = (time.perf_counter() - t0) * 1e3
+            cos = torch.nn.functional.cosine_similarity(before.flatten().double().cpu(),
+                                                        after.flatten().double().cpu(), dim=0).item()
+            print(f"  encode OK in {ms:.1f} ms, token lookups on {seen}, output on {after.device}, "
+                  f"equal: {torch.equal(before.cpu(), after.cpu())} (cosine {cos:.6f})", flush=True)
         except Exception:
             traceback.print_exc()
             sys.stdout.flush()
+        finally:
+            for h in hooks:
+                h.remove()
+    del fake, fp8

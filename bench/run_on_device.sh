@@ -7,7 +7,8 @@
 #   bash bench/run_on_device.sh OUT [step ...]     steps: probe probe-stress text profile profile-rows vision
 #   text-dynamic text-sdxl text-sdxl-dynamic text-sd3 text-sd3-t5 text-flux profile-sdxl
 #   profile-sdxl-dynamic attention residency residency-dynamic workflows workflows-dynamic small-vram
-#   small-vram-dynamic http text-default unload unload-async text-sdxl-default vision-async multi-gpu
+#   small-vram-dynamic http text-default unload unload-async unload-old unload-v03 unload-v03-old text-sdxl-default
+#   vision-async multi-gpu
 #   multi-gpu-async (two GPUs) capture-async
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
 # Sets up the carried wheels (ModelOpt, comfy-kitchen, ...) and ComfyUI v0.29 once per machine, then runs
@@ -22,6 +23,8 @@ mkdir -p "$out"
 # ComfyUI's HTTP server (http step): aiohttp and its kin, SQLAlchemy and alembic, carried in .whl-srv.
 [ -d /tmp/site/aiohttp ] || [ ! -d .whl-srv ] || pip install -q --no-deps --target /tmp/site .whl-srv/*.whl 2>&1 | tail -2
 [ -f /tmp/c29/main.py ] || { mkdir -p /tmp/c29 && tar -xJf .device/comfyui-v0.29.tar.xz -C /tmp/c29; }
+# ComfyUI v0.3.75 (unload-v03 steps): the tree harness/setup.sh installs, packed the same way into .device.
+[ -f /tmp/c03/main.py ] || [ ! -f .device/comfyui-v0.3.75.tar.xz ] || { mkdir -p /tmp/c03 && tar -xJf .device/comfyui-v0.3.75.tar.xz -C /tmp/c03; }
 export PYTHONPATH=/tmp/site
 for step in "${@:-probe text profile vision}"; do
   for s in $step; do
@@ -57,6 +60,9 @@ for step in "${@:-probe text profile vision}"; do
       http*) timeout 560 python3 bench/probe_http_server.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} ;;
       unload-async*) PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 200 python3 bench/probe_unload.py \
                        --comfy /tmp/c29 ;;
+      unload-v03-old*) timeout 200 python3 bench/probe_unload.py --comfy /tmp/c03 --old-lookup ;;
+      unload-v03*) timeout 200 python3 bench/probe_unload.py --comfy /tmp/c03 ;;
+      unload-old*) timeout 200 python3 bench/probe_unload.py --comfy /tmp/c29 --old-lookup ;;
       unload*) timeout 200 python3 bench/probe_unload.py --comfy /tmp/c29 ;;
       attention*) timeout 120 python3 bench/probe_attention.py --out "$out" ;;
       profile-rows*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \

@@ -53,13 +53,16 @@ class TowerProxy(torch.nn.Module):
         object.__setattr__(self, "offload_device", torch.device(offload_device))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._to_load_device()
+        return self.impl(*args, **kwargs)
+
+    def _to_load_device(self) -> None:
         if self.load_device != self.offload_device and self not in _RESIDENT:
             for other in list(_RESIDENT):  # a tower another model left on the GPU (see offload)
                 if other.group is not self.group and other.impl is not self.impl and not _comfy_unloads(other):
                     other.offload_now()
             _RESIDENT.add(self)
         self.place(self.load_device)
-        return self.impl(*args, **kwargs)
 
     def place(self, device: torch.device) -> None:
         impl = self.impl
@@ -138,6 +141,10 @@ class TowerProxy(torch.nn.Module):
         return out
 
     def get_input_embeddings(self) -> torch.nn.Module:
+        """ComfyUI looks the tokens up with this table before calling the tower, on the device of its weight
+        (v0.3.x) or the load device (v0.29): the tower goes there first, so that a tower ComfyUI unloaded does
+        not run its first encode on the CPU or copy its whole table to the GPU for one lookup."""
+        self._to_load_device()
         return self.impl.get_input_embeddings()
 
     def set_input_embeddings(self, embeddings: torch.nn.Module) -> None:
