@@ -98,6 +98,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     to_quantize, kept, unmatched = recipe.split(names)
     unusable = modelopt_bridge.nonfinite_weight_layers(container, to_quantize)
     to_quantize, kept = [n for n in to_quantize if n not in unusable], kept + unusable
+    recipe.require_layers(to_quantize, len(names), unusable)
     # Original weights (checkpoint dtype, CPU) for the per-layer errors; taken before the fp32 cast.
     reference = {n: container.get_submodule(n).weight.detach().to("cpu", copy=True) for n in to_quantize}
     for m in copies.values():
@@ -140,7 +141,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                            keep=recipe.keep, passed_through=family.passed_through, unmatched_patterns=unmatched,
                            notes=[f"Kept as they are, weights not finite (NaN/inf; e.g. a projection the checkpoint "
                                   f"lacks, which ComfyUI leaves uninitialized): {', '.join(unusable)}"] if unusable
-                           else [])
+                           else [], fp8_embedding=recipe.fp8_embedding, overlap=sum(h.strip() in set(prompts) for h in held_out))
     fp = fingerprint(prompts, recipe)
     for t in towers:
         prefix = t.name + "."

@@ -131,6 +131,8 @@ class QualityReport:
     passed_through: tuple[str, ...] = ()
     unmatched_patterns: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    fp8_embedding: bool = False  # the towers' token tables in FP8 (one scale per row)
+    overlap: int = 0  # held-out prompts that are calibration prompts too
 
     @property
     def cond_min(self) -> float:
@@ -153,19 +155,37 @@ class QualityReport:
     def worst_layers(self, n: int = 5) -> list[tuple[str, float]]:
         return sorted(self.layer_errors.items(), key=lambda kv: -kv[1])[:n]
 
+    def checks(self) -> list[tuple[str, float]]:
+        """The worst score of each measure the threshold applies to. Each tower's own output counts, not only
+        the whole conditioning: SD3's also holds T5's tokens, which quantization leaves as they are (a CLIP-L
+        at 0.985 scored 0.992 there), and SDXL's mixes a weak tower with a strong one."""
+        out = [("conditioning", self.cond_min)]
+        if self.pooled_min is not None:
+            out.append(("pooled", self.pooled_min))
+        for t in self.towers:
+            if t.cond:
+                out.append((f"{t.name} hidden", min(t.cond)))
+            if t.pooled:
+                out.append((f"{t.name} pooled", min(t.pooled)))
+        return out
+
     @property
     def below_threshold(self) -> bool:
-        worst_pooled = self.pooled_min
-        return self.cond_min < self.min_cosine or (worst_pooled is not None and worst_pooled < self.min_cosine)
+        return any(v < self.min_cosine for _, v in self.checks())
 
     def warnings(self) -> list[str]:
         out = [f"Keep pattern {p!r} matches no layer; check the spelling against the layer names below."
                for p in self.unmatched_patterns]
+        if self.overlap:
+            out.append(f"{self.overlap} of the {len(self.prompts)} evaluation prompts are calibration prompts too: "
+                       "their scores are not held out and can look better than the quantization is. Evaluate on "
+                       "prompts that are not in the calibration text.")
         if self.below_threshold:
+            low = ", ".join(f"{n} {v:.5f}" for n, v in self.checks() if v < self.min_cosine)
             names = ", ".join(f"{n} ({e:.1%})" for n, e in self.worst_layers(3))
-            out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst prompt: conditioning "
-                       f"{self.cond_min:.5f}). Worst layers by output error: {names}. Try "
-                       f"keep_high_precision: {', '.join(suggested_keep(self.worst_layers(3), self.keep))}")
+            out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst prompt: {low}). Worst layers "
+                       f"by output error: {names}. Try keep_high_precision: "
+                       f"{', '.join(suggested_keep(self.worst_layers(3), self.keep))}")
         return out
 
     def to_dict(self) -> dict:
@@ -179,15 +199,20 @@ class QualityReport:
             return "n/a" if v is None else f"{v:.4f}"
         lines = [f"FP8 E4M3 CLIP quality report: {self.family}, {self.scope}, per-tensor static scales"]
         for t in self.towers:
-            kept = ", ".join(t.kept) if t.kept else "none"
+            kept = "all" if t.quantized == 0 else ", ".join(t.kept) if t.kept else "none"
             lines.append(f"  {t.name}: {t.quantized} Linear layers in FP8; kept in high precision: {kept}")
+        if self.fp8_embedding:  # a tower whose layers are all kept still changes by its table
+            lines.append(f"  token embedding table in FP8, one scale per row: {', '.join(t.name for t in self.towers)}")
         lines += [f"  {n}: passed through unchanged (not a CLIP tower)" for n in self.passed_through]
         lines += [
             f"Cosine vs the unquantized encoder on {len(self.prompts)} held-out prompts (min / mean):",
             f"  conditioning  {f(self.cond_min)} / {f(self.cond_mean)}",
             f"  pooled        {f(self.pooled_min)} / {f(self.pooled_mean)}",
         ]
-        if len(self.towers) > 1:
+        if self.passed_through:
+            lines.append(f"  (the conditioning holds {', '.join(self.passed_through)}'s output too, unchanged: "
+                         "the lines below are what quantization changed)")
+        if len(self.towers) > 1 or self.passed_through:
             for t in self.towers:
                 lines.append(f"  {t.name} alone: hidden {f(min(t.cond, default=None))} / "
                              f"{f(sum(t.cond) / len(t.cond) if t.cond else None)}, pooled "

@@ -65,6 +65,18 @@ class Recipe:
         quantized = [n for n in names if n not in set(kept)]
         return quantized, kept, unmatched
 
+    def require_layers(self, to_quantize: list[str], layers: int, unusable: list[str] = ()) -> None:
+        """A clear error where nothing is left to quantize (ModelOpt's own speaks of MoE layouts and pipeline
+        parallelism)."""
+        if to_quantize:
+            return
+        why = f"the keep_high_precision patterns ({', '.join(self.keep)}) match all {layers} of its Linear layers"
+        if unusable:
+            why += f", or their weights are not finite ({len(unusable)} layers)"
+        raise FP8ClipError(f"Nothing to quantize in this model: {why}. Remove the pattern that matches every "
+                           "layer (such as 'clip_l.*' on an SD1.5 CLIP, or '*'); to leave one tower of SDXL in "
+                           "high precision, 'clip_g.*' keeps CLIP-G and quantizes CLIP-L.")
+
     def modelopt_config(self, kept_layers: Iterable[str]) -> dict:
         """A ModelOpt quantize config: FP8 Linear weights (and inputs), nothing else, kept layers disabled."""
         cfg: list[dict] = [

@@ -6,6 +6,7 @@ recipe keeps it in high precision; it is a convolution on raw pixels).
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -80,22 +81,32 @@ class VisionReport:
     min_cosine: float
     keep: tuple[str, ...] = ()
     unmatched_patterns: list[str] = field(default_factory=list)
+    overlap: int = 0  # held-out images that are calibration images too
+
+    def checks(self) -> list[tuple[str, float]]:
+        """The worst score of each output the threshold applies to: IP-Adapter uses the hidden states."""
+        return [("image_embeds", min(self.embed_cos)), ("penultimate hidden states", min(self.hidden_cos))]
 
     def worst_layers(self, n: int = 3) -> list[tuple[str, float]]:
         return sorted(self.layer_errors.items(), key=lambda kv: -kv[1])[:n]
 
     @property
     def below_threshold(self) -> bool:
-        return min(self.embed_cos) < self.min_cosine
+        return any(v < self.min_cosine for _, v in self.checks())
 
     def warnings(self) -> list[str]:
         out = [f"Keep pattern {p!r} matches no layer; check the spelling against the layer names below."
                for p in self.unmatched_patterns]
+        if self.overlap:
+            out.append(f"{self.overlap} of the {len(self.embed_cos)} evaluation images are calibration images too: "
+                       "their scores are not held out and can look better than the quantization is. Connect other "
+                       "images to evaluation_images.")
         if self.below_threshold:
+            low = ", ".join(f"{n} {v:.5f}" for n, v in self.checks() if v < self.min_cosine)
             names = ", ".join(f"{n} ({e:.1%})" for n, e in self.worst_layers())
-            out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst image: image_embeds "
-                       f"{min(self.embed_cos):.5f}). Worst layers by output error: {names}. Try "
-                       f"keep_high_precision: {', '.join(suggested_keep(self.worst_layers(), self.keep))}")
+            out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst image: {low}). Worst layers by "
+                       f"output error: {names}. Try keep_high_precision: "
+                       f"{', '.join(suggested_keep(self.worst_layers(), self.keep))}")
         return out
 
     def to_dict(self) -> dict:
@@ -115,6 +126,17 @@ class VisionReport:
                  f"{self.calibration_seconds:.1f} s (evaluation {self.evaluation_seconds:.1f} s)",
                  "Largest per-layer output errors: " + ", ".join(f"{n} {e:.1%}" for n, e in self.worst_layers())]
         return "\n".join(lines + [f"WARNING: {w}" for w in self.warnings()])
+
+
+def image_digest(images: torch.Tensor) -> str:
+    """Identifies a calibration set by its pixels (its shape alone named different sets alike)."""
+    t = images.detach().to("cpu", torch.float32).contiguous()
+    return f"images:{tuple(t.shape)}:{hashlib.sha256(t.numpy().tobytes()).hexdigest()}"
+
+
+def shared_images(test: torch.Tensor, calibration: torch.Tensor) -> int:
+    """How many of the evaluation images are calibration images too."""
+    return sum(any(c.shape == t.shape and torch.equal(c, t) for c in calibration) for t in test)
 
 
 def label_agreement(ref: torch.Tensor, got: torch.Tensor, protos: torch.Tensor) -> float:
@@ -160,6 +182,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     kept = kept + [c for c in convs if c not in kept]  # convolutions are never quantized
     unusable = modelopt_bridge.nonfinite_weight_layers(container, to_quantize)
     to_quantize, kept = [n for n in to_quantize if n not in unusable], kept + unusable
+    recipe.require_layers(to_quantize, len(linears), unusable)
     # Original weights (checkpoint dtype, CPU) for the per-layer errors; taken before the fp32 cast.
     reference = {n: container.get_submodule(n).weight.detach().to("cpu", copy=True) for n in to_quantize}
     to_float32(copy_)
@@ -195,9 +218,9 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
         hidden_cos=[float(F.cosine_similarity(a, b, dim=-1).mean()) for a, b in zip(ref_h, got_h)],
         agreement=label_agreement(ref_e, got_e, protos), agreement_n=test.shape[0], layer_errors=errors,
         calibration_images=images.shape[0], calibration_seconds=calib_s, evaluation_seconds=eval_s,
-        min_cosine=min_cosine, keep=recipe.keep, unmatched_patterns=unmatched)
+        min_cosine=min_cosine, keep=recipe.keep, unmatched_patterns=unmatched, overlap=shared_images(test, images))
     artifact.attach(copy_, artifact.QuantizedTower(
-        family=model, tower=PATH, recipe=recipe, fingerprint=fingerprint([f"images:{images.shape}"], recipe),
+        family=model, tower=PATH, recipe=recipe, fingerprint=fingerprint([image_digest(images)], recipe),
         scales={n[len(prefix):]: s for n, s in scales.items()}, kept=report.kept, source_bytes=source_bytes,
         report=report.to_dict()))
     return qcv, report

@@ -38,6 +38,20 @@ def test_pattern_that_matches_nothing_is_reported(comfy, clip):
     assert "WARNING: Keep pattern '*mlp.fc3' matches no layer" in text
 
 
+def test_keeping_every_layer_is_refused_with_the_fix(comfy, clip):
+    """'clip_l.*' keeps all of SD1.5's layers: ModelOpt's own error spoke of MoE layouts and pipeline parallelism."""
+    with pytest.raises(ValueError, match=r"Nothing to quantize in this model: the keep_high_precision patterns "
+                                         r"\(clip_l\.\*\) match all 73 of its Linear layers\. Remove the pattern"):
+        quantize(comfy, clip, calibration_prompts="a cat", keep_high_precision="clip_l.*")
+
+
+def test_evaluation_prompts_that_are_calibration_prompts_are_named(comfy, clip):
+    text = quantize(comfy, clip, calibration_prompts="a cat\na castle at night\na red car",
+                    evaluation_prompts="a castle at night\na dog on a beach\n a red car ")["result"][1]
+    assert ("WARNING: 2 of the 3 evaluation prompts are calibration prompts too: their scores are not held out"
+            in text)
+
+
 def test_a_layer_with_nan_weights_is_kept_as_it_is_and_named(comfy):
     """SDXL checkpoints carry no CLIP-L projection; ComfyUI leaves it uninitialized, NaN on an H100. With the
     keep list cleared, ModelOpt's calibration used to stop on `detected nan values in amax`."""

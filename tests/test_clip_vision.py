@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import call, node
+from conftest import call, node, pack_module
 
 PARAMS = dict(keep_high_precision="*patch_embedding*", method="max", quantize="weights+activations",
               min_cosine=0.99, runtime="auto")
@@ -67,18 +67,24 @@ def test_fp8_vision_output_feeds_unclip_conditioning(comfy, fp8_vit_l):
     assert uncond[0][1]["unclip_conditioning"][0]["clip_vision_output"] is out
 
 
-def test_vit_h_reduced_depth(comfy, tmp_path):
+@pytest.fixture(scope="module")
+def vit_h4(comfy, tmp_path_factory):
     """ViT-H/14's width, heads and GELU (4 of its 32 layers, through ComfyUI's own ClipVisionModel)."""
     from comfy.clip_vision import ClipVisionModel
     from comfy.utils import load_torch_file
 
     cfg = json.loads((comfy.host / "comfy" / "clip_vision_config_h.json").read_text())
     cfg["num_hidden_layers"] = 4
-    p = tmp_path / "h4.json"
+    p = tmp_path_factory.mktemp("vit_h4") / "h4.json"
     p.write_text(json.dumps(cfg))
     cv = ClipVisionModel(str(p))
     sd = load_torch_file(str(comfy.base / "models" / "clip_vision_reduced" / comfy.files["vit_h_4layers"]))
     cv.load_sd(sd)
+    return cv
+
+
+def test_vit_h_reduced_depth(comfy, vit_h4):
+    cv = vit_h4
     q, report = quantize_vision(comfy, cv, images=images(4, seed=8), evaluation_images=images(4, seed=9))["result"]
     assert "24 Linear layers in FP8" in report
     img = images(2, seed=12)
@@ -117,3 +123,32 @@ def test_unknown_image_encoder_is_refused(comfy, tmp_path):
     with pytest.raises(ValueError, match=r"not a CLIP vision transformer the pack knows\. Supported: CLIP vision.*"
                                          r"not SigLIP encoders such as Flux Redux's"):
         quantize_vision(comfy, cv)
+
+
+def test_keeping_every_layer_is_refused_with_the_fix(comfy, vit_h4):
+    with pytest.raises(ValueError, match=r"Nothing to quantize in this model: the keep_high_precision patterns "
+                                         r"\(\*\) match all 24 of its Linear layers\. Remove the pattern"):
+        quantize_vision(comfy, vit_h4, keep_high_precision="*", images=images(2, seed=1))
+
+
+def test_report_warns_on_the_hidden_states_ip_adapter_uses_and_on_shared_evaluation_images(pack, vit_h4):
+    """The threshold covers the penultimate hidden states (IP-Adapter's input), not only image_embeds; evaluation
+    images that are calibration images are named; the calibration's fingerprint follows its pixels."""
+    import dataclasses
+
+    vision = pack_module(pack, "quant.vision")
+    recipe = pack_module(pack, "quant.recipe").Recipe(keep=("*patch_embedding*",))
+    cal = images(4, seed=8)
+    with torch.inference_mode():
+        q, report = vision.quantize_clip_vision(vit_h4, cal, recipe, held_out=images(4, seed=9))
+        q2, shared = vision.quantize_clip_vision(vit_h4, torch.rand_like(cal), recipe, held_out=cal[:3])
+    assert not report.warnings() and report.overlap == 0
+    low = dataclasses.replace(report, min_cosine=min(report.hidden_cos) + 1e-6).warnings()
+    assert len(low) == 1 and f"penultimate hidden states {min(report.hidden_cos):.5f}" in low[0]
+    assert shared.overlap == 0
+    with torch.inference_mode():
+        _, again = vision.quantize_clip_vision(vit_h4, cal, recipe, held_out=torch.cat([cal[1:3], images(1, seed=5)]))
+    assert again.overlap == 2 and "2 of the 3 evaluation images are calibration images too" in again.warnings()[0]
+    record = pack_module(pack, "quant.artifact").record_of
+    fps = [record(m.patcher.get_model_object("vision_model")).fingerprint for m in (q, q2)]
+    assert fps[0] != fps[1]  # same shape, other pixels

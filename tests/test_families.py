@@ -188,6 +188,45 @@ def flux_clip(comfy):
     return clip
 
 
+def test_sd3_report_measures_clip_l_apart_from_t5s_unchanged_tokens(comfy, pack):
+    """SD3's conditioning appends T5's tokens, which quantization leaves as they are: the report scores the CLIP-L
+    tower on its own and the threshold applies to that score (the stress CLIP-L: 0.983 alone, 0.9915 whole)."""
+    import dataclasses
+
+    from comfy.sd import CLIP
+    from comfy.supported_models_base import ClipTarget
+    from comfy.text_encoders import sd3_clip
+    from comfy.utils import load_torch_file
+
+    tiny_t5 = {"d_model": 4096, "d_ff": 64, "num_layers": 1, "num_heads": 2, "d_kv": 32}  # SD3 joins 4096 wide
+    clip = CLIP(ClipTarget(sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(clip_l=True, clip_g=False, t5=True)),
+                embedding_directory=comfy.folder_paths.get_folder_paths("embeddings"),
+                model_options={"t5xxl_model_config": tiny_t5})
+    clip.load_sd(load_torch_file(comfy.folder_paths.get_full_path("text_encoders", comfy.files["clip_l_stress"]),
+                                 safe_load=True))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.t5xxl.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    held_out = ["a photo of a dog on the beach", "an oil painting of a ship"]
+    with torch.inference_mode():
+        q, report = pack_module(pack, "quant.calibrate").quantize_clip(clip, CAL.splitlines(), held_out=held_out)
+    text = report.text()
+    print("\n" + text)
+    assert "t5xxl: passed through unchanged" in text and "holds t5xxl's output too" in text
+    tower = min(report.towers[0].cond)
+    assert re.search(rf"clip_l alone: hidden {tower:.4f}", text)
+    # what the report says of the tower is what the CLIP-L rows of the conditioning lost
+    rows = []
+    for p in held_out:
+        rc, gc = encode(comfy, clip, p)[0], encode(comfy, q, p)[0]
+        rows.append(float(torch.nn.functional.cosine_similarity(rc[0, :77], gc[0, :77], dim=-1).mean()))
+    assert abs(min(rows) - tower) < 1e-4
+    assert tower < report.cond_min  # T5's unchanged tokens lift the whole conditioning's score
+    warned = dataclasses.replace(report, min_cosine=(tower + report.cond_min) / 2).warnings()
+    assert len(warned) == 1 and f"clip_l hidden {tower:.5f}" in warned[0]
+
+
 def test_flux_clip_l_quantized_t5_passed_through(comfy):
     clip = flux_clip(comfy)
     out = quantize(comfy, clip, calibration_prompts=CAL, evaluation_prompts=EVAL)
