@@ -38,20 +38,44 @@ def find_comfyui(explicit: str | None) -> Path:
                    "ComfyUI custom_nodes folder).")
 
 
-def boot_comfyui(comfy_dir: Path, cpu: bool) -> None:
+def boot_comfyui(comfy_dir: Path, cpu: bool, comfy_args: list[str] = ()) -> None:
     """Import ComfyUI's model code in this process with its own argument defaults (plus --cpu, also when no
-    GPU is visible: ComfyUI would stop at start-up otherwise)."""
+    GPU is visible: ComfyUI would stop at start-up otherwise) and its model folders as its main.py sets them:
+    `comfy_args` (--base-directory, --extra-model-paths-config) and the extra_model_paths.yaml beside main.py."""
     import torch
 
     mps = getattr(torch.backends, "mps", None)
     cpu = cpu or not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
     sys.path.insert(0, str(comfy_dir))
-    sys.argv = ["main.py", *(["--cpu"] if cpu else [])]
+    sys.argv = ["main.py", *(["--cpu"] if cpu else []), *comfy_args]
     import comfy.options
 
     comfy.options.enable_args_parsing()
     import comfy.cli_args  # noqa: F401  (parses sys.argv)
     import comfy.sd  # noqa: F401
+
+    _apply_model_paths(comfy_dir, comfy.cli_args.args)
+
+
+def _apply_model_paths(comfy_dir: Path, args: argparse.Namespace) -> None:
+    """What ComfyUI's main.py does before it loads custom nodes: without it, the engine cache of `build-engine`
+    was models/tensorrt under the ComfyUI folder while the node's was the one extra_model_paths.yaml names."""
+    import importlib.util
+
+    configs = [comfy_dir / "extra_model_paths.yaml"]
+    configs = [c for c in configs if c.is_file()]
+    for group in getattr(args, "extra_model_paths_config", None) or []:
+        configs += [Path(c) for c in group]
+    if not configs:
+        return
+    # Loaded from its file: `utils` may name another module in this process.
+    spec = importlib.util.spec_from_file_location("fp8clip_comfy_extra_config", comfy_dir / "utils" / "extra_config.py")
+    extra = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extra)
+    for c in configs:
+        if not c.is_file():
+            raise CLIError(f"{c}: no such extra model paths file.")
+        extra.load_extra_path_config(str(c))
 
 
 def progress_printer(label: str) -> Callable[[int, int], None]:
@@ -91,7 +115,7 @@ def output_paths(out: Path, towers: list[str]) -> list[Path]:
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
-    boot_comfyui(find_comfyui(a.comfyui), a.cpu)
+    boot_comfyui(find_comfyui(a.comfyui), a.cpu, comfy_args(a))
     import comfy.sd
     import folder_paths
 
@@ -171,7 +195,15 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_build_engine(a: argparse.Namespace, rest: list[str]) -> int:
     from .trt_runtime.cli import main as build_main
 
-    return build_main(rest, comfyui=a.comfyui, cpu=a.cpu)
+    return build_main(rest, comfyui=a.comfyui, cpu=a.cpu, comfy_args=comfy_args(a))
+
+
+def comfy_args(a: argparse.Namespace) -> list[str]:
+    """The options this CLI passes on to ComfyUI's own argument parser."""
+    out = ["--base-directory", a.base_directory] if a.base_directory else []
+    for path in a.extra_model_paths_config or []:
+        out += ["--extra-model-paths-config", path]
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -181,6 +213,10 @@ def parser() -> argparse.ArgumentParser:
                                  "ComfyUI, without the UI.")
     ap.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH, else the ComfyUI holding this pack)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    ap.add_argument("--base-directory", metavar="PATH", help="as ComfyUI's option (ComfyUI Desktop sets it)")
+    ap.add_argument("--extra-model-paths-config", metavar="PATH", action="append",
+                    help="as ComfyUI's option, one file each time (extra_model_paths.yaml beside main.py is read "
+                         "anyway)")
     sub = ap.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="calibrate a CLIP file to FP8 and save it with its quality report")
     q.add_argument("input", help="CLIP text-encoder .safetensors (clip_l, clip_g...)")

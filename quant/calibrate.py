@@ -141,7 +141,8 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                            keep=recipe.keep, passed_through=family.passed_through, unmatched_patterns=unmatched,
                            notes=[f"Kept as they are, weights not finite (NaN/inf; e.g. a projection the checkpoint "
                                   f"lacks, which ComfyUI leaves uninitialized): {', '.join(unusable)}"] if unusable
-                           else [], fp8_embedding=recipe.fp8_embedding, overlap=sum(h.strip() in set(prompts) for h in held_out))
+                           else [], fp8_embedding=recipe.fp8_embedding,
+                           overlap=sum(h.strip() in set(prompts) for h in held_out))
     fp = fingerprint(prompts, recipe)
     for t in towers:
         prefix = t.name + "."

@@ -35,6 +35,9 @@ def fp8_matmul_support(device: torch.device) -> tuple[bool, str]:
     """Whether `torch._scaled_mm` runs FP8 tensor-core matmuls on `device`, and why (not)."""
     if device.type != "cuda":
         return False, f"{device.type} has no FP8 tensor cores"
+    if torch.version.hip:  # ROCm reports its gfx generation as the capability: gfx1100 would read as 11.0
+        return False, (f"{torch.cuda.get_device_name(device)} is an AMD GPU (ROCm): this pack's FP8 matmuls use "
+                       "NVIDIA's float8_e4m3fn tensor-core format")
     major, minor = torch.cuda.get_device_capability(device)
     name = torch.cuda.get_device_name(device)
     if (major, minor) < (8, 9):

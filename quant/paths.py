@@ -172,10 +172,14 @@ STALE_SECONDS = 3600.0
 def _remove_stale_temps(path: Path) -> None:
     """Temp files of `path` left by a save that was killed (power cut, kill -9): nothing else removes them, and
     each is the size of a model. Only ones untouched for an hour: a save in progress writes to its own."""
+    remove_stale(path.parent, re.compile(re.escape("." + path.name + ".") + r"[0-9a-f]{16}\.(tmp|old)$"))
+
+
+def remove_stale(directory: Path, pattern: re.Pattern) -> None:
+    """Removes the files in `directory` whose names match `pattern` and that nothing wrote for an hour."""
     now = time.time()
-    pattern = re.compile(re.escape("." + path.name + ".") + r"[0-9a-f]{16}\.(tmp|old)$")
     try:
-        entries = list(os.scandir(path.parent))
+        entries = list(os.scandir(directory))
     except OSError:
         return
     for e in entries:

@@ -112,6 +112,10 @@ class TowerProxy(torch.nn.Module):
         _RESIDENT.discard(self)
         if self.offload_device != self.load_device:
             self.place(self.offload_device)
+        else:  # --gpu-only: the tower stays, but an unload still frees what its CUDA graphs hold
+            drop = getattr(self.impl, "_drop_graphs", None)
+            if drop is not None:
+                drop()
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """The original tower's state_dict. v0.29's dynamic-VRAM loader sizes the CLIP's modules from their

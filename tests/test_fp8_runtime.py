@@ -238,6 +238,12 @@ def test_gpu_without_fp8_tensor_cores_falls_back_and_says_why(pack, monkeypatch)
     assert "compute capability 8.6; FP8 matmuls need 8.9+" in p.reason
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     assert mod(pack, "runtime").plan("auto", torch.device("cuda", 0)).matmul == "scaled_mm"
+    # ROCm reports the gfx generation (gfx1100: 11.0) where CUDA reports the compute capability
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (11, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "AMD Radeon RX 7900 XTX")
+    p = mod(pack, "runtime").plan("auto", torch.device("cuda", 0))
+    assert (p.runtime, p.matmul) == ("fp8", "dequant") and "AMD GPU (ROCm)" in p.reason
 
 
 def test_comfyui_cuda_malloc_allocator_keeps_triton_kernels_out_of_cuda_graphs(pack, monkeypatch):
@@ -426,3 +432,18 @@ def test_an_all_zero_layer_gets_modelopts_scale_not_nan(pack):
     fp8 = mod(pack, "fp8_ops").FP8Linear.from_linear(lin, dequant, dequant, mult)
     x = torch.randn(2, 4)
     assert torch.equal(fp8(x), lin.bias.detach().expand(2, 3))
+
+
+def test_unload_models_frees_the_cuda_graphs_of_a_tower_that_stays_put(comfy, pack, fp8_clip):
+    """With --gpu-only ComfyUI's offload device is the GPU: "Unload Models" leaves the FP8 tower where it is, and
+    the memory its CUDA graphs hold (buffers per prompt shape) went only when the weights moved. (No CUDA here:
+    a stand-in entry in the graph cache is what is checked.)"""
+    import comfy.model_management as mm
+
+    fp8 = fp8_clip[1]
+    tower = mod(pack, "proxy").unwrap(fp8.patcher.get_model_object("clip_l.transformer"))
+    encode(comfy, fp8, "a cat")  # loaded, as ComfyUI keeps it after an encode
+    tower._graphs[("stand-in",)] = object()
+    mm.unload_all_models()
+    assert not tower._graphs
+    encode(comfy, fp8, "a cat")  # and it encodes again

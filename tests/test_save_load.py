@@ -467,7 +467,18 @@ def test_command_line_build_engine_builds_once_into_the_cache(comfy, saved, tmp_
     assert no_gpu.returncode == 2 and "No engine can be built here" in no_gpu.stderr and "--portable" in no_gpu.stderr
     (tmp_path / "blocker").write_text("a file where the cache folder should be")
     unusable = cli(comfy, "build-engine", saved, "--portable", "--max-rows", "2", "--cache", tmp_path / "blocker" / "e")
-    assert unusable.returncode == 2 and "could not be stored, so the node would not find it" in unusable.stderr
+    # refused before the model is loaded and built, not after
+    assert unusable.returncode == 2 and "Cannot create the TensorRT engine folder" in unusable.stderr
+    assert "building" not in unusable.stderr
+    for rows in ("0", "65", "-1"):
+        bad = cli(comfy, "build-engine", saved, "--portable", "--max-rows", rows, "--cache", cache)
+        assert bad.returncode == 2 and "give a whole number from 1 to 64" in bad.stderr, rows
+    # ComfyUI's model folders as its main.py sets them: the node's engine cache is the one extra_model_paths names
+    (tmp_path / "extra.yaml").write_text(f"fp8test:\n    base_path: {tmp_path}\n    tensorrt: engines\n")
+    via = cli(comfy, "--extra-model-paths-config", tmp_path / "extra.yaml", "build-engine", saved, "--portable",
+              "--max-rows", "2")
+    assert via.returncode == 0, via.stderr[-4000:]
+    assert f"engine cache: {cache}" in via.stderr and "clip_l: found in the cache, no build" in via.stdout
 
 
 def test_the_file_gives_the_engine_key_the_node_looks_up(pack, qclip, loaded, rtx):

@@ -273,7 +273,7 @@ def test_a_read_only_cache_serves_the_engines_it_holds(pack, tmp_path, counted, 
     def read_only(self):
         raise cache_mod.EngineCacheError(f"The TensorRT engine folder {self.root} is not writable")
 
-    monkeypatch.setattr(cache_mod.EngineCache, "_ensure_writable", read_only)
+    monkeypatch.setattr(cache_mod.EngineCache, "check_writable", read_only)
     found = cache_mod.EngineCache(tmp_path).get_or_build(key, COMPONENTS, counted, tower="clip_l")
     assert not found.built and counted.calls == [1]
     with pytest.raises(cache_mod.EngineCacheError, match="not writable"):  # a missing engine still needs writing
@@ -377,3 +377,21 @@ def test_a_standard_tensorrt_older_than_10_2_is_passed_over_with_the_reason(pack
     monkeypatch.setitem(sys.modules, "tensorrt_rtx_bindings", None)  # as if not installed
     found, why = flavour.find_tensorrt()
     assert found is None and "tensorrt 8.6.1 is older than 10.2" in why and "pip install -U tensorrt" in why
+
+
+def test_temp_files_of_a_killed_build_are_removed_by_the_next_build(pack, tmp_path, counted):
+    """A build killed while writing (kill -9, power cut) leaves an engine-sized temp file that nothing else removes;
+    one still being written (touched within the hour) stays."""
+    cache_mod = tr(pack, "cache")
+    tmp_path.mkdir(exist_ok=True)
+    stale = tmp_path / "fp8clip-clip_g-0123456789abcdef01234567.engine.0123456789abcdef.tmp"
+    fresh = tmp_path / "fp8clip-clip_l-0123456789abcdef01234567.engine.fedcba9876543210.tmp"
+    other = tmp_path / "notes.0123456789abcdef.tmp"  # not the pack's
+    for p in (stale, fresh, other):
+        p.write_bytes(b"half an engine")
+    two_hours_ago = time.time() - 7200
+    for p in (stale, other):
+        os.utime(p, (two_hours_ago, two_hours_ago))
+    cache_mod.EngineCache(tmp_path).get_or_build(cache_mod.engine_key(COMPONENTS), COMPONENTS, counted,
+                                                 tower="clip_l")
+    assert not stale.exists() and fresh.exists() and other.exists()

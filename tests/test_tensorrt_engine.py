@@ -400,3 +400,59 @@ def test_quantize_node_tensorrt_runtime_puts_the_clip_on_the_engine(comfy, pack,
     assert "TensorRT engine: " in text and "clip_l:" in text and len(engine_node) <= 1
     assert type(tower(pack, clip)[0]).__name__ == "EngineTextModel"
     assert cosine(encode(comfy, clip, PROMPT)[0], encode(comfy, fp8_clip[1], PROMPT)[0]) > 0.999
+
+
+def test_engine_of_a_clip_comfyui_keeps_on_the_cpu_is_loaded_per_encode(comfy, pack, fp8_clip, rtx, engine_node,
+                                                                         monkeypatch):
+    """--lowvram and --novram keep text encoders on the CPU: ComfyUI never moves such a CLIP to the GPU or back,
+    so nothing would release its engine's GPU memory. (The engine here is onnxruntime on the CPU, named a CUDA
+    runner: what is checked is when the pack releases it, and that the status says so.)"""
+    import dataclasses
+
+    pipeline, cache = pack_module(pack, "trt_runtime.pipeline"), pack_module(pack, "trt_runtime.cache")
+    on_gpu = dataclasses.replace(rtx, ok=True, device=torch.device("cuda", 0))
+    with torch.inference_mode():
+        out, status = pipeline.engine_clip(fp8_clip[1], 8, on_gpu,
+                                           cache_root=cache.register_folder(comfy.folder_paths)[0])
+    assert ("ComfyUI runs this CLIP on cpu (--lowvram, --novram or the loader's device): the engine runs on cuda:0 "
+            "and is loaded for each encode" in status)
+    tower = pack_module(pack, "quant.proxy").unwrap(out.patcher.get_model_object("clip_l.transformer"))
+    released = []
+    monkeypatch.setattr(tower.runner, "device", torch.device("cuda", 0))
+    monkeypatch.setattr(tower.runner, "release", lambda: released.append(1), raising=False)
+    first, _ = encode(comfy, out, PROMPT)
+    again, _ = encode(comfy, out, PROMPT)
+    assert len(released) == 2 and torch.equal(first, again)
+
+    class OnTheGPU:
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(tower, "_probe", lambda: OnTheGPU)
+    encode(comfy, out, "another prompt")
+    assert len(released) == 2  # layers on the GPU: ComfyUI's unload releases the engine, not each encode
+
+
+def test_engine_tower_called_with_token_ids_alone_matches_the_fp8_tower(pack, fp8_clip, engine_clip):
+    """ComfyUI's CLIPTextModel also takes token ids without embeddings or num_tokens, pooling at the end token
+    (custom nodes call it so); the engine's drop-in raised a TypeError there."""
+    unwrap = pack_module(pack, "quant.proxy").unwrap
+    tower = unwrap(engine_clip.patcher.get_model_object("clip_l.transformer"))
+    fp8 = unwrap(fp8_clip[1].patcher.get_model_object("clip_l.transformer"))
+    tokens = torch.tensor([[49406, 320, 2368, 525, 320, 6448, 49407] + [49407] * 70])
+    with torch.inference_mode():
+        last, _, projected, pooled = tower(input_tokens=tokens)
+        ref_last, _, ref_projected, ref_pooled = fp8(input_tokens=tokens)
+    assert pooled.shape == ref_pooled.shape == (1, 768)
+    assert cosine(last, ref_last) > 0.99 and cosine(pooled, ref_pooled) > 0.99
+    assert cosine(projected, ref_projected) > 0.99
+
+
+def test_tensorrt_errors_reach_the_console_and_warnings_stay_with_the_message(pack, rtx, caplog):
+    """A failed engine run said "see the TensorRT messages in the log" while nothing was logged."""
+    trt = rtx.flavour.module
+    log = pack_module(pack, "trt_runtime.build")._logger(trt)
+    with caplog.at_level("WARNING"):
+        log.log(trt.ILogger.Severity.WARNING, "a warning builds emit by the dozen")
+        log.log(trt.ILogger.Severity.ERROR, "an error the user must see")
+    assert [r.getMessage() for r in caplog.records] == ["TensorRT: an error the user must see"]
+    assert len(log.lines) == 2  # both go into the error message of a failed load or run

@@ -5,6 +5,8 @@ which is what FP8 needs in TensorRT 10+ and TensorRT for RTX; no precision flags
 """
 from __future__ import annotations
 
+import logging
+
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -61,6 +63,8 @@ def _logger(trt: Any) -> Any:
         def log(self, severity, msg):
             if severity <= trt.ILogger.Severity.WARNING:
                 self.lines.append(f"{getattr(severity, 'name', severity)}: {msg}")
+            if severity <= trt.ILogger.Severity.ERROR:  # warnings stay in .lines: builds emit many
+                logging.getLogger(__name__).error("TensorRT: %s", msg)
     return Log()
 
 

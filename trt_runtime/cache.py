@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..quant.errors import FP8ClipError
-from ..quant.paths import create_temp
+from ..quant.paths import create_temp, remove_stale
 from .build import BuildResult
 
 log = logging.getLogger("comfyui-fp8-clip")
@@ -96,6 +97,9 @@ def register_folder(folder_paths: Any) -> list[str]:
     return list(folder_paths.folder_names_and_paths[FOLDER][0])
 
 
+STALE_TEMP = re.compile(r"fp8clip-.+\.(engine|json)\.[0-9a-f]{16}\.tmp$")  # what _write_atomic leaves if killed
+
+
 class EngineCache:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -104,7 +108,7 @@ class EngineCache:
         stem = f"fp8clip-{tower}-{key[:24]}"
         return self.root / f"{stem}.engine", self.root / f"{stem}.json", self.root / ".locks" / f"{key[:24]}.lock"
 
-    def _ensure_writable(self) -> None:
+    def check_writable(self) -> None:
         fix = ("make it writable by ComfyUI, or point the `tensorrt` entry of extra_model_paths.yaml to a "
                "writable folder.")
         try:
@@ -161,7 +165,9 @@ class EngineCache:
         found, _ = self.check(key, components, tower)
         if found is not None:
             return found
-        self._ensure_writable()
+        self.check_writable()
+        # Temp files of builds killed while writing (kill -9, power cut): engines of hundreds of MB each.
+        remove_stale(self.root, STALE_TEMP)
         engine, manifest_path, lock = self._names(key, tower)
         with _build_lock(lock, check_interrupt):
             found, why = self.check(key, components, tower)

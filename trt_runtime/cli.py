@@ -10,6 +10,20 @@ import sys
 from pathlib import Path
 
 
+MAX_ROWS = 64  # the nodes' max_batch_rows / max_images: a larger engine could never be looked up
+
+
+def rows_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_ROWS:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number from 1 to {MAX_ROWS} (the largest "
+                                         "max_batch_rows / max_images the node takes)")
+    return n
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fp8clip build-engine",
                                  description="Build TensorRT engines for FP8 CLIP files saved by this pack.")
@@ -17,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
                                              "towers), or one FP8 CLIP vision file")
     ap.add_argument("--vision", action="store_true", help="the file is a CLIP vision model (models/clip_vision)")
     ap.add_argument("--type", default="auto", help="CLIP type as in Load CLIP (default: from the file)")
-    ap.add_argument("--max-rows", type=int, default=None,
+    ap.add_argument("--max-rows", type=rows_arg, default=None,
                     help="largest batch: rows of 77 tokens (text, default 8) or images (vision, default 4); the "
                          "node's max_batch_rows / max_images must match to find the engine")
     ap.add_argument("--activations", choices=("float32", "float16"), default="float32")
@@ -28,11 +42,12 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None, *, comfyui: str | None = None, cpu: bool = False) -> int:
+def main(argv: list[str] | None = None, *, comfyui: str | None = None, cpu: bool = False,
+         comfy_args: list[str] = ()) -> int:
     from ..cli import CLIError, boot_comfyui, find_comfyui, progress_printer
 
     a = parser().parse_args(argv)
-    boot_comfyui(find_comfyui(comfyui), cpu)
+    boot_comfyui(find_comfyui(comfyui), cpu, comfy_args)
     import comfy.model_management
     import folder_paths
     import torch
@@ -40,7 +55,7 @@ def main(argv: list[str] | None = None, *, comfyui: str | None = None, cpu: bool
     from ..quant.serialize import load_fp8_clip
     from ..quant.serialize_vision import load_fp8_clip_vision
     from .availability import build_only_support, engine_support
-    from .cache import register_folder
+    from .cache import EngineCache, register_folder
     from .pipeline import prebuild
 
     for f in a.files:
@@ -53,7 +68,9 @@ def main(argv: list[str] | None = None, *, comfyui: str | None = None, cpu: bool
         raise CLIError(f"No engine can be built here: {support.reason}"
                        + ("" if a.portable else " (--portable builds a TensorRT for RTX engine without a GPU)"))
     cache = Path(a.cache) if a.cache else Path(register_folder(folder_paths)[0])
-    rows = a.max_rows or (4 if a.vision else 8)
+    EngineCache(cache).check_writable()  # before minutes of building, not after
+    print(f"engine cache: {cache}", file=sys.stderr)
+    rows = a.max_rows if a.max_rows is not None else (4 if a.vision else 8)
     with torch.inference_mode():
         if a.vision:
             model, _ = load_fp8_clip_vision(a.files[0], "fp8")

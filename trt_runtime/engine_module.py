@@ -58,6 +58,15 @@ class EngineTower(torch.nn.Module):
         self._on_cuda = on_cuda
         return out
 
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.runner(x)
+        # A CLIP ComfyUI keeps on the CPU (--lowvram, --novram, a loader's cpu device) is never moved to the GPU
+        # or back, so no offload releases the engine: it would hold its GPU memory for as long as the node's
+        # output lives, on the machines shortest of it. It is loaded for each encode instead.
+        if self.runner.device.type == "cuda" and self._probe().device.type != "cuda":
+            self.runner.release()
+        return out
+
     def vram_bytes(self) -> int:
         """GPU memory when loaded: the engine (weights + activations) and the torch layers kept beside it."""
         torch_bytes = sum(t.numel() * t.element_size() for t in self.state_dict().values())
@@ -117,7 +126,7 @@ class EngineTextModel(EngineTower):
                 f"{self.max_rows}. Raise max_batch_rows on the 'Build TensorRT Engine for FP8 CLIP' node to at "
                 f"least {rows} (the engine is rebuilt once; the Quantize node's 'tensorrt' runtime always builds "
                 "for 8: use the Build node for more), or shorten the prompt.")
-        last, hidden = self.runner(embeds.float())
+        last, hidden = self._run(embeds.float())
         last, hidden = last.to(embeds.device), hidden.to(embeds.device)
 
         inter = self._select(hidden, intermediate_output, self.num_layers)
@@ -127,7 +136,8 @@ class EngineTextModel(EngineTower):
         if num_tokens is not None:
             pooled = last[torch.arange(rows, device=last.device), torch.as_tensor(num_tokens, device=last.device) - 1]
         else:
-            eos = (torch.round(input_tokens).to(torch.int, device=last.device) == self.eos_token_id).int().argmax(-1)
+            ids = torch.round(input_tokens).to(device=last.device, dtype=torch.int)
+            eos = (ids == self.eos_token_id).int().argmax(-1)
             pooled = last[torch.arange(rows, device=last.device), eos]
         return last, inter, self.text_projection(pooled), pooled
 
@@ -157,7 +167,7 @@ class EngineVisionModel(EngineTower):
             raise FP8ClipError(f"The TensorRT engine takes images of {list(self.pixels)} (channels, height, width), "
                                f"got {list(pixel_values.shape[1:])}. Encode through CLIPVisionEncode, which resizes "
                                "to the model's size.")
-        last, hidden = self.runner(pixel_values.float())
+        last, hidden = self._run(pixel_values.float())
         last, hidden = last.to(pixel_values.device), hidden.to(pixel_values.device)
         inter = self._select(hidden, intermediate_output, self.num_layers)
         return last, inter, self.pooled_norm(last[:, 0, :])

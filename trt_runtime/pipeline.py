@@ -246,4 +246,9 @@ def _engine_model(model: Any, target: Target, profile: Profile, header: str, sup
     out = clone_with(model, swaps)
     out.patcher.size = max(int(size), 1)
     lines.append(f"  memory reported to ComfyUI: {_mb(out.patcher.size)}")
+    gpu = support.device
+    if gpu is not None and gpu.type == "cuda" and torch.device(model.patcher.load_device).type != "cuda":
+        lines.append(f"  ComfyUI runs this {target.noun} on {model.patcher.load_device} (--lowvram, --novram or the "
+                     f"loader's device): the engine runs on {gpu} and is loaded for each encode, not "
+                     "kept there")
     return out, "\n".join(lines)

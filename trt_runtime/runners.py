@@ -53,7 +53,7 @@ class TrtRunner:
         self.flavour = flavour
         self._read = engine_bytes
         self._file_bytes = engine_file_bytes
-        self._engine = self._context = self._runtime = None
+        self._engine = self._context = self._runtime = self._log = None
         self._lock = threading.Lock()
 
     def load(self) -> None:
@@ -77,8 +77,11 @@ class TrtRunner:
             check_plan(plan_from_engine(engine), self.plan)
             context = engine.create_execution_context()
             if context is None:
-                raise EngineLoadError("TensorRT could not create an execution context (out of GPU memory?).")
-        self._runtime, self._engine, self._context = runtime, engine, context
+                said = "; ".join(log.lines[-3:]) or "no message"
+                raise EngineLoadError(f"TensorRT could not create an execution context ({said}). If the GPU is out "
+                                      "of memory: free some (unload other models), or rebuild the engine with a "
+                                      "smaller max_batch_rows / max_images.")
+        self._runtime, self._engine, self._context, self._log = runtime, engine, context, log
 
     def __call__(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # TensorRT runs on the current CUDA device: make it the engine's (a CLIP vision on cuda:1, say).
@@ -96,12 +99,13 @@ class TrtRunner:
             # The engine runs on torch's current stream, so torch ops before and after are ordered with it.
             stream = torch.cuda.current_stream(self.device)
             if not ctx.execute_async_v3(stream.cuda_stream):
-                raise RuntimeError("TensorRT failed to run the engine (see the TensorRT messages in the log).")
+                said = "; ".join(self._log.lines[-3:]) if self._log is not None else ""
+                raise RuntimeError(f"TensorRT failed to run the engine ({said or 'no message from TensorRT'}).")
             return outs[LAST_HIDDEN], outs[HIDDEN_STATES]
 
     def release(self) -> None:
         with self._lock:
-            self._context = self._engine = self._runtime = None
+            self._context = self._engine = self._runtime = self._log = None
 
     def device_bytes(self) -> int:
         """GPU memory of the loaded engine: weights (about its file size) plus activation memory."""
