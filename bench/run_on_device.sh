@@ -7,7 +7,8 @@
 #   bash bench/run_on_device.sh OUT [step ...]     steps: probe probe-stress text profile profile-rows vision
 #   text-dynamic text-sdxl text-sdxl-dynamic text-sd3 text-sd3-t5 text-flux profile-sdxl
 #   profile-sdxl-dynamic attention residency residency-dynamic workflows workflows-dynamic small-vram
-#   small-vram-dynamic http text-default unload unload-async unload-old unload-v03 unload-v03-old text-sdxl-default
+#   small-vram-dynamic http text-default unload unload-async unload-old unload-v03 unload-v03-old capture-failure
+#   text-sdxl-default
 #   vision-async multi-gpu
 #   multi-gpu-async (two GPUs) capture-async
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
@@ -60,6 +61,7 @@ for step in "${@:-probe text profile vision}"; do
       http*) timeout 560 python3 bench/probe_http_server.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} ;;
       unload-async*) PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 200 python3 bench/probe_unload.py \
                        --comfy /tmp/c29 ;;
+      capture-failure*) timeout 200 python3 bench/probe_capture_failure.py --comfy /tmp/c29 ;;
       unload-v03-old*) timeout 200 python3 bench/probe_unload.py --comfy /tmp/c03 --old-lookup ;;
       unload-v03*) timeout 200 python3 bench/probe_unload.py --comfy /tmp/c03 ;;
       unload-old*) timeout 200 python3 bench/probe_unload.py --comfy /tmp/c29 --old-lookup ;;

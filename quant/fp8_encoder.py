@@ -137,6 +137,12 @@ def _copy_into(dst: tuple, src: tuple) -> None:
             d.copy_(t)
 
 
+class _CaptureFailed(Exception):
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class FP8Runner(torch.nn.Module):
     """Base of the FP8 models: device placement, kernel plan, CUDA-graph execution of `_core`."""
 
@@ -249,7 +255,14 @@ class FP8Runner(torch.nn.Module):
         key = (tuple(x.shape), None if mask is None else tuple(mask.shape), inter_idx, ln_inter, x.device)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(fn, x, mask, inter_idx, ln_inter)
+            try:
+                entry = self._capture(fn, x, mask, inter_idx, ln_inter)
+            except _CaptureFailed as e:  # else every encode would capture, and fail, again
+                log.warning("FP8 CLIP: capturing the CUDA graph failed (%s: %s); running without CUDA graphs on %s "
+                            "from now on", type(e.cause).__name__, e.cause, x.device)
+                self.graphs = False
+                self._drop_graphs()
+                return fn(x, mask, inter_idx, ln_inter)
             self._graphs[key] = entry
             while len(self._graphs) > 24:
                 self._graphs.popitem(last=False)
@@ -280,8 +293,13 @@ class FP8Runner(torch.nn.Module):
             self.__dict__["_pool"] = torch.cuda.graph_pool_handle()
         # On this tower's device and stream: torch's default capture stream belongs to the device that was
         # current when it was made, and a tower on another GPU would record nothing into the graph.
-        with torch.cuda.device(x.device), torch.cuda.graph(graph, pool=self.__dict__["_pool"], stream=s):
-            _copy_into(out, fn(sx, smask, inter_idx, ln_inter))
+        try:
+            with torch.cuda.device(x.device), torch.cuda.graph(graph, pool=self.__dict__["_pool"], stream=s):
+                _copy_into(out, fn(sx, smask, inter_idx, ln_inter))
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ran in the warm-up above: the capture is what failed
+            raise _CaptureFailed(e) from e
         return graph, sx, smask, out
 
     def _drop_graphs(self) -> None:
