@@ -479,6 +479,12 @@ def test_command_line_build_engine_builds_once_into_the_cache(comfy, saved, tmp_
               "--max-rows", "2")
     assert via.returncode == 0, via.stderr[-4000:]
     assert f"engine cache: {cache}" in via.stderr and "clip_l: found in the cache, no build" in via.stdout
+    (tmp_path / "base" / "models").mkdir(parents=True)  # ComfyUI Desktop's --base-directory
+    (tmp_path / "base" / "models" / "tensorrt").symlink_to(cache, target_is_directory=True)
+    based = cli(comfy, "--base-directory", tmp_path / "base", "build-engine", saved, "--portable", "--max-rows", "2")
+    assert based.returncode == 0, based.stderr[-4000:]
+    assert f"engine cache: {tmp_path / 'base' / 'models' / 'tensorrt'}" in based.stderr
+    assert "clip_l: found in the cache, no build" in based.stdout
 
 
 def test_the_file_gives_the_engine_key_the_node_looks_up(pack, qclip, loaded, rtx):
