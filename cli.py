@@ -69,7 +69,8 @@ def _apply_model_paths(comfy_dir: Path, args: argparse.Namespace) -> None:
     if not configs:
         return
     # Loaded from its file: `utils` may name another module in this process.
-    spec = importlib.util.spec_from_file_location("fp8clip_comfy_extra_config", comfy_dir / "utils" / "extra_config.py")
+    spec = importlib.util.spec_from_file_location("fp8clip_comfy_extra_config",
+                                                  comfy_dir / "utils" / "extra_config.py")
     extra = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(extra)
     for c in configs:
