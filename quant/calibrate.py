@@ -89,7 +89,10 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     # The original's encodes for the report come first, while ComfyUI has the GPU to itself: loading the input
     # CLIP beside a calibration copy it cannot unload (SDXL's, in fp32: 3.3 GB) ran an 8 GB card out of memory.
     t0 = time.perf_counter()
-    refs = encode_all(held_out, checked(clip), {t.name: clip.patcher.get_model_object(t.path) for t in towers})
+    # The towers' encoders (shared by every clone): which pooled output the model uses.
+    owners = {t.name: clip.patcher.get_model_object(t.path.rsplit(".", 1)[0]) for t in towers}
+    refs = encode_all(held_out, checked(clip), {t.name: clip.patcher.get_model_object(t.path) for t in towers},
+                      owners=owners)
     ref_s = time.perf_counter() - t0
     copies = {t.name: patched_copy(clip, t.path) for t in towers}
     source_bytes = {n: weight_bytes(m) for n, m in copies.items()}
@@ -130,7 +133,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     t0 = time.perf_counter()
     probe = LayerErrorProbe(container, reference, keep=(qclip.patcher,))
     try:
-        scores = evaluate(held_out, refs, checked(qclip), summaries, dict(copies), step)
+        scores = evaluate(held_out, refs, checked(qclip), summaries, dict(copies), step, owners)
     finally:
         errors = probe.close()
     eval_s = time.perf_counter() - t0 + ref_s

@@ -88,16 +88,23 @@ def suggested_keep(worst: list[tuple[str, float]], current: tuple[str, ...] = ()
 
 class TowerCapture:
     """Records what each tower's transformer returns (the hidden state the conditioning uses, and the pooled
-    output), so a bundle's report can say how much each tower lost."""
+    output), so a bundle's report can say how much each tower lost.
 
-    def __init__(self, modules: dict[str, torch.nn.Module]):
+    `owners`: each tower's ComfyUI encoder (SDClipModel), whose `return_projected_pooled` says which pooled
+    output the model uses: SD3's CLIPs give the unprojected one."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], owners: dict[str, object] | None = None):
         self.last: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._owners = owners or {}
         self._handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in modules.items()]
 
     def _hook(self, name: str) -> Callable:
         def hook(mod, args, kwargs, out):
             hidden = out[1] if isinstance(kwargs.get("intermediate_output"), int) and out[1] is not None else out[0]
-            pooled = out[2] if len(out) > 2 and out[2] is not None else None
+            projected = getattr(self._owners.get(name), "return_projected_pooled", True)
+            pooled = out[2] if len(out) > 2 else None
+            if not projected and len(out) > 3 and out[3] is not None:
+                pooled = out[3]
             self.last[name] = (hidden.detach().float(), None if pooled is None else pooled.detach().float())
         return hook
 
@@ -229,13 +236,14 @@ class QualityReport:
 
 
 def encode_all(prompts: Iterable[str], encode: Callable[[str], tuple], modules: dict[str, torch.nn.Module],
-               each: Callable[[], None] = lambda: None) -> list[tuple[tuple, dict]]:
+               each: Callable[[], None] = lambda: None, owners: dict[str, object] | None = None
+               ) -> list[tuple[tuple, dict]]:
     """(encode(p), what each tower returned) for every prompt, one model after the other: a switch between the
     input CLIP and the quantized clone makes ComfyUI load the model again (quant/patching.py), so alternating
     per prompt reloaded it twice a prompt (Flux's 9.5 GB T5-XXL: quantizing did not finish in 8 minutes)."""
     out = []
     for p in prompts:
-        cap = TowerCapture(modules)
+        cap = TowerCapture(modules, owners)
         try:
             out.append((encode(p), dict(cap.last)))
         finally:
@@ -246,11 +254,12 @@ def encode_all(prompts: Iterable[str], encode: Callable[[str], tuple], modules: 
 
 def evaluate(prompts: Iterable[str], refs: list[tuple[tuple, dict]], encode_q: Callable[[str], tuple],
              towers: list[TowerSummary], q_modules: dict[str, torch.nn.Module],
-             step: Callable[[], None] = lambda: None) -> list[PromptScore]:
+             step: Callable[[], None] = lambda: None, owners: dict[str, object] | None = None
+             ) -> list[PromptScore]:
     """End-to-end scores per prompt against `refs` (`encode_all` of the original); per-tower scores are appended
     to `towers`."""
     prompts = list(prompts)
-    got = encode_all(prompts, encode_q, q_modules, step)
+    got = encode_all(prompts, encode_q, q_modules, step, owners)
     scores = []
     for p, (ref, ref_towers), (q, q_towers) in zip(prompts, refs, got):
         scores.append(score(p, ref, q))

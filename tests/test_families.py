@@ -222,6 +222,8 @@ def test_sd3_report_measures_clip_l_apart_from_t5s_unchanged_tokens(comfy, pack)
         rc, gc = encode(comfy, clip, p)[0], encode(comfy, q, p)[0]
         rows.append(float(torch.nn.functional.cosine_similarity(rc[0, :77], gc[0, :77], dim=-1).mean()))
     assert abs(min(rows) - tower) < 1e-4
+    # SD3's pooled output is CLIP-L's unprojected one (and CLIP-G's zeros here): the tower's pooled line scores it
+    assert abs(min(report.towers[0].pooled) - report.pooled_min) < 1e-5
     assert tower < report.cond_min  # T5's unchanged tokens lift the whole conditioning's score
     warned = dataclasses.replace(report, min_cosine=(tower + report.cond_min) / 2).warnings()
     assert len(warned) == 1 and f"clip_l hidden {tower:.5f}" in warned[0]
