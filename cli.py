@@ -62,8 +62,8 @@ def _apply_model_paths(comfy_dir: Path, args: argparse.Namespace) -> None:
     was models/tensorrt under the ComfyUI folder while the node's was the one extra_model_paths.yaml names."""
     import importlib.util
 
-    configs = [comfy_dir / "extra_model_paths.yaml"]
-    configs = [c for c in configs if c.is_file()]
+    beside = comfy_dir / "extra_model_paths.yaml"
+    configs = [beside] if beside.is_file() else []
     for group in getattr(args, "extra_model_paths_config", None) or []:
         configs += [Path(c) for c in group]
     if not configs:

@@ -138,6 +138,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
         errors = probe.close()
     eval_s = time.perf_counter() - t0 + ref_s
 
+    calibrated = set(prompts)
     report = QualityReport(family=family.label, scope=recipe.scope, method=recipe.method, towers=summaries,
                            prompts=scores, layer_errors=errors, calibration_prompts=len(prompts),
                            calibration_seconds=calib_s, evaluation_seconds=eval_s, min_cosine=min_cosine,
@@ -145,7 +146,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                            notes=[f"Kept as they are, weights not finite (NaN/inf; e.g. a projection the checkpoint "
                                   f"lacks, which ComfyUI leaves uninitialized): {', '.join(unusable)}"] if unusable
                            else [], fp8_embedding=recipe.fp8_embedding,
-                           overlap=sum(h.strip() in set(prompts) for h in held_out))
+                           overlap=sum(h.strip() in calibrated for h in held_out))
     fp = fingerprint(prompts, recipe)
     for t in towers:
         prefix = t.name + "."

@@ -138,9 +138,7 @@ def _copy_into(dst: tuple, src: tuple) -> None:
 
 
 class _CaptureFailed(Exception):
-    def __init__(self, cause: Exception):
-        super().__init__(str(cause))
-        self.cause = cause
+    """The CUDA-graph capture failed (its cause is `__cause__`), not the code being captured."""
 
 
 class FP8Runner(torch.nn.Module):
@@ -259,7 +257,7 @@ class FP8Runner(torch.nn.Module):
                 entry = self._capture(fn, x, mask, inter_idx, ln_inter)
             except _CaptureFailed as e:  # else every encode would capture, and fail, again
                 log.warning("FP8 CLIP: capturing the CUDA graph failed (%s: %s); running without CUDA graphs on %s "
-                            "from now on", type(e.cause).__name__, e.cause, x.device)
+                            "from now on", type(e.__cause__).__name__, e.__cause__, x.device)
                 self.graphs = False
                 self._drop_graphs()
                 return fn(x, mask, inter_idx, ln_inter)
@@ -299,7 +297,7 @@ class FP8Runner(torch.nn.Module):
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - ran in the warm-up above: the capture is what failed
-            raise _CaptureFailed(e) from e
+            raise _CaptureFailed() from e
         return graph, sx, smask, out
 
     def _drop_graphs(self) -> None:

@@ -6,7 +6,6 @@ which is what FP8 needs in TensorRT 10+ and TensorRT for RTX; no precision flags
 from __future__ import annotations
 
 import logging
-
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -16,6 +15,8 @@ from .availability import PORTABLE
 from .bindings import plan_from_network
 from .flavour import RTX, Flavour
 from .onnx_export import INPUT, PIXELS, TensorIO
+
+log = logging.getLogger("comfyui-fp8-clip")
 
 Progress = Callable[[float, str], None]  # (fraction 0..1, phase name)
 
@@ -64,7 +65,7 @@ def _logger(trt: Any) -> Any:
             if severity <= trt.ILogger.Severity.WARNING:
                 self.lines.append(f"{getattr(severity, 'name', severity)}: {msg}")
             if severity <= trt.ILogger.Severity.ERROR:  # warnings stay in .lines: builds emit many
-                logging.getLogger(__name__).error("TensorRT: %s", msg)
+                log.error("TensorRT: %s", msg)
     return Log()
 
 

@@ -99,8 +99,8 @@ class TrtRunner:
             # The engine runs on torch's current stream, so torch ops before and after are ordered with it.
             stream = torch.cuda.current_stream(self.device)
             if not ctx.execute_async_v3(stream.cuda_stream):
-                said = "; ".join(self._log.lines[-3:]) if self._log is not None else ""
-                raise RuntimeError(f"TensorRT failed to run the engine ({said or 'no message from TensorRT'}).")
+                said = "; ".join(self._log.lines[-3:]) or "no message from TensorRT"
+                raise RuntimeError(f"TensorRT failed to run the engine ({said}).")
             return outs[LAST_HIDDEN], outs[HIDDEN_STATES]
 
     def release(self) -> None:
