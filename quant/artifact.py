@@ -26,6 +26,9 @@ class QuantizedTower:
     kept: list[str]  # layer names inside the tower module left in high precision
     source_bytes: int = 0  # the original tower's weights, for ComfyUI's memory accounting
     report: dict[str, Any] = field(default_factory=dict)
+    # ComfyUI's dtype for this tower's weights (patching.checkpoint_dtype): what the FP8 model keeps in high
+    # precision (kept layers, a token table not in FP8) stays in it, the calibrated fp32 copy's values exactly.
+    dtype: torch.dtype = torch.float16
 
 
 def attach(module: torch.nn.Module, record: QuantizedTower) -> None:

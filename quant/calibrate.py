@@ -14,7 +14,7 @@ import torch
 from . import artifact, modelopt_bridge
 from .errors import FP8ClipError
 from .fidelity import LayerErrorProbe, QualityReport, TowerSummary, encode_all, evaluate
-from .patching import clone_with, fake_quant_embedding, patched_copy, to_float32, weight_bytes
+from .patching import checkpoint_dtype, clone_with, fake_quant_embedding, patched_copy, to_float32, weight_bytes
 from .prompts import HELD_OUT_PROMPTS
 from .proxy import HOOKS_FIX, hooked_weights
 from .recipe import Recipe, fingerprint
@@ -96,6 +96,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     ref_s = time.perf_counter() - t0
     copies = {t.name: patched_copy(clip, t.path) for t in towers}
     source_bytes = {n: weight_bytes(m) for n, m in copies.items()}
+    dtypes = {n: checkpoint_dtype(m) for n, m in copies.items()}  # before the fp32 cast
     container = torch.nn.ModuleDict(copies)
     names = modelopt_bridge.linear_layer_names(container)
     to_quantize, kept, unmatched = recipe.split(names)
@@ -154,5 +155,5 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
             family=family.label, tower=t.name, recipe=recipe, fingerprint=fp,
             scales={n[len(prefix):]: s for n, s in scales.items() if n.startswith(prefix)},
             kept=[n[len(prefix):] for n in kept if n.startswith(prefix)], source_bytes=source_bytes[t.name],
-            report=report.to_dict()))
+            report=report.to_dict(), dtype=dtypes[t.name]))
     return qclip, report

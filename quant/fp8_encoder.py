@@ -30,15 +30,16 @@ def layer_norm(ln: torch.nn.Module) -> torch.nn.LayerNorm:
 
 
 class KeptLinear(torch.nn.Linear):
-    """A layer kept in high precision: the checkpoint's fp16 weights, computed in the input's dtype."""
+    """A layer kept in high precision: the checkpoint's weights, computed in the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.device, x.dtype)
         return F.linear(x, self.weight.to(x.device, x.dtype), b)
 
 
-def kept_linear(lin: torch.nn.Module) -> KeptLinear:
-    out = KeptLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, dtype=torch.float16)
+def kept_linear(lin: torch.nn.Module, dtype: torch.dtype = torch.float16) -> KeptLinear:
+    """`dtype`: the checkpoint's, as ComfyUI loaded it (the calibrated copy holds its values in fp32)."""
+    out = KeptLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, dtype=dtype)
     with torch.no_grad():
         out.weight.copy_(lin.weight)
         if lin.bias is not None:
@@ -102,8 +103,9 @@ class _Layer(torch.nn.Module):
         return x + self.mlp(self.layer_norm2(x).to(self.act_dtype)).to(x.dtype)
 
 
-def build_layers(src_layers: Any, prefix: str, scales: dict[str, Any]) -> torch.nn.ModuleList:
-    """FP8 copies of ComfyUI CLIPLayers: quantized Linears -> FP8Linear, the rest kept as they were."""
+def build_layers(src_layers: Any, prefix: str, scales: dict[str, Any], dtype: torch.dtype = torch.float16
+                 ) -> torch.nn.ModuleList:
+    """FP8 copies of ComfyUI CLIPLayers: quantized Linears -> FP8Linear, the rest kept as they were (in `dtype`)."""
     layers = torch.nn.ModuleList()
     for i, l in enumerate(src_layers):
         p = f"{prefix}{i}."
@@ -111,19 +113,20 @@ def build_layers(src_layers: Any, prefix: str, scales: dict[str, Any]) -> torch.
         nl.layer_norm1, nl.layer_norm2 = layer_norm(l.layer_norm1), layer_norm(l.layer_norm2)
         nl.self_attn = _Attention(l.self_attn.heads)
         for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            setattr(nl.self_attn, n, fp8_or_kept(p + "self_attn." + n, getattr(l.self_attn, n), scales))
+            setattr(nl.self_attn, n, fp8_or_kept(p + "self_attn." + n, getattr(l.self_attn, n), scales, dtype))
         nl.mlp = _MLP(l.mlp.activation)
-        nl.mlp.fc1 = fp8_or_kept(p + "mlp.fc1", l.mlp.fc1, scales)
-        nl.mlp.fc2 = fp8_or_kept(p + "mlp.fc2", l.mlp.fc2, scales)
+        nl.mlp.fc1 = fp8_or_kept(p + "mlp.fc1", l.mlp.fc1, scales, dtype)
+        nl.mlp.fc2 = fp8_or_kept(p + "mlp.fc2", l.mlp.fc2, scales, dtype)
         nl.act_dtype = torch.float32
         layers.append(nl)
     return layers
 
 
-def fp8_or_kept(name: str, lin: torch.nn.Module, scales: dict[str, Any]) -> torch.nn.Module:
+def fp8_or_kept(name: str, lin: torch.nn.Module, scales: dict[str, Any], dtype: torch.dtype = torch.float16
+                ) -> torch.nn.Module:
     s = scales.get(name)
     if s is None:
-        return kept_linear(lin)
+        return kept_linear(lin, dtype)
     return FP8Linear.from_linear(lin, s.weight_scale, s.input_scale, s.input_scale_inv)
 
 

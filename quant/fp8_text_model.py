@@ -28,9 +28,10 @@ class FP8TextModel(FP8Runner):
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_quantized(cls, src: torch.nn.Module, scales: dict[str, Any], fp8_embedding: bool = False,
-                       table_dtype: torch.dtype | None = None) -> "FP8TextModel":
+                       dtype: torch.dtype = torch.float16) -> "FP8TextModel":
         """`src`: ComfyUI CLIPTextModel whose quantized Linears hold folded Q->DQ weights; `scales`: per layer;
-        `table_dtype`: the token table's dtype when kept in high precision (default: `src`'s)."""
+        `dtype`: the checkpoint's (artifact.QuantizedTower.dtype), for the layers and the token table kept in
+        high precision."""
         m = cls()
         tm = src.text_model
         m.num_layers = len(tm.encoder.layers)
@@ -38,18 +39,18 @@ class FP8TextModel(FP8Runner):
         m.text_model.eos_token_id = tm.eos_token_id
         emb = torch.nn.Module()
         tok = tm.embeddings.token_embedding
-        emb.token_embedding = FP8Embedding(tok.weight) if fp8_embedding else _embedding_copy(tok, table_dtype)
+        emb.token_embedding = FP8Embedding(tok.weight) if fp8_embedding else _embedding_copy(tok, dtype)
         emb.position_embedding = torch.nn.Embedding(*tm.embeddings.position_embedding.weight.shape)
         with torch.no_grad():
             emb.position_embedding.weight.copy_(tm.embeddings.position_embedding.weight.float())
         emb.position_embedding.requires_grad_(False)
         m.text_model.embeddings = emb
 
-        layers = build_layers(tm.encoder.layers, "text_model.encoder.layers.", scales)
+        layers = build_layers(tm.encoder.layers, "text_model.encoder.layers.", scales, dtype)
         m.text_model.encoder = torch.nn.Module()
         m.text_model.encoder.layers = layers
         m.text_model.final_layer_norm = layer_norm(tm.final_layer_norm)
-        m.text_projection = fp8_or_kept("text_projection", src.text_projection, scales)
+        m.text_projection = fp8_or_kept("text_projection", src.text_projection, scales, dtype)
         return m
 
     # --- ComfyUI's interface --------------------------------------------------------------------------------
@@ -131,16 +132,10 @@ class _TokenEmbedding(torch.nn.Embedding):
         return super().forward(input.to(self.weight.device)).to(device=input.device, dtype=out_dtype or torch.float32)
 
 
-def checkpoint_table_dtype(original: torch.nn.Module) -> torch.dtype:
-    """The dtype ComfyUI loaded the token table in (fp16 for CLIP checkpoints), for a table kept in high
-    precision: the calibration copy holds it in fp32, twice the memory (CLIP-L 152 MB, CLIP-G 253 MB). An FP8
-    table (--fp8_e4m3fn-text-enc) is kept in fp16 instead: its values exactly, for a plain lookup."""
-    dtype = original.text_model.embeddings.token_embedding.weight.dtype
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
-
-
-def _embedding_copy(tok: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    e = _TokenEmbedding(*tok.weight.shape, dtype=dtype or tok.weight.dtype)
+def _embedding_copy(tok: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """In the checkpoint's dtype, not the calibration copy's fp32: twice the memory (CLIP-L 152 MB, CLIP-G
+    253 MB) for the same values."""
+    e = _TokenEmbedding(*tok.weight.shape, dtype=dtype)
     with torch.no_grad():
         e.weight.copy_(tok.weight)
     return e.requires_grad_(False)

@@ -24,14 +24,16 @@ class KeptConv2d(torch.nn.Conv2d):
 
 class FP8VisionModel(FP8Runner):
     @classmethod
-    def from_quantized(cls, src: torch.nn.Module, scales: dict[str, Any]) -> "FP8VisionModel":
-        """`src`: ComfyUI CLIPVision whose quantized Linears hold folded Q->DQ weights; `scales`: per layer."""
+    def from_quantized(cls, src: torch.nn.Module, scales: dict[str, Any], dtype: torch.dtype = torch.float16
+                       ) -> "FP8VisionModel":
+        """`src`: ComfyUI CLIPVision whose quantized Linears hold folded Q->DQ weights; `scales`: per layer;
+        `dtype`: the checkpoint's (artifact.QuantizedTower.dtype), for the layers kept in high precision."""
         m = cls()
         e = src.embeddings
         conv = e.patch_embedding
         emb = torch.nn.Module()
         emb.patch_embedding = KeptConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                                         bias=conv.bias is not None, dtype=torch.float16)
+                                         bias=conv.bias is not None, dtype=dtype)
         with torch.no_grad():
             emb.patch_embedding.weight.copy_(conv.weight)
             if conv.bias is not None:
@@ -45,7 +47,7 @@ class FP8VisionModel(FP8Runner):
         m.embeddings = emb
         m.pre_layrnorm = layer_norm(src.pre_layrnorm)
         m.encoder = torch.nn.Module()
-        m.encoder.layers = build_layers(src.encoder.layers, "encoder.layers.", scales)
+        m.encoder.layers = build_layers(src.encoder.layers, "encoder.layers.", scales, dtype)
         m.post_layernorm = layer_norm(src.post_layernorm)
         m.num_layers = len(src.encoder.layers)
         return m

@@ -93,6 +93,19 @@ def fake_quant_embedding(module: torch.nn.Module) -> None:
         tok.weight.copy_((q.weight.float() * q.weight_scale.unsqueeze(1)).to(tok.weight.dtype))
 
 
+HIGH_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def checkpoint_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype ComfyUI holds `module`'s weights in (fp16 by default, fp32 with --fp32-text-enc...), for the
+    parts an FP8 model keeps in high precision. FP8 weights (--fp8_e4m3fn-text-enc) give fp16: their values
+    exactly."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            return m.weight.dtype if m.weight.dtype in HIGH_PRECISION else torch.float16
+    return torch.float16
+
+
 def to_float32(module: torch.nn.Module) -> torch.nn.Module:
     """fp32 weights for calibration: folded Q->DQ weights then hold the exact FP8 values times their scale
     (in fp16 they would be rounded again, and the real FP8 runtime would drift from the measured numbers)."""

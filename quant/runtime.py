@@ -17,10 +17,9 @@ from . import artifact, fp8_fused
 from .errors import FP8ClipError
 from .fp8_ops import fp8_matmul_support
 from .fp8_encoder import FP8Runner
-from .fp8_text_model import FP8TextModel, checkpoint_table_dtype
+from .fp8_text_model import FP8TextModel
 from .fp8_vision_model import FP8VisionModel
 from .patching import clone_with, weight_bytes
-from .proxy import original_of
 from .vram import make_room
 
 RUNTIMES = ("auto", "fp8", "fp8-compiled", "fake-quant", "tensorrt")
@@ -102,11 +101,9 @@ def to_fp8_runtime(qclip: Any, requested: str = "auto", compile_ok: bool | None 
         else:  # the FP8 copy is made where the calibrated tower is: ask ComfyUI for the room (at most its size)
             make_room(record.source_bytes, next(module.parameters()).device, (qclip.patcher,))
             if record.tower == "vision_model":
-                fp8 = FP8VisionModel.from_quantized(module, record.scales)
+                fp8 = FP8VisionModel.from_quantized(module, record.scales, record.dtype)
             else:
-                original = original_of(qclip.patcher.get_model_object(path))
-                fp8 = FP8TextModel.from_quantized(module, record.scales, fp8_embedding=record.recipe.fp8_embedding,
-                                                  table_dtype=checkpoint_table_dtype(original))
+                fp8 = FP8TextModel.from_quantized(module, record.scales, record.recipe.fp8_embedding, record.dtype)
             # All of it where ComfyUI keeps models it is not running: it was made partly on the calibration
             # device (the matmuls) and partly in RAM (norms, embeddings), and the proxy moves a tower by its first
             # tensor (a GPU half was kept as the "host" copy, on the GPU for good).

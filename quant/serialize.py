@@ -24,7 +24,7 @@ from . import artifact, fileformat as ff
 from .errors import FP8ClipError
 from .fp8_text_model import FP8TextModel
 from .modelopt_bridge import LayerScales
-from .patching import clone_with, weight_bytes
+from .patching import checkpoint_dtype, clone_with, weight_bytes
 from .proxy import refuse_later_weight_patches
 from .recipe import Recipe
 
@@ -131,7 +131,7 @@ def fp8_towers(clip: Any) -> dict[str, tuple[FP8TextModel, artifact.QuantizedTow
                                "vision model with 'Save FP8 CLIP Vision'.")
         refuse_unsaveable(clip, path, module, FP8TextModel, "text_model", "CLIP", "Build TensorRT Engine for FP8 CLIP")
         if not isinstance(module, FP8TextModel):  # fake-quant runtime: the same conversion as the fp8 runtime
-            module = FP8TextModel.from_quantized(module, rec.scales, fp8_embedding=rec.recipe.fp8_embedding)
+            module = FP8TextModel.from_quantized(module, rec.scales, rec.recipe.fp8_embedding, rec.dtype)
         out[rec.tower] = (module, rec)
     return out
 
@@ -262,13 +262,13 @@ def check_load_runtime(runtime: str) -> None:
                            f"Use one of: {', '.join(LOAD_RUNTIMES)}.")
 
 
-def record_from_file(tf: ff.TowerFile, scales: dict[str, LayerScales], source_bytes: int
+def record_from_file(tf: ff.TowerFile, scales: dict[str, LayerScales], src: torch.nn.Module
                      ) -> artifact.QuantizedTower:
     """The record a loaded tower carries, as the quantize node attached it (saving it again gives the same file)."""
     return artifact.QuantizedTower(
         family=tf.family, tower=tf.tower, recipe=recipe_from_json(tf.header[ff.H_RECIPE]),
         fingerprint=tf.header.get(ff.H_FINGERPRINT, ""), scales=scales, kept=list(tf.meta(ff.H_KEPT, [])),
-        source_bytes=source_bytes, report=tf.meta(ff.H_REPORT, {}) or {})
+        source_bytes=weight_bytes(src), report=tf.meta(ff.H_REPORT, {}) or {}, dtype=checkpoint_dtype(src))
 
 
 def load_fp8_clip(paths: Sequence[str | os.PathLike], clip_type: str = "auto", runtime: str = "auto",
@@ -337,8 +337,8 @@ def build_tower(clip: Any, tf: ff.TowerFile, ctype: str) -> tuple[FP8TextModel, 
         raise FP8ClipError(f"The file holds a {tf.tower} tower, but a '{ctype}' CLIP has none. Pick the type it was "
                            f"saved from ({tf.bundle.get('clip_type') or 'auto'}).")
     scales = {k: LayerScales(*s) for k, s in tf.quantized.items()}
-    fp8 = FP8TextModel.from_quantized(src, scales, fp8_embedding=tf.fp8_embedding)
+    rec = record_from_file(tf, scales, src)
+    fp8 = FP8TextModel.from_quantized(src, scales, tf.fp8_embedding, rec.dtype)
     fill_exactly(fp8, tf.tensors, f"The {tf.tower} file")
-    rec = record_from_file(tf, scales, weight_bytes(src))
     artifact.attach(fp8, rec)
     return fp8, rec

@@ -49,7 +49,7 @@ def fp8_vision_tower(cv: Any) -> tuple[FP8VisionModel, artifact.QuantizedTower]:
     refuse_unsaveable(cv, TOWER, module, FP8VisionModel, "encoder", "CLIP_VISION",
                       "Build TensorRT Engine for FP8 CLIP Vision")
     if not isinstance(module, FP8VisionModel):  # fake-quant runtime: the same conversion as the fp8 runtime
-        module = FP8VisionModel.from_quantized(module, rec.scales)
+        module = FP8VisionModel.from_quantized(module, rec.scales, rec.dtype)
     return module, rec
 
 
@@ -112,10 +112,10 @@ def load_fp8_clip_vision(path: str | os.PathLike, runtime: str = "auto") -> tupl
     cv = build_clip_vision(tf, path.name)
     src = cv.patcher.get_model_object(TOWER)
     scales = {k[len(PREFIX):]: LayerScales(*s) for k, s in tf.quantized.items()}
-    fp8 = FP8VisionModel.from_quantized(src, scales)
+    rec = record_from_file(tf, scales, src)
+    fp8 = FP8VisionModel.from_quantized(src, scales, rec.dtype)
     tower_sd = {k[len(PREFIX):]: t for k, t in tf.tensors.items() if k.startswith(PREFIX)}
     fill_exactly(fp8, tower_sd, path.name)
-    rec = record_from_file(tf, scales, weight_bytes(src))
     artifact.attach(fp8, rec)
     fp8.configure(lambda d, requested=runtime: plan(requested, d, kind="vision"))
     device = torch.device(cv.patcher.load_device)

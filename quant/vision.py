@@ -18,7 +18,7 @@ from . import artifact, modelopt_bridge
 from .errors import FP8ClipError, UnsupportedModelError
 from .fidelity import LayerErrorProbe, suggested_keep
 from .images import calibration_images, check_images, held_out_images, synthetic_images
-from .patching import clone_with, patched_copy, to_float32, weight_bytes
+from .patching import checkpoint_dtype, clone_with, patched_copy, to_float32, weight_bytes
 from .recipe import Recipe, fingerprint
 
 PATH = "vision_model"
@@ -174,6 +174,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     ref_s = time.perf_counter() - t0
     copy_ = patched_copy(cv, PATH)
     source_bytes = weight_bytes(copy_)
+    dtype = checkpoint_dtype(copy_)  # before the fp32 cast
     container = torch.nn.ModuleDict({PATH: copy_})
     linears = modelopt_bridge.linear_layer_names(container)
     convs = [n for n, m in container.named_modules() if isinstance(m, torch.nn.Conv2d)]
@@ -222,5 +223,5 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     artifact.attach(copy_, artifact.QuantizedTower(
         family=model, tower=PATH, recipe=recipe, fingerprint=fingerprint([image_digest(images)], recipe),
         scales={n[len(prefix):]: s for n, s in scales.items()}, kept=report.kept, source_bytes=source_bytes,
-        report=report.to_dict()))
+        report=report.to_dict(), dtype=dtype))
     return qcv, report

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import call, cosine, encode
 from test_quantize_clip import quantize
@@ -79,6 +80,41 @@ def test_a_token_table_kept_in_high_precision_keeps_the_checkpoints_dtype(comfy,
     for p in PROMPTS[1:]:
         got, want = encode(comfy, qclip, p), encode(comfy, fake, p)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_clip_loaded_in_fp32_keeps_its_high_precision_parts_in_fp32(comfy, pack, scratch):
+    """--fp32-text-enc (or a loader's dtype): the kept layers (text_projection by default) and a token table not
+    in FP8 stay in fp32, the values the Q->DQ model computed with. Kept layers were rounded to fp16 (the
+    pooled output then differed), and a save from the fake-quant preview wrote the table in fp32 while a save
+    from the FP8 runtime wrote it in fp16: two files for one model."""
+    sd = importlib.import_module("comfy.sd")
+    path = comfy.folder_paths.get_full_path("text_encoders", comfy.files["clip_l"])
+    clip = sd.load_clip(ckpt_paths=[path], clip_type=sd.CLIPType.STABLE_DIFFUSION, model_options={"dtype": torch.float32})
+    proj = clip.cond_stage_model.clip_l.transformer.text_projection.weight
+    assert proj.dtype == torch.float32
+    with torch.no_grad():  # an fp32 checkpoint: values fp16 cannot hold
+        proj += 1e-4 * torch.randn(proj.shape, generator=torch.Generator().manual_seed(7))
+    recipe = mod(pack, "recipe").Recipe(fp8_embedding=False)
+    with torch.inference_mode():
+        fake, _ = mod(pack, "calibrate").quantize_clip(clip, ["a cat", "(a red car:1.2)"], recipe,
+                                                       held_out=["a dog"])
+        qclip, _ = mod(pack, "runtime").to_fp8_runtime(fake, "auto")
+    m = tower(pack, qclip)
+    assert m.text_projection.weight.dtype == torch.float32 and torch.equal(m.text_projection.weight, proj)
+    assert m.get_input_embeddings().weight.dtype == torch.float32
+    for p in PROMPTS[:2]:
+        (rc, rp), (gc, gp) = encode(comfy, fake, p), encode(comfy, qclip, p)
+        assert torch.equal(rc, gc) and torch.equal(rp, gp), (p, cosine(rp, gp))
+    te = comfy.folder_paths.get_folder_paths("text_encoders")[0]
+    files = []
+    for name, c in (("fp32_from_fake", fake), ("fp32_from_fp8", qclip)):
+        scratch(f"{te}/fp8test/{name}.safetensors")
+        call(comfy, "FP8CLIPSave", clip=c, filename=f"fp8test/{name}", format="fp8 + scales (Load FP8 CLIP)",
+             overwrite=True)
+        files.append(load_file(f"{te}/fp8test/{name}.safetensors"))
+    a, b = files
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype for k in a)
+    assert a["text_projection.weight"].dtype == torch.float32
 
 
 def test_proxy_state_dict_is_the_original_towers(comfy, pack, fp8):
