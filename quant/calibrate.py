@@ -14,6 +14,7 @@ import torch
 from . import artifact, modelopt_bridge
 from .errors import FP8ClipError
 from .fidelity import LayerErrorProbe, QualityReport, TowerSummary, encode_all, evaluate
+from .fp8_ops import require_fp8_storage
 from .patching import checkpoint_dtype, clone_with, fake_quant_embedding, patched_copy, to_float32, weight_bytes
 from .prompts import HELD_OUT_PROMPTS
 from .proxy import HOOKS_FIX, hooked_weights
@@ -57,6 +58,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     into a new clone only.
     """
     family, towers = text_family(clip)
+    require_fp8_storage(clip.patcher.load_device)
     for t in towers:
         if artifact.record_of(clip.patcher.get_model_object(t.path)) is not None:
             raise FP8ClipError(f"The {t.name} tower of this CLIP is already quantized to FP8 by this node. "

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import FP8ClipError
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
@@ -29,6 +31,18 @@ def quantize_input(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
 def fake_quant(x: torch.Tensor, inv_scale: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Q->DQ: what ModelOpt's FP8 input quantizer computes."""
     return (quantize_input(x, inv_scale).float() * scale).to(x.dtype)
+
+
+def require_fp8_storage(device: torch.device, what: str = "CLIP") -> None:
+    """Refuse a device that cannot hold float8 tensors (ComfyUI's `supports_cast` says the same): calibration
+    (ModelOpt's Q->DQ casts to float8) and FP8 weights both need them. ComfyUI puts text and image encoders
+    there only with --gpu-only; not verified on such a device here."""
+    device = torch.device(device)
+    names = {"mps": "Apple GPUs (MPS)", "privateuseone": "DirectML devices"}
+    if device.type in names:
+        raise FP8ClipError(f"ComfyUI runs this {what} on {device.type}, and {names[device.type]} cannot hold the "
+                           "float8 tensors that FP8 calibration and FP8 weights need. Run the encoder on the CPU "
+                           "instead: start ComfyUI without --gpu-only (or pick device 'cpu' in the CLIP loader).")
 
 
 def fp8_matmul_support(device: torch.device) -> tuple[bool, str]:

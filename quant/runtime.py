@@ -15,7 +15,7 @@ import torch
 
 from . import artifact, fp8_fused
 from .errors import FP8ClipError
-from .fp8_ops import fp8_matmul_support
+from .fp8_ops import fp8_matmul_support, require_fp8_storage
 from .fp8_encoder import FP8Runner
 from .fp8_text_model import FP8TextModel
 from .fp8_vision_model import FP8VisionModel
@@ -58,6 +58,7 @@ def plan(requested: str, device: torch.device, compile_ok: bool | None = None, k
         return Plan("fake-quant", reason="quality preview: FP8 numerics simulated, original weights in memory")
     if requested == "tensorrt":
         raise FP8ClipError("Use the 'Build TensorRT Engine for FP8 CLIP' node for the TensorRT runtime.")
+    require_fp8_storage(device)
     ok, why = fp8_matmul_support(device)
     if ok:
         if compile_ok is None:

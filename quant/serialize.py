@@ -305,6 +305,7 @@ def load_fp8_clip(paths: Sequence[str | os.PathLike], clip_type: str = "auto", r
                                                   clip_type=clip_type_enum(ctype),
                                                   model_options=dict(model_options or {}))
     device = torch.device(clip.patcher.load_device)
+    plan(runtime, device)  # a device that cannot run it: say so now, not at the first encode
     swaps, size = {}, clip.patcher.model_size()
     for tf in files:
         fp8, rec = build_tower(clip, tf, ctype)

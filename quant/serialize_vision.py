@@ -110,6 +110,7 @@ def load_fp8_clip_vision(path: str | os.PathLike, runtime: str = "auto") -> tupl
     path = Path(path)
     tf = ff.read_tower_file(path, ff.VISION_TOWERS)
     cv = build_clip_vision(tf, path.name)
+    plan(runtime, cv.patcher.load_device, kind="vision")  # a device that cannot run it: say so now
     src = cv.patcher.get_model_object(TOWER)
     scales = {k[len(PREFIX):]: LayerScales(*s) for k, s in tf.quantized.items()}
     rec = record_from_file(tf, scales, src)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from . import artifact, modelopt_bridge
 from .errors import FP8ClipError, UnsupportedModelError
 from .fidelity import LayerErrorProbe, suggested_keep
+from .fp8_ops import require_fp8_storage
 from .images import calibration_images, check_images, held_out_images, synthetic_images
 from .patching import checkpoint_dtype, clone_with, patched_copy, to_float32, weight_bytes
 from .recipe import Recipe, fingerprint
@@ -155,6 +156,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     if hasattr(cv, "patcher") and artifact.record_of(cv.patcher.get_model_object(PATH)) is not None:
         raise FP8ClipError("This CLIP_VISION is already quantized to FP8 by this node. Connect the original one.")
     model = require_clip_vision(cv)
+    require_fp8_storage(cv.patcher.load_device, "CLIP vision model")
     images = calibration_images() if images is None else check_images(images)
     test = held_out_images()[0] if held_out is None else check_images(held_out, "evaluation images")
     batches = [images[i:i + 8] for i in range(0, images.shape[0], 8)]

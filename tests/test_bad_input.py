@@ -1,6 +1,7 @@
 """Bad input gets a message that names the problem and the fix; nothing is changed or left behind."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,21 @@ def test_unsupported_clip_type_names_the_supported_ones(comfy):
     (t5,) = call(comfy, "CLIPLoader", clip_name=comfy.files["t5_stub"], type="stable_audio")
     with pytest.raises(ValueError, match=r"has no CLIP text tower.*Supported: text encoders with CLIP-L or CLIP-G"):
         quantize(comfy, t5)
+
+
+def test_a_device_without_float8_tensors_is_refused_with_the_fix(comfy, pack, clip):
+    """Apple GPUs (MPS) hold no float8 tensors (ComfyUI's supports_cast says so): ModelOpt's Q->DQ and FP8
+    weights would fail there with PyTorch's message. ComfyUI puts encoders there with --gpu-only."""
+    on_mps = clip.clone()
+    on_mps.patcher.load_device = torch.device("mps")
+    fix = r"ComfyUI runs this CLIP on mps, and Apple GPUs \(MPS\) cannot hold .* start ComfyUI without --gpu-only"
+    with pytest.raises(ValueError, match=fix):
+        quantize(comfy, on_mps, calibration_prompts="a cat")
+    runtime = importlib.import_module(f"{pack.__name__}.quant.runtime")
+    for requested in ("auto", "fp8", "fp8-compiled"):
+        with pytest.raises(ValueError, match=fix):
+            runtime.plan(requested, torch.device("mps"))
+    assert runtime.plan("auto", torch.device("cpu")).runtime == "fp8"
 
 
 def test_quantizing_twice_is_refused(comfy, clip):

@@ -1,6 +1,7 @@
 """CLIP vision (IP-Adapter / unCLIP image encoders) quantized in a real ComfyUI, used by stock nodes."""
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -129,6 +130,15 @@ def test_keeping_every_layer_is_refused_with_the_fix(comfy, vit_h4):
     with pytest.raises(ValueError, match=r"Nothing to quantize in this model: the keep_high_precision patterns "
                                          r"\(\*\) match all 24 of its Linear layers\. Remove the pattern"):
         quantize_vision(comfy, vit_h4, keep_high_precision="*", images=images(2, seed=1))
+
+
+def test_a_device_without_float8_tensors_is_refused_with_the_fix(comfy, vit_h4):
+    on_mps = copy.copy(vit_h4)
+    on_mps.patcher = vit_h4.patcher.clone()
+    on_mps.patcher.load_device = torch.device("mps")
+    with pytest.raises(ValueError, match=r"ComfyUI runs this CLIP vision model on mps, and Apple GPUs \(MPS\) "
+                                         r"cannot hold .* start ComfyUI without --gpu-only"):
+        quantize_vision(comfy, on_mps)
 
 
 def test_report_warns_on_the_hidden_states_ip_adapter_uses_and_on_shared_evaluation_images(pack, vit_h4):

@@ -101,6 +101,12 @@ def test_reload_is_bit_identical_to_the_quantized_clip(comfy, pack, qclip, loade
     assert (rec.fingerprint, rec.kept, rec.recipe, rec.scales) == (qrec.fingerprint, qrec.kept, qrec.recipe, qrec.scales)
 
 
+def test_loading_onto_a_device_without_float8_tensors_is_refused_at_once(pack, saved):
+    """It loaded, then failed at the first encode with PyTorch's message (Apple MPS under --gpu-only)."""
+    with pytest.raises(ValueError, match=r"runs this CLIP on mps, and Apple GPUs \(MPS\) cannot hold"):
+        mod(pack, "serialize").load_fp8_clip([saved], model_options={"load_device": torch.device("mps")})
+
+
 def test_file_uses_comfyui_quantized_layout_and_carries_the_metadata(pack, qclip, saved):
     (m, rec), = mod(pack, "artifact").quantized_towers(qclip).values()
     layer = "text_model.encoder.layers.3.mlp.fc1"
