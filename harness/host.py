@@ -129,10 +129,11 @@ def free_port() -> int:
 
 class HeadlessServer:
     """`python main.py` of the host, headless on a free port, with only this pack among custom nodes (on the CPU
-    unless `cpu=False`: then with the host's defaults for the GPU, as a user starts it)."""
+    unless `cpu=False`: then with the host's defaults for the GPU, as a user starts it). The web page is a stub
+    unless `frontend`: then the host's installed frontend package serves it, as for users."""
 
     def __init__(self, base: Path, extra_args: tuple[str, ...] = (), log_path: Path | None = None,
-                 cpu: bool = True):
+                 cpu: bool = True, frontend: bool = False):
         self.base = make_base(base)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -143,7 +144,8 @@ class HeadlessServer:
         (front / "index.html").write_text("<html></html>")
         cmd = [sys.executable, "main.py", *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base), "--disable-all-custom-nodes",
-               "--whitelist-custom-nodes", PACK_NAME, "--front-end-root", str(front), *extra_args]
+               "--whitelist-custom-nodes", PACK_NAME, *([] if frontend else ["--front-end-root", str(front)]),
+               *extra_args]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=hd, stdout=self._log, stderr=subprocess.STDOUT, env=env)

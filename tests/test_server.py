@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -16,7 +19,7 @@ from harness.workflows import bypass, psnr, saved_image, to_api, widget_names
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("server-base")
     files = fixtures.populate(base)
-    with HeadlessServer(base, extra_args=("--disable-api-nodes",)) as s:
+    with HeadlessServer(base, extra_args=("--disable-api-nodes",), frontend=True) as s:
         s.files = files
         yield s
 
@@ -64,8 +67,23 @@ def test_example_workflows_open_without_missing_nodes(server):
             assert accepted == "*" or typ in str(accepted).split(","), (path.name, lid, typ, accepted)
 
 
-def test_report_widget_script_is_served(server):
-    assert f"/extensions/{PACK_NAME}/js/fp8clip_report.js" in server.get("/extensions")
+def test_report_widget_script_is_served_and_its_imports_resolve(server):
+    """The browser loads the script from the URL /extensions lists and resolves its imports against that URL:
+    an import one folder too shallow (/extensions/scripts/app.js, 404) kept the extension from registering."""
+    scripts = [u for u in server.get("/extensions") if u.startswith(f"/extensions/{PACK_NAME}/")]
+    assert f"/extensions/{PACK_NAME}/js/fp8clip_report.js" in scripts
+    for url in scripts:
+        with urllib.request.urlopen(server.url + url, timeout=30) as r:
+            source = r.read().decode()
+        imports = re.findall(r"""^\s*import\b[^;]*?from\s+["']([^"']+)["']""", source, flags=re.M)
+        assert imports, url
+        for spec in imports:
+            target = urllib.parse.urljoin(url, spec)
+            try:
+                with urllib.request.urlopen(server.url + target, timeout=30) as r:
+                    assert "javascript" in r.headers.get("Content-Type", ""), (url, spec, target)
+            except urllib.error.HTTPError as e:
+                pytest.fail(f"{url} imports {spec!r}: {target} -> HTTP {e.code}")
 
 
 def test_example_workflows_are_listed_in_the_template_browser(server):
