@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import logging
 
-from ..trt_runtime.watch import EngineWatch
+from ..trt_runtime.watch import EngineUse, EngineWatch
 from .ui import interrupt_check, progress_bar
 
 log = logging.getLogger("comfyui-fp8-clip")
@@ -42,11 +42,12 @@ def run_on_engine(model, vision: bool, max_rows: int, activations: str = "float3
     device = getattr(model, "load_device", None) if vision else None
     device = device or comfy.model_management.get_torch_device()
     run = engine_clip_vision if vision else engine_clip
-    used: list = []
+    used = EngineUse() if node_id is not None else None
     out, status = run(model, max_rows, engine_support(device), cache_root=root, activations=activations,
                       progress=lambda f, phase: bar(int(f * 100), 100), check_interrupt=interrupt_check(), used=used)
     log.info(status)
-    _WATCH.ran(node_id, used)
+    if used is not None:
+        _WATCH.ran(node_id, used)
     return out, status
 
 

@@ -267,12 +267,30 @@ def test_comfyui_runs_the_node_again_when_its_engine_file_changes(comfy, pack, e
     prompt["3"]["inputs"]["max_batch_rows"] = 1
     out = run_graph(comfy, copy.deepcopy(prompt), ex)
     assert "could not be loaded" in out["4"]["text"][0] and "queue the prompt again" in out["4"]["text"][0]
+    assert "Queuing again tries again" in out["4"]["text"][0]
     assert len(runs) == 4
+    queue()  # a fallback is not kept: the next queue tries again (the GPU may have the memory now)
+    assert len(runs) == 5
     monkeypatch.setattr(pipeline, "make_runner", loads)
     for f in set(engine_files(comfy)) - {engine}:
         f.unlink()
     queue()
-    assert len(runs) == 5 and len(engine_node) == 5
+    assert len(runs) == 6 and len(engine_node) == 5
+    queue()
+    assert len(runs) == 6  # on its engine again: ComfyUI's cached output
+
+    # A build that fails (out of GPU memory while building, say): falls back, and the next queue builds again.
+    builds = pipeline.build_engine
+    monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: (_ for _ in ()).throw(
+        pipeline.EngineBuildError("TensorRT for RTX failed to build the engine: out of memory (simulated)")))
+    prompt["3"]["inputs"]["max_batch_rows"] = 3
+    out = run_graph(comfy, copy.deepcopy(prompt), ex)
+    assert "out of memory (simulated)" in out["4"]["text"][0] and len(runs) == 7
+    monkeypatch.setattr(pipeline, "build_engine", builds)
+    queue()
+    assert len(runs) == 8 and len(engine_node) == 6
+    queue()
+    assert len(runs) == 8
 
 
 @pytest.fixture

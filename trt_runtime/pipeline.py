@@ -24,6 +24,7 @@ from .cache import CachedEngine, EngineCache, EngineCacheError, engine_key
 from .engine_module import EngineTextModel, EngineTower, EngineVisionModel
 from .onnx_export import EXPORT_VERSION, TransformerSpec, build_onnx, spec_from_module
 from .runners import EngineLoadError, Runner, TrtRunner
+from .watch import EngineUse
 
 log = logging.getLogger("comfyui-fp8-clip")
 
@@ -153,9 +154,10 @@ VISION = Target("CLIP_VISION", "'Quantize CLIP Vision to FP8 (calibrated)'",
 
 def engine_clip(clip: Any, max_rows: int, support: Support, *, cache_root: str | Path | None,
                 activations: str = "float32", progress: Progress | None = None,
-                check_interrupt: Callable[[], None] | None = None, used: list[Path] | None = None) -> tuple[Any, str]:
+                check_interrupt: Callable[[], None] | None = None, used: EngineUse | None = None) -> tuple[Any, str]:
     """(CLIP on the engine, status); or (the input CLIP, status saying why not) where the engine cannot run.
-    `used` gets the cached engine files it prepared, loaded or not (what the node watches)."""
+    `used` gets the cached engine files it prepared, loaded or not, and whether a failure may pass on a retry
+    (what the node watches)."""
     profile = Profile.for_max_rows(max_rows)
     header = (f"  profile: 1 to {profile.max_rows} rows of 77 tokens (max_batch_rows); FP8 matmuls, {activations} "
               "activations")
@@ -165,7 +167,7 @@ def engine_clip(clip: Any, max_rows: int, support: Support, *, cache_root: str |
 
 def engine_clip_vision(clip_vision: Any, max_images: int, support: Support, *, cache_root: str | Path | None,
                        activations: str = "float32", progress: Progress | None = None,
-                       check_interrupt: Callable[[], None] | None = None, used: list[Path] | None = None
+                       check_interrupt: Callable[[], None] | None = None, used: EngineUse | None = None
                        ) -> tuple[Any, str]:
     """(CLIP_VISION on the engine, status); or (the input, status saying why not) where the engine cannot run.
     `used`: as for engine_clip."""
@@ -202,7 +204,7 @@ def prebuild(model: Any, vision: bool, max_rows: int, support: Support, *, cache
 
 def _engine_model(model: Any, target: Target, profile: Profile, header: str, support: Support, *,
                   cache_root: str | Path | None, activations: str, progress: Progress | None,
-                  check_interrupt: Callable[[], None] | None, used: list[Path] | None = None) -> tuple[Any, str]:
+                  check_interrupt: Callable[[], None] | None, used: EngineUse | None = None) -> tuple[Any, str]:
     towers = artifact.quantized_towers(model) if model is not None and hasattr(model, "patcher") else {}
     if not towers:
         raise FP8ClipError(f"This {target.noun} is not quantized by this pack. Connect the output of "
@@ -215,6 +217,9 @@ def _engine_model(model: Any, target: Target, profile: Profile, header: str, sup
     fallback = f"The {target.noun} keeps running in PyTorch (same FP8 numerics, no engine)."
     if not support.ok:
         return model, f"TensorRT engine not used: {support.reason}\n{fallback}"
+    # A build or load that failed may work next time (GPU memory freed, folder fixed): the engine nodes run
+    # again at the next queue (watch.EngineUse.retry), as ComfyUI reruns a node that failed.
+    retry = fallback + (" Queuing again tries again (bypass this node to stop)." if used is not None else "")
     cache = EngineCache(cache_root) if cache_root is not None else None
     size = model.patcher.model_size()
     swaps = {}
@@ -225,16 +230,19 @@ def _engine_model(model: Any, target: Target, profile: Profile, header: str, sup
                                     activations=activations, progress=progress, check_interrupt=check_interrupt)
         except (EngineBuildError, EngineCacheError) as e:
             log.warning("TensorRT engine not used: %s", e)
-            return model, f"TensorRT engine not used: {e}\n{fallback}"
+            if used is not None:
+                used.retry = True
+            return model, f"TensorRT engine not used: {e}\n{retry}"
         if used is not None and engine.path is not None:
-            used.append(engine.path)
+            used.paths.append(engine.path)
         try:
             runner = make_runner(engine, support, module, record)
         except Exception as e:  # noqa: BLE001  (whatever the GPU/driver/TensorRT says: fall back, never crash)
             msg = str(e) if isinstance(e, (EngineLoadError, EngineMismatchError)) else f"{type(e).__name__}: {e}"
             log.warning("TensorRT engine not used: could not load it: %s", msg)
-            return model, (f"TensorRT engine not used: the engine is ready but could not be loaded ({msg}).\n"
-                           f"{fallback}")
+            if used is not None:
+                used.retry = True
+            return model, f"TensorRT engine not used: the engine is ready but could not be loaded ({msg}).\n{retry}"
         how = _how(engine)
         where = f", {engine.path}" if engine.path else ""
         status = f"  {record.tower}: {how} ({_mb(engine.manifest['engine_bytes'])}, FP8 weights){where}"
