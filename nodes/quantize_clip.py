@@ -17,7 +17,7 @@ class QuantizeCLIP:
                    "quality cost against the original. The input CLIP is not changed.")
     RETURN_TYPES = ("CLIP", "STRING")
     RETURN_NAMES = ("clip", "report")
-    OUTPUT_TOOLTIPS = ("The FP8 CLIP (fake-quantized: FP8 numerics, original speed).",
+    OUTPUT_TOOLTIPS = ("The FP8 CLIP on the chosen runtime (the report's last lines say which, and why).",
                        "Quality report: cosine vs the original on held-out prompts, kept layers, timing.")
     FUNCTION = "quantize"
 

@@ -98,7 +98,7 @@ class LoadFP8CLIP:
     CATEGORY = "advanced/fp8 clip"
     DESCRIPTION = ("Loads a CLIP saved by 'Save FP8 CLIP' (from models/text_encoders or models/clip), with FP8 "
                    "weights in memory; its outputs equal the quantized CLIP it was saved from. For SDXL select both "
-                   "tower files; for Flux/SD3 add the stock T5 file as clip_name2.")
+                   "tower files; for Flux add the stock T5 file as clip_name2, for SD3 as clip_name3.")
     RETURN_TYPES = ("CLIP", "STRING")
     RETURN_NAMES = ("clip", "info")
     FUNCTION = "load"

@@ -61,8 +61,9 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     require_fp8_storage(clip.patcher.load_device)
     for t in towers:
         if artifact.record_of(clip.patcher.get_model_object(t.path)) is not None:
-            raise FP8ClipError(f"The {t.name} tower of this CLIP is already quantized to FP8 by this node. "
-                               "Connect the original CLIP (from the loader) instead.")
+            raise FP8ClipError(f"The {t.name} tower of this CLIP is already quantized to FP8 by this pack ('Quantize "
+                               "CLIP to FP8' or 'Load FP8 CLIP'). Connect the original CLIP from a stock loader (Load "
+                               "Checkpoint, Load CLIP, DualCLIPLoader) instead.")
         hooked = hooked_weights(clip.patcher, t.path)
         if hooked:  # calibrated once, FP8 weights cannot follow what hooks patch at each encode
             raise FP8ClipError(f"This CLIP has hooks that patch {len(hooked)} weights of its {t.name} tower. "

@@ -288,6 +288,8 @@ def compare_conditioning(reference: list, candidate: list) -> tuple[float, float
         conds.append(s.cond_cosine)
         if s.pooled_cosine is not None:
             pooled.append(s.pooled_cosine)
+    if not conds:
+        raise FP8ClipError("The conditionings are empty: connect the outputs of two CLIPTextEncode nodes.")
     c = min(conds)
     p = min(pooled) if pooled else None
     text = f"conditioning cosine {c:.5f}" + ("" if p is None else f", pooled cosine {p:.5f}")

@@ -154,7 +154,8 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     """Calibrate FP8 scales for the vision transformer of `cv`; return the quantized copy and its report."""
     # Before the model check: a CLIP_VISION on a TensorRT engine has no encoder left to recognise.
     if hasattr(cv, "patcher") and artifact.record_of(cv.patcher.get_model_object(PATH)) is not None:
-        raise FP8ClipError("This CLIP_VISION is already quantized to FP8 by this node. Connect the original one.")
+        raise FP8ClipError("This CLIP_VISION is already quantized to FP8 by this pack ('Quantize CLIP Vision to FP8' "
+                           "or 'Load FP8 CLIP Vision'). Connect the original one from Load CLIP Vision instead.")
     model = require_clip_vision(cv)
     require_fp8_storage(cv.patcher.load_device, "CLIP vision model")
     images = calibration_images() if images is None else check_images(images)

@@ -95,6 +95,11 @@ def test_a_device_without_float8_tensors_is_refused_with_the_fix(comfy, pack, cl
     assert runtime.plan("auto", torch.device("cpu")).runtime == "fp8"
 
 
+def test_comparing_empty_conditionings_names_the_fix(comfy):
+    with pytest.raises(ValueError, match="The conditionings are empty: connect the outputs of two CLIPTextEncode"):
+        call(comfy, "FP8CLIPCompareConditioning", reference=[], candidate=[])
+
+
 def test_quantizing_twice_is_refused(comfy, clip):
     q = quantize(comfy, clip, calibration_prompts="a cat")["result"][0]
     with pytest.raises(ValueError, match="already quantized"):
