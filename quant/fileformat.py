@@ -22,10 +22,12 @@ Never silently wrong: stock ComfyUI (v0.3.75, v0.29) drops the scales of quantiz
 would produce wrong embeddings (cosine 0.5) without a word. Every FP8 tensor is therefore stored FLATTENED
 (1-D); its shape is in the header (`fp8clip.layout`). A loader that does not know the scales hits PyTorch's
 shape check ("size mismatch for text_model...weight") and fails; this pack's loader restores the shapes.
+A damaged file is refused too: the header holds a SHA-256 of the tensors (`fp8clip.sha256`).
 A file that holds no FP8 tensor is an ordinary high-precision file that stock loaders read correctly.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -59,6 +61,7 @@ H_VERSIONS = "fp8clip.versions"
 H_LAYOUT = "fp8clip.layout"
 H_NOTE = "fp8clip.note"
 H_STOCK = "fp8clip.stock_compatible"  # set on weights-only exports: JSON with their measured quality
+H_DIGEST = "fp8clip.sha256"  # of the tensors (tensor_digest); files saved before it load unchecked
 COMFY_QUANT_HEADER = "_quantization_metadata"
 
 NOTE = ("FP8 CLIP text encoder saved by comfyui-fp8-clip. Load it with the 'Load FP8 CLIP' node of that pack. "
@@ -125,6 +128,17 @@ def pack_tensors(state_dict: Mapping[str, torch.Tensor], quantized_layers: Itera
         tensors[layer + ".comfy_quant"] = comfy_quant_tensor()
     comfy_meta = {"format_version": "1.0", "layers": {layer: {"format": COMFY_FORMAT} for layer in layers}}
     return tensors, layout, comfy_meta
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a file's tensors (names, dtypes, shapes, bytes). safetensors keeps no checksum, and a file
+    whose tail was zeroed (an interrupted copy into a preallocated file) loaded and encoded wrong."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def header_strings(values: Mapping[str, Any]) -> dict[str, str]:
@@ -317,9 +331,14 @@ def read_tower_file(path: str | os.PathLike, towers: tuple[str, ...] = TEXT_TOWE
         raise FP8ClipError(f"{path.name} could not be read as safetensors ({e}). It is truncated or corrupt: "
                            "download or save it again.") from None
     try:
-        return unpack_tensors(path.name, tensors, meta)
+        tf = unpack_tensors(path.name, tensors, meta)
     except FP8ClipError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # header JSON malformed or of the wrong shape
         raise FP8ClipError(f"{path.name}: its header is damaged or was edited ({type(e).__name__}: {e}). Save the "
                            "model again.") from None
+    # After the checks above, whose messages say more; this catches what they cannot see (values changed).
+    if H_DIGEST in meta and tensor_digest(tensors) != meta[H_DIGEST]:
+        raise FP8ClipError(f"{path.name}: its data does not match the checksum saved with it: the file is damaged "
+                           "(an interrupted download or copy?). Download or save it again.")
+    return tf

@@ -1,6 +1,7 @@
 """File names from widgets -> paths inside a models folder, and writes that never leave half a file behind."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -69,21 +70,34 @@ def write_set(files: list[tuple[Path, Callable[[str], None]]], overwrite: bool) 
     all are written are they moved into place. A failure then puts back the files they replaced (`overwrite`)
     and removes the ones they created, so a set is never half one model and half another."""
     for path, _ in files:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(path)
+        if path.exists() and not path.is_file():  # replacing it would hide a user's folder under a temp name
+            raise FP8ClipError(f"{path.name} in {path.parent} is a folder, not a file. Choose another file name.")
         if path.exists() and not overwrite:
             raise FP8ClipError(f"{path.name} already exists in {path.parent}. Choose another file name, or set "
                                "'overwrite' to replace it.")
     temps: list[str] = []
+    path = files[0][0]
     try:
+        for path, _ in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(path)
         for path, write in files:
             temps.append(_write_temp(path, write))
         _move_all([(tmp, path) for tmp, (path, _) in zip(temps, files)], overwrite)
+    except OSError as e:  # nothing was replaced (see _move_all): say what to fix
+        raise FP8ClipError(f"Could not save {path.name} in {path.parent}: {e.strerror or e}. "
+                           f"{_OS_FIXES.get(e.errno, '')}Nothing was changed there.") from e
     finally:
         for tmp in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return [path for path, _ in files]
+
+
+_OS_FIXES = {errno.ENOSPC: "Free disk space there, or save into another folder. ",
+             errno.EACCES: "ComfyUI may not write into that folder: fix its permissions or save elsewhere. ",
+             errno.EPERM: "ComfyUI may not write into that folder: fix its permissions or save elsewhere. ",
+             errno.EROFS: "That folder is on a read-only file system: save elsewhere. "}
 
 
 def _write_temp(path: Path, write: Callable[[str], None]) -> str:
@@ -124,9 +138,12 @@ def _move_all(moves: list[tuple[str, Path]], overwrite: bool) -> None:
             elif path.exists():
                 path.unlink()
         raise
-    for _, backup in placed:
-        if backup is not None and os.path.exists(backup):
-            os.unlink(backup)
+    for _, backup in placed:  # the new files are in place: a backup left here is swept as stale later
+        if backup is not None:
+            try:
+                os.unlink(backup)
+            except OSError:
+                pass
 
 
 def _set_aside(path: Path) -> str:

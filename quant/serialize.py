@@ -145,6 +145,7 @@ def payload(state_dict: dict[str, torch.Tensor], quantized_layers: Sequence[str]
         ff.H_BUNDLE: bundle, ff.H_RECIPE: rec.recipe.to_json(), ff.H_FINGERPRINT: rec.fingerprint,
         ff.H_KEPT: list(rec.kept), ff.H_REPORT: rec.report, ff.H_REPORT_TEXT: report_text,
         ff.H_VERSIONS: versions(), ff.H_LAYOUT: layout, ff.COMFY_QUANT_HEADER: comfy_meta,
+        ff.H_DIGEST: ff.tensor_digest(tensors),
     })
     return tensors, header
 
@@ -237,9 +238,23 @@ def resolve_clip_type(requested: str, files: Sequence[ff.TowerFile]) -> str:
     return bundle.get("clip_type") or "stable_diffusion"
 
 
-def check_bundle(files: Sequence[ff.TowerFile], n_stock: int) -> None:
-    """Name the missing files when one tower of a bundle (SDXL, Flux, SD3) is loaded without the others: ComfyUI
-    would otherwise build a different CLIP type from the towers it got (a lone CLIP-L becomes SD1.5)."""
+CLIP_DEPTHS = {12: "clip_l", 32: "clip_g"}  # 24 layers: SD2's CLIP-H, not a tower of these bundles
+
+
+def stock_kind(sd: dict[str, Any]) -> str | None:
+    """'clip_l' / 'clip_g' (or 'clip' for another size) for a stock CLIP text tower file, in ComfyUI's layout or
+    open_clip's; None for anything else (T5...)."""
+    for prefix in ("text_model.encoder.layers.", "transformer.resblocks."):
+        layers = {k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)}
+        if layers:
+            return CLIP_DEPTHS.get(1 + max(int(i) for i in layers if i.isdigit()), "clip")
+    return None
+
+
+def check_bundle(files: Sequence[ff.TowerFile], stock: Sequence[tuple[str, str | None]]) -> None:
+    """The selected files must make the CLIP the towers were saved from. ComfyUI builds the CLIP type from the
+    files it gets: a lone CLIP-L became SD1.5, and a stray or wrong partner file an SDXL or Flux CLIP with a
+    tower never loaded (NaN conditioning, no warning). `stock`: (file name, stock_kind) of the stock files."""
     have = {f.tower for f in files}
     ids = {f.bundle.get("set") for f in files if f.bundle.get("set")}
     if len(ids) > 1:  # e.g. one tower of a set overwritten by another model's save
@@ -249,7 +264,18 @@ def check_bundle(files: Sequence[ff.TowerFile], n_stock: int) -> None:
     for f in files:
         wanted = [t for t in f.bundle.get("towers", []) if t not in have]
         others = f.bundle.get("others", [])
-        if n_stock < len(wanted) + len(others):  # a stock file may stand in for an unquantized partner
+        parts = [f.tower, *(t for t in f.bundle.get("towers", []) if t != f.tower), *others]
+        for name, kind in stock:  # a stock CLIP file may stand in for an unquantized partner tower, of its kind
+            if kind is not None and kind not in wanted:
+                raise FP8ClipError(f"{name} is a stock {kind.replace('_', '-').upper()} text encoder, but the "
+                                   f"{f.family} CLIP this {f.tower} file was saved from is {' + '.join(parts)}"
+                                   + (f": select its {' and '.join(wanted)} file instead." if wanted else
+                                      ". Set that slot to none."))
+        if len(stock) > len(wanted) + len(others):
+            raise FP8ClipError(f"Too many files: the {f.family} CLIP this {f.tower} file was saved from is "
+                               f"{' + '.join(parts)}, and {', '.join(n for n, _ in stock)} would make ComfyUI build "
+                               "another CLIP type with towers left empty. Set the extra slot to none.")
+        if len(stock) < len(wanted) + len(others):
             what = [f"its {t} file (saved next to it by 'Save FP8 CLIP')" for t in wanted]
             what += [f"the {t} file you use with it (stock, not quantized)" for t in others]
             raise FP8ClipError(f"This file is the {f.tower} tower of a {f.family} CLIP; also select "
@@ -281,25 +307,28 @@ def load_fp8_clip(paths: Sequence[str | os.PathLike], clip_type: str = "auto", r
     check_load_runtime(runtime)
     files: list[ff.TowerFile] = []
     state_dicts: list[dict] = []
-    n_stock = 0
-    for p in map(Path, paths):
-        _, meta = ff.read_header(p)
-        if ff.FORMAT_KEY in meta or not files and not n_stock and ff.H_STOCK not in meta:
-            tf = ff.read_tower_file(p)  # the first file must be this pack's: a clear error otherwise
-            files.append(tf)
-            state_dicts.append(dequantized(tf))
-        elif ff.H_STOCK in meta:
+    stock: list[tuple[str, str | None]] = []
+    paths = [Path(p) for p in paths]
+    metas = [ff.read_header(p)[1] for p in paths]
+    for p, meta in zip(paths, metas):
+        if ff.H_STOCK in meta:
             raise FP8ClipError(f"{p.name} is a stock-compatible export (weights-only FP8): load it with ComfyUI's "
                                "own 'Load CLIP' / 'DualCLIPLoader'.")
+    if not any(ff.FORMAT_KEY in m for m in metas):
+        ff.read_tower_file(paths[0])  # says what the first file is instead, and which file to pick
+        raise FP8ClipError("None of the selected files was saved by 'Save FP8 CLIP'.")
+    for p, meta in zip(paths, metas):  # in any slot, as ComfyUI's loaders take them: towers go by their weights
+        if ff.FORMAT_KEY in meta:
+            tf = ff.read_tower_file(p)
+            files.append(tf)
+            state_dicts.append(dequantized(tf))
         else:
             state_dicts.append(read_state_dict(p))
-            n_stock += 1
-    if not files:
-        raise FP8ClipError("None of the selected files was saved by 'Save FP8 CLIP'.")
+            stock.append((p.name, stock_kind(state_dicts[-1])))
     if len({f.tower for f in files}) != len(files):
         raise FP8ClipError("Two of the selected files hold the same tower "
                            f"({', '.join(f.tower for f in files)}); select the files of different towers.")
-    check_bundle(files, n_stock)
+    check_bundle(files, stock)
     ctype = resolve_clip_type(clip_type, files)
     clip = comfy.sd.load_text_encoder_state_dicts(state_dicts, embedding_directory=embedding_directory,
                                                   clip_type=clip_type_enum(ctype),

@@ -3,6 +3,7 @@ that refuse the file instead of loading it wrong, the stock-compatible export, a
 from __future__ import annotations
 
 import errno
+import gc
 import importlib
 import json
 import os
@@ -69,7 +70,7 @@ def loaded(comfy, saved):
     return clip, info
 
 
-def rewrite(src: Path, dst: Path, drop=(), meta_update=None, replace=None) -> Path:
+def rewrite(src: Path, dst: Path, drop=(), meta_update=None, replace=None, meta_drop=()) -> Path:
     """A copy of a saved file with tensors dropped or replaced, or header entries changed (what damage or an
     edit does)."""
     with safe_open(str(src), "pt") as f:
@@ -77,6 +78,7 @@ def rewrite(src: Path, dst: Path, drop=(), meta_update=None, replace=None) -> Pa
     tensors = {k: v for k, v in load_file(str(src)).items() if not (drop(k) if callable(drop) else k in drop)}
     tensors.update(replace or {})
     meta.update(meta_update or {})
+    meta = {k: v for k, v in meta.items() if k not in meta_drop}
     save_file(tensors, str(dst), metadata=meta)
     return dst
 
@@ -214,11 +216,15 @@ def test_saving_never_overwrites_unless_asked_and_is_atomic(comfy, qclip, saved,
         call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/clip_l_fp8", format="fp8 + scales (Load FP8 CLIP)",
              overwrite=False)
     assert (saved.read_bytes()[:4096], saved.stat().st_mtime_ns) == before
-    call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/clip_l_fp8_copy.safetensors",
-         format="fp8 + scales (Load FP8 CLIP)", overwrite=False)
+    copy.write_bytes(b"another model")
+    with pytest.raises(ValueError, match="clip_l_fp8_copy.safetensors already exists"):
+        call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/clip_l_fp8_copy.safetensors",
+             format="fp8 + scales (Load FP8 CLIP)", overwrite=False)
+    assert copy.read_bytes() == b"another model"
     call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/clip_l_fp8_copy", format="fp8 + scales (Load FP8 CLIP)",
          overwrite=True)
-    assert load_file(str(copy)).keys() == load_file(str(saved)).keys()
+    with safe_open(str(copy), "pt") as a, safe_open(str(saved), "pt") as b:  # replaced: the same model's file
+        assert a.metadata() == b.metadata() and a.keys() == b.keys()
     assert not [p for p in (te_dir / "fp8test").iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
 
 
@@ -373,7 +379,7 @@ def test_files_of_format_1_still_load(comfy, qclip, saved, te_dir, scratch):
     """Format 1 did not store input_scale_inv: the layers derive it from input_scale (an ulp off for some
     layers, so close to the quantized CLIP rather than identical)."""
     rewrite(saved, scratch(te_dir / "fp8test" / "format1.safetensors"), drop=lambda k: k.endswith(".input_scale_inv"),
-            meta_update={"fp8clip.format": "1"})
+            meta_update={"fp8clip.format": "1"}, meta_drop=["fp8clip.sha256"])  # format 1 had no checksum
     old, _ = call(comfy, "FP8CLIPLoad", clip_name="fp8test/format1.safetensors", type="auto", runtime="auto")
     for p in PROMPTS[:2]:
         assert cosine(encode(comfy, qclip, p)[0], encode(comfy, old, p)[0]) >= 0.999
@@ -394,6 +400,56 @@ def test_the_clip_l_of_a_flux_clip_asks_for_its_t5(comfy, saved, bad):
     bundle = json.dumps({"class": "FluxClipModel", "towers": ["clip_l"], "others": ["t5xxl"], "clip_type": "flux"})
     msg = bad("flux_clip_l.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.bundle": bundle}))
     assert "also select the t5xxl file you use with it" in msg
+
+
+def test_a_stray_or_wrong_partner_file_is_refused_not_built_into_another_clip(comfy, saved):
+    """ComfyUI builds the CLIP type from the files it gets: an SD1.5 file with a stock CLIP-L in clip_name2
+    became an SDXL CLIP whose CLIP-G was never loaded (NaN conditioning, no warning); any stray file, a
+    bundle with an empty tower."""
+    load = dict(clip_name="fp8test/clip_l_fp8.safetensors", type="auto", runtime="auto")
+    with pytest.raises(ValueError, match=r"fp8clip-fixture-clip_l\.safetensors is a stock CLIP-L text encoder, but "
+                                         r"the SD1\.5 \(CLIP-L\) CLIP this clip_l file was saved from is clip_l\. "
+                                         r"Set that slot to none"):
+        call(comfy, "FP8CLIPLoad", clip_name2=comfy.files["clip_l"], **load)
+    with pytest.raises(ValueError, match=r"Too many files: .* is clip_l, and fp8clip-fixture-t5base-stub\.safetensors "
+                                         r"would make ComfyUI build another CLIP type"):
+        call(comfy, "FP8CLIPLoad", clip_name3=comfy.files["t5_stub"], **load)
+
+
+def test_the_partner_of_an_sdxl_tower_must_be_its_other_tower(comfy, saved, bad):
+    bundle = json.dumps({"class": "SDXLClipModel", "towers": ["clip_g", "clip_l"], "clip_type": "sdxl"})
+    bad("sdxl_clip_l.safetensors", lambda p: rewrite(saved, p, meta_update={"fp8clip.bundle": bundle}))
+    with pytest.raises(ValueError, match=r"is a stock CLIP-L text encoder, .* is clip_l \+ clip_g: select its "
+                                         r"clip_g file instead"):
+        call(comfy, "FP8CLIPLoad", clip_name="fp8test/sdxl_clip_l.safetensors", clip_name2=comfy.files["clip_l"],
+             type="auto", runtime="auto")
+    # The right partner, in either slot (ComfyUI's own loaders take towers in any order): the same CLIP.
+    outs = []
+    for first, second in (("fp8test/sdxl_clip_l.safetensors", comfy.files["clip_g"]),
+                          (comfy.files["clip_g"], "fp8test/sdxl_clip_l.safetensors")):
+        clip, _ = call(comfy, "FP8CLIPLoad", clip_name=first, clip_name2=second, type="auto", runtime="auto")
+        outs.append(encode(comfy, clip, PROMPTS[0]))
+        del clip
+        gc.collect()
+    assert outs[0][0].shape == (1, 77, 2048) and torch.equal(outs[0][0], outs[1][0])
+
+
+def test_a_file_damaged_inside_its_data_is_refused(comfy, saved, bad):
+    """A zeroed tail (an interrupted copy into a preallocated file) passes every structural check: it loaded and
+    encoded at cosine 0.46. The header's SHA-256 of the tensors catches it, and a single flipped bit."""
+    def zero_tail(p):
+        data = bytearray(saved.read_bytes())
+        data[int(len(data) * 0.6):] = bytes(len(data) - int(len(data) * 0.6))
+        p.write_bytes(bytes(data))
+
+    def flip_a_bit(p):
+        data = bytearray(saved.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        p.write_bytes(bytes(data))
+
+    for name, make in (("zero-tail.safetensors", zero_tail), ("bit-flip.safetensors", flip_a_bit)):
+        msg = bad(name, make)
+        assert f"{name}: its data does not match the checksum saved with it" in msg, msg
 
 
 def test_pickle_files_are_never_opened(pack, tmp_path):
@@ -518,7 +574,8 @@ def test_a_multi_tower_save_that_fails_part_way_leaves_no_half_set(pack, tmp_pat
     def full_disk(tmp):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ValueError, match=r"Could not save sdxl_clip_g\.safetensors in .*: No space left on device\. "
+                                         r"Free disk space there, or save into another folder\. Nothing was changed"):
         paths.write_set([(files[0], lambda tmp: Path(tmp).write_bytes(b"l")), (files[1], full_disk)], False)
     assert list(tmp_path.iterdir()) == []
     written = paths.write_set([(f, lambda tmp, f=f: Path(tmp).write_bytes(f.name.encode())) for f in files], False)
@@ -536,7 +593,7 @@ def test_overwriting_a_multi_tower_set_that_fails_part_way_keeps_the_old_set(pac
     def full_disk(tmp):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ValueError, match="No space left on device. Free disk space there"):
         paths.write_set([(files[0], lambda tmp: Path(tmp).write_bytes(b"new l")), (files[1], full_disk)], True)
     assert [f.read_bytes() for f in files] == [b"old " + f.name.encode() for f in files]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in files)
@@ -549,7 +606,7 @@ def test_overwriting_a_multi_tower_set_that_fails_part_way_keeps_the_old_set(pac
         moves.append(dst)
         return real_replace(src, dst)
     monkeypatch.setattr(paths.os, "replace", replace)
-    with pytest.raises(OSError, match="Input/output error"):
+    with pytest.raises(ValueError, match="Input/output error. Nothing was changed"):
         paths.write_set([(f, lambda tmp, f=f: Path(tmp).write_bytes(b"new " + f.name.encode())) for f in files],
                         True)
     assert moves  # the first file was moved into place, then put back
@@ -559,6 +616,17 @@ def test_overwriting_a_multi_tower_set_that_fails_part_way_keeps_the_old_set(pac
     paths.write_set([(f, lambda tmp, f=f: Path(tmp).write_bytes(b"new " + f.name.encode())) for f in files], True)
     assert [f.read_bytes() for f in files] == [b"new " + f.name.encode() for f in files]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in files)
+
+
+def test_a_folder_where_the_file_would_go_is_refused_not_hidden(pack, tmp_path):
+    """'overwrite' on a name that is a folder renamed the user's folder to a hidden temp name, then failed."""
+    paths = pack_module(pack, "quant.paths")
+    folder = tmp_path / "x.safetensors"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"x\.safetensors in .* is a folder, not a file\. Choose another file name"):
+        paths.write_set([(folder, lambda tmp: Path(tmp).write_bytes(b"model"))], True)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"] and (folder / "keep.txt").read_text() == "mine"
 
 
 def test_temp_files_of_a_killed_save_are_removed_by_the_next_save(pack, tmp_path):
