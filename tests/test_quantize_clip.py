@@ -251,3 +251,19 @@ def test_quantizing_a_clip_that_dynamic_vram_has_loaded(comfy, pack, clip):
             for a in attrs:
                 m.__dict__.pop(a, None)
     assert cosine(encode(comfy, clip, PROMPT)[0], got) > 0.99
+
+
+def test_compare_conditioning_of_a_combined_conditioning_gives_its_worst_entry(comfy, clip):
+    """ConditioningCombine makes one CONDITIONING of several entries: the node scores each pair and reports the
+    lowest, so one bad entry is not averaged away."""
+    def enc(text):
+        return call(comfy, "CLIPTextEncode", clip=clip, text=text)[0]
+
+    a, b, other = enc("a lighthouse at sunrise"), enc("a red fox in the snow"), enc("a red fox in the rain")
+    ref = call(comfy, "ConditioningCombine", conditioning_1=a, conditioning_2=b)[0]
+    cand = call(comfy, "ConditioningCombine", conditioning_1=a, conditioning_2=other)[0]
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["FP8CLIPCompareConditioning"]()
+    combined = node.compare(ref, cand)["result"]
+    alone = node.compare(b, other)["result"]
+    assert len(ref) == 2 and combined[0] == alone[0] < 0.999 and combined[1] == alone[1]
+    assert node.compare(a, a)["result"][0] > 0.99999

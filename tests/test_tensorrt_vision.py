@@ -254,3 +254,20 @@ def test_engine_that_cannot_be_loaded_falls_back_to_pytorch(comfy, pack, fp8_cv,
     img = images(1, seed=5)
     assert torch.equal(vision_encode(comfy, out, img)["image_embeds"],
                        vision_encode(comfy, fp8_cv, img)["image_embeds"])
+
+
+def test_quantize_vision_node_tensorrt_runtime_puts_the_model_on_an_engine_for_4_images(comfy, pack, vit_h4,
+                                                                                         fp8_cv, engine_node):
+    """The vision quantize node's `tensorrt` runtime: FP8, then an engine for up to 4 images (IP-Adapter and
+    unCLIP encode one reference at a time), CLIPVisionEncode on it like on the PyTorch FP8 model."""
+    with torch.inference_mode():
+        out = node(comfy, "FP8CLIPVisionQuantize").quantize(
+            clip_vision=vit_h4, keep_high_precision="*patch_embedding*", method="max",
+            quantize="weights+activations", min_cosine=0.9, runtime="tensorrt", images=images(4, seed=8),
+            evaluation_images=images(2, seed=9))
+    cv, text = out["result"]
+    assert "TensorRT engine: " in text and "1 to 4 images" in text and "vision_model:" in text
+    assert type(tower(pack, cv)[0]).__name__ == "EngineVisionModel"
+    img = images(2, seed=21)
+    got, ref = vision_encode(comfy, cv, img), vision_encode(comfy, fp8_cv, img)
+    assert cos_min(got["image_embeds"], ref["image_embeds"]) >= 0.999
