@@ -71,7 +71,7 @@ def test_report_widget_script_is_served_and_its_imports_resolve(server):
     """The browser loads the script from the URL /extensions lists and resolves its imports against that URL:
     an import one folder too shallow (/extensions/scripts/app.js, 404) kept the extension from registering."""
     scripts = [u for u in server.get("/extensions") if u.startswith(f"/extensions/{PACK_NAME}/")]
-    assert f"/extensions/{PACK_NAME}/js/fp8clip_report.js" in scripts
+    assert f"/extensions/{PACK_NAME}/fp8clip_report.js" in scripts
     for url in scripts:
         with urllib.request.urlopen(server.url + url, timeout=30) as r:
             source = r.read().decode()

@@ -21,7 +21,7 @@ PROMPT_RULE = "options?.serialize===!1"
 RUNNER = r"""
 globalThis.document = { createElement: () => ({ style: {}, value: "" }) };
 const { registered } = await import("./scripts/app.js");
-await import("./extensions/fp8clip/js/fp8clip_report.js");  // where ComfyUI serves it (WEB_DIRECTORY/js)
+await import("./extensions/fp8clip/fp8clip_report.js");  // where ComfyUI serves it: /extensions/<pack>/
 function Node() { this.widgets = [{ name: "calibration_prompts", value: "a cat", options: {} }]; }
 Node.prototype.addDOMWidget = function (name, type, element, options = {}) {  // as the frontend's: value via getValue
   const w = { name, type, element, options: { hideOnZoom: true, ...options } };
@@ -49,7 +49,7 @@ def test_report_widget_shows_the_report_but_is_not_an_input_or_saved(tmp_path):
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "app.js").write_text(
         "export const registered = [];\nexport const app = { registerExtension: (e) => registered.push(e) };\n")
-    ext = tmp_path / "extensions" / "fp8clip" / "js"
+    ext = tmp_path / "extensions" / "fp8clip"
     ext.mkdir(parents=True)
     shutil.copy(PACK_DIR / "web" / "js" / "fp8clip_report.js", ext / "fp8clip_report.js")
     (tmp_path / "run.js").write_text(RUNNER)

@@ -1,5 +1,5 @@
 // Shows the quality report of the FP8 CLIP nodes inside the node, after each run.
-import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/
+import { app } from "../../scripts/app.js";  // served at /extensions/<pack>/ (WEB_DIRECTORY)
 
 app.registerExtension({
   name: "comfyui-fp8-clip.report",
