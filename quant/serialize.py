@@ -241,11 +241,12 @@ def resolve_clip_type(requested: str, files: Sequence[ff.TowerFile]) -> str:
 CLIP_DEPTHS = {12: "clip_l", 32: "clip_g"}  # 24 layers: SD2's CLIP-H, not a tower of these bundles
 
 
-def stock_kind(sd: dict[str, Any]) -> str | None:
-    """'clip_l' / 'clip_g' (or 'clip' for another size) for a stock CLIP text tower file, in ComfyUI's layout or
-    open_clip's; None for anything else (T5...)."""
+def stock_kind(keys: Iterable[str]) -> str | None:
+    """'clip_l' / 'clip_g' (or 'clip' for another size) for a stock CLIP text tower file, by its tensor names in
+    ComfyUI's layout or open_clip's; None for anything else (T5...)."""
+    keys = list(keys)
     for prefix in ("text_model.encoder.layers.", "transformer.resblocks."):
-        layers = {k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)}
+        layers = {k[len(prefix):].split(".", 1)[0] for k in keys if k.startswith(prefix)}
         if layers:
             return CLIP_DEPTHS.get(1 + max(int(i) for i in layers if i.isdigit()), "clip")
     return None
@@ -305,30 +306,26 @@ def load_fp8_clip(paths: Sequence[str | os.PathLike], clip_type: str = "auto", r
     from .runtime import plan
 
     check_load_runtime(runtime)
-    files: list[ff.TowerFile] = []
-    state_dicts: list[dict] = []
-    stock: list[tuple[str, str | None]] = []
     paths = [Path(p) for p in paths]
-    metas = [ff.read_header(p)[1] for p in paths]
-    for p, meta in zip(paths, metas):
+    headers = [ff.read_header(p) for p in paths]
+    for p, (_, meta) in zip(paths, headers):
         if ff.H_STOCK in meta:
             raise FP8ClipError(f"{p.name} is a stock-compatible export (weights-only FP8): load it with ComfyUI's "
                                "own 'Load CLIP' / 'DualCLIPLoader'.")
-    if not any(ff.FORMAT_KEY in m for m in metas):
+    ours = [ff.FORMAT_KEY in meta for _, meta in headers]
+    if not any(ours):
         ff.read_tower_file(paths[0])  # says what the first file is instead, and which file to pick
         raise FP8ClipError("None of the selected files was saved by 'Save FP8 CLIP'.")
-    for p, meta in zip(paths, metas):  # in any slot, as ComfyUI's loaders take them: towers go by their weights
-        if ff.FORMAT_KEY in meta:
-            tf = ff.read_tower_file(p)
-            files.append(tf)
-            state_dicts.append(dequantized(tf))
-        else:
-            state_dicts.append(read_state_dict(p))
-            stock.append((p.name, stock_kind(state_dicts[-1])))
+    # In any slot, as ComfyUI's loaders take them (towers go by their weights). Stock files are told apart by
+    # their headers, so a wrong one is refused before its tensors (a T5-XXL: 9.5 GB) are read.
+    read = [ff.read_tower_file(p) if mine else None for p, mine in zip(paths, ours)]
+    files = [tf for tf in read if tf is not None]
+    stock = [(p.name, stock_kind(entries)) for p, (entries, _), mine in zip(paths, headers, ours) if not mine]
     if len({f.tower for f in files}) != len(files):
         raise FP8ClipError("Two of the selected files hold the same tower "
                            f"({', '.join(f.tower for f in files)}); select the files of different towers.")
     check_bundle(files, stock)
+    state_dicts = [read_state_dict(p) if tf is None else dequantized(tf) for p, tf in zip(paths, read)]
     ctype = resolve_clip_type(clip_type, files)
     clip = comfy.sd.load_text_encoder_state_dicts(state_dicts, embedding_directory=embedding_directory,
                                                   clip_type=clip_type_enum(ctype),
