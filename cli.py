@@ -79,7 +79,8 @@ def _apply_model_paths(comfy_dir: Path, args: argparse.Namespace) -> None:
         extra.load_extra_path_config(str(c))
 
 
-def progress_printer(label: str) -> Callable[[int, int], None]:
+def progress_printer(label: str, unit: str = "prompt") -> Callable[[int, int], None]:
+    """A progress bar on stderr; a count that starts over (the next tower's engine) starts a new bar."""
     try:
         from tqdm import tqdm
     except ImportError:
@@ -88,11 +89,18 @@ def progress_printer(label: str) -> Callable[[int, int], None]:
 
     def update(done: int, total: int) -> None:
         if tqdm is not None:
-            bar = state.get("bar") or state.setdefault("bar", tqdm(total=total, desc=label, unit="prompt",
-                                                                      file=sys.stderr))
+            bar = state.get("bar")
+            if bar is None and state.get("finished") and done >= total:
+                return  # the same count reported complete twice
+            state["finished"] = False
+            if bar is None or done < bar.n or bar.total != total:
+                if bar is not None:
+                    bar.close()
+                bar = state["bar"] = tqdm(total=total, desc=label, unit=unit, file=sys.stderr)
             bar.update(done - bar.n)
             if done >= total:
                 bar.close()
+                state["bar"], state["finished"] = None, True
         else:
             print(f"\r{label}: {done}/{total}", end="\n" if done >= total else "", file=sys.stderr, flush=True)
     return update

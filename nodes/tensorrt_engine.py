@@ -31,6 +31,7 @@ def run_on_engine(model, vision: bool, max_rows: int, activations: str = "float3
     (see IS_CHANGED)."""
     import comfy.model_management
     import folder_paths
+    import torch
 
     from ..trt_runtime.availability import engine_support
     from ..trt_runtime.cache import register_folder
@@ -38,9 +39,11 @@ def run_on_engine(model, vision: bool, max_rows: int, activations: str = "float3
 
     root = register_folder(folder_paths)[0]
     bar = progress_bar()
-    # Where ComfyUI runs this encoder (its own load device), which is where the engine must run.
-    device = getattr(model, "load_device", None) if vision else None
-    device = device or comfy.model_management.get_torch_device()
+    # Where ComfyUI runs this encoder (its own load device: cuda:1 for a CLIP a multi-GPU loader put there), which
+    # is where the engine must run; a CLIP kept on the CPU (--lowvram...) gets ComfyUI's GPU, loaded per encode.
+    device = getattr(model, "load_device", None) if vision else getattr(model.patcher, "load_device", None)
+    if device is None or torch.device(device).type != "cuda":
+        device = comfy.model_management.get_torch_device()
     run = engine_clip_vision if vision else engine_clip
     used = EngineUse() if node_id is not None else None
     out, status = run(model, max_rows, engine_support(device), cache_root=root, activations=activations,

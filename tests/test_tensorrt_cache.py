@@ -81,7 +81,11 @@ def test_same_inputs_reuse_changed_inputs_rebuild(pack, real_build, tmp_path, mo
     (lambda e, m: m.write_text("{not json"), "unreadable"),
     (lambda e, m: m.write_text(json.dumps({**json.loads(m.read_text()), "key": "0" * 64})), "another engine"),
     (lambda e, m: e.unlink(), "missing"),
-], ids=["truncated", "edited", "no-manifest", "bad-manifest", "foreign-manifest", "engine-deleted"])
+    (lambda e, m: m.write_text("null"), "not one this pack writes"),
+    (lambda e, m: m.write_text(json.dumps({**json.loads(m.read_text()), "io": [{"name": "x"}]})),
+     "not one this pack writes"),
+], ids=["truncated", "edited", "no-manifest", "bad-manifest", "foreign-manifest", "engine-deleted", "null-manifest",
+        "edited-io"])
 def test_damaged_or_foreign_engine_is_rebuilt_with_a_warning(pack, tmp_path, counted, caplog, damage, why):
     cache_mod = tr(pack, "cache")
     cache = cache_mod.EngineCache(tmp_path)
@@ -322,6 +326,26 @@ def test_cancel_raised_by_the_progress_hook_stops_the_build(pack, real_build):
     with pytest.raises(Cancelled):
         build.build_engine(ox.export_text_transformer(module, record), build.Profile(max_rows=1, opt_rows=1),
                            rtx.flavour, target=rtx.target, progress=progress)
+
+
+def test_ctrl_c_landing_in_tensorrts_log_callback_stops_the_build(pack, real_build, monkeypatch):
+    """A KeyboardInterrupt raised while TensorRT calls the pack's logger was swallowed by TensorRT ("Exception
+    caught in log()") and the command-line build ran to the end; it must stop the build and come out."""
+    build, ox = tr(pack, "build"), tr(pack, "onnx_export")
+    _, rtx, module, record = real_build
+    real, phases = build._record, []
+
+    def ctrl_c_on_first_message(*a):
+        if not phases:
+            phases.append(1)
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(build, "_record", ctrl_c_on_first_message)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_engine(ox.export_text_transformer(module, record), build.Profile(max_rows=1, opt_rows=1),
+                           rtx.flavour, target=rtx.target)
+    assert phases == [1]
 
 
 def test_an_engine_rebuilt_by_another_process_is_read_from_the_cache(pack, real_build, tmp_path, monkeypatch):

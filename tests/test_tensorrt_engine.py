@@ -172,8 +172,37 @@ def test_engine_that_cannot_be_loaded_falls_back_to_pytorch(comfy, pack, fp8_cli
     q = fp8_clip[1]
     out, status = call(comfy, "FP8CLIPTensorRTEngine", clip=q, max_batch_rows=3)
     assert out is q
-    assert status.startswith("TensorRT engine not used: the engine is ready but could not be loaded")
+    assert re.match(r"TensorRT engine not used: the engine \S+/fp8clip-clip_l-\w+\.engine is ready but could not be "
+                    r"loaded", status)  # the file to delete is named
     assert torch.equal(encode(comfy, out, PROMPT)[0], encode(comfy, q, PROMPT)[0])
+
+
+def test_the_engine_is_made_for_the_gpu_comfyui_runs_the_encoder_on(comfy, pack, fp8_clip, monkeypatch):
+    """A CLIP or CLIP vision that a multi-GPU loader put on cuda:1 gets its engine checked, built and run there, not
+    on ComfyUI's default GPU; one kept on the CPU (--lowvram) gets ComfyUI's GPU."""
+    import copy
+
+    av, node = tr(pack, "availability"), pack_module(pack, "nodes.tensorrt_engine")
+    asked = []
+
+    def support(device=None, flavour=None):
+        asked.append(str(device))
+        return av.Support(False, "recorded", None, "", None)
+
+    monkeypatch.setattr(av, "engine_support", support)
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("comfy.model_management"), "get_torch_device",
+                        lambda: torch.device("cuda:0"))
+    for device in ("cuda:1", "cpu"):
+        text = copy.copy(fp8_clip[1])
+        text.patcher = fp8_clip[1].patcher.clone()
+        text.patcher.load_device = torch.device(device)
+        vision = copy.copy(text)
+        vision.load_device = torch.device(device)
+        for model, is_vision in ((text, False), (vision, True)):  # the vision stand-in: only its device matters
+            assert node.run_on_engine(model, is_vision, 2)[1].startswith("TensorRT engine not used: recorded")
+    assert asked == ["cuda:1", "cuda:1", "cuda:0", "cuda:0"]
 
 
 # --- the node end to end, with onnxruntime executing the engine's graph -------------------------------------

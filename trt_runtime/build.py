@@ -60,16 +60,24 @@ def _logger(trt: Any) -> Any:
         def __init__(self):
             trt.ILogger.__init__(self)
             self.lines: list[str] = []
+            self.interrupted: BaseException | None = None  # Ctrl-C landing here: TensorRT would swallow it
 
         def log(self, severity, msg):
-            if severity <= trt.ILogger.Severity.WARNING:
-                self.lines.append(f"{getattr(severity, 'name', severity)}: {msg}")
-            if severity <= trt.ILogger.Severity.ERROR:  # warnings stay in .lines: builds emit many
-                log.error("TensorRT: %s", msg)
+            try:
+                _record(trt, self.lines, severity, msg)
+            except BaseException as e:  # noqa: BLE001  (re-raised after the builder returns)
+                self.interrupted = self.interrupted or e
     return Log()
 
 
-def _monitor(trt: Any, progress: Progress | None, check_interrupt: Callable[[], None] | None) -> Any:
+def _record(trt: Any, lines: list[str], severity: Any, msg: str) -> None:
+    if severity <= trt.ILogger.Severity.WARNING:
+        lines.append(f"{getattr(severity, 'name', severity)}: {msg}")
+    if severity <= trt.ILogger.Severity.ERROR:  # warnings stay in .lines: builds emit many
+        log.error("TensorRT: %s", msg)
+
+
+def _monitor(trt: Any, progress: Progress | None, check_interrupt: Callable[[], None] | None, logger: Any) -> Any:
     """An IProgressMonitor turning TensorRT's nested phases into one fraction; cancels when interrupted."""
 
     class Monitor(trt.IProgressMonitor):
@@ -96,6 +104,8 @@ def _monitor(trt: Any, progress: Progress | None, check_interrupt: Callable[[], 
                     break
             # Anything raised here would be swallowed by TensorRT ("Exception caught in step_complete") and
             # the build reported as failed: ComfyUI's progress hook raises on Cancel, and clears the flag.
+            if logger.interrupted is not None:  # stop the build at once, as for ComfyUI's Cancel
+                return False
             try:
                 if self.stack and progress:
                     self.last = max(self.last, self.fraction())
@@ -153,14 +163,15 @@ def build_engine(onnx_model: Any, profile: Profile, flavour: Flavour, *, target:
                   (profile.max_rows, *seq_width))
     config.add_optimization_profile(opt)
     monitor = None
-    if hasattr(trt, "IProgressMonitor") and (progress or check_interrupt):
-        monitor = _monitor(trt, progress, check_interrupt)
+    if hasattr(trt, "IProgressMonitor"):
+        monitor = _monitor(trt, progress, check_interrupt, log)
         config.progress_monitor = monitor
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     build_s = time.perf_counter() - t0
-    if monitor is not None and monitor.interrupted is not None:
-        raise monitor.interrupted
+    stopped = (monitor.interrupted if monitor is not None else None) or log.interrupted
+    if stopped is not None:
+        raise stopped
     if serialized is None:
         detail = "; ".join(log.lines[-5:]) or "no message from TensorRT"
         raise EngineBuildError(f"{flavour.label} failed to build the engine (target {target}): {detail}")

@@ -36,6 +36,14 @@ FOLDER = "tensorrt"
 EXTENSIONS = {".engine"}
 
 
+def _io_ok(io: Any) -> bool:
+    """The engine's inputs and outputs as TensorIO.to_dict writes them: the runner sizes its buffers from them."""
+    return isinstance(io, list) and bool(io) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and t.get("mode") in ("input", "output")
+        and isinstance(t.get("dtype"), str) and isinstance(t.get("shape"), list)
+        and all(isinstance(d, int) for d in t["shape"]) for t in io)
+
+
 class EngineCacheError(FP8ClipError):
     """The cache folder cannot be used (missing permissions, full disk...)."""
 
@@ -135,6 +143,8 @@ class EngineCache:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as e:
             return None, f"its manifest {manifest_path.name} is unreadable ({e})"
+        if not isinstance(manifest, dict) or not _io_ok(manifest.get("io")):
+            return None, f"its manifest {manifest_path.name} is not one this pack writes (edited?)"
         if manifest.get("cache_format") != CACHE_FORMAT or manifest.get("key") != key:
             return None, f"its manifest {manifest_path.name} is for another engine or version"
         if manifest.get("components") != json.loads(json.dumps(components)):

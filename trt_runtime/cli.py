@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None, *, comfyui: str | None = None, cpu: bool
             model, _ = load_fp8_clip_vision(a.files[0], "fp8")
         else:
             model, _ = load_fp8_clip(a.files, a.type, "fp8")
-        bar = progress_printer("building")
+        bar = progress_printer("building", unit="%")
         lines = prebuild(model, a.vision, rows, support, cache_root=cache, activations=a.activations,
                          progress=lambda f, phase: bar(int(f * 100), 100))
     print(f"TensorRT engine: {support.reason}")

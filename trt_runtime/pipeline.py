@@ -242,7 +242,9 @@ def _engine_model(model: Any, target: Target, profile: Profile, header: str, sup
             log.warning("TensorRT engine not used: could not load it: %s", msg)
             if used is not None:
                 used.retry = True
-            return model, f"TensorRT engine not used: the engine is ready but could not be loaded ({msg}).\n{retry}"
+            named = f" {engine.path}" if engine.path else ""
+            return model, (f"TensorRT engine not used: the engine{named} is ready but could not be loaded ({msg})."
+                           f"\n{retry}")
         how = _how(engine)
         where = f", {engine.path}" if engine.path else ""
         status = f"  {record.tower}: {how} ({_mb(engine.manifest['engine_bytes'])}, FP8 weights){where}"

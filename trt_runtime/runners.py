@@ -19,7 +19,8 @@ from .onnx_export import HIDDEN_STATES, LAST_HIDDEN, TensorIO
 
 # ComfyUI reuses a node's last result while its inputs are unchanged; the engine nodes' IS_CHANGED (watch.py)
 # makes them run again once the file is gone. The quantize node's `tensorrt` runtime has no such watch.
-REBUILD = ("Delete it from models/tensorrt and queue the prompt again: the 'Build TensorRT Engine' node runs again "
+REBUILD = ("Delete that engine file (named in this message; its folder is models/tensorrt unless extra_model_paths "
+           "says otherwise) and queue the prompt again: the 'Build TensorRT Engine' node runs again "
            "when its engine file is gone, and rebuilds it (with the Quantize node's 'tensorrt' runtime, change one "
            "of that node's inputs or restart ComfyUI).")
 
