@@ -9,6 +9,9 @@ class CompareConditioning:
     DESCRIPTION = "Cosine similarity between two conditionings of the same prompt, e.g. original vs FP8 CLIP."
     RETURN_TYPES = ("FLOAT", "FLOAT", "STRING")
     RETURN_NAMES = ("cond_cosine", "pooled_cosine", "summary")
+    OUTPUT_TOOLTIPS = ("Mean per-token cosine of the conditioning (worst entry of a combined conditioning).",
+                       "Cosine of the pooled outputs; -1 when the conditionings have none (not a measured -1).",
+                       "Both numbers in words.")
     FUNCTION = "compare"
     OUTPUT_NODE = True
 

@@ -27,7 +27,8 @@ class QuantizeCLIP:
             "clip": ("CLIP", {"tooltip": "A CLIP from Load Checkpoint, Load CLIP or a LoRA loader."}),
             "calibration_prompts": ("STRING", {
                 "multiline": True, "default": DEFAULT_CALIBRATION_TEXT,
-                "tooltip": "One prompt per line. Use prompts like the ones you generate with; "
+                "tooltip": "One prompt per line (lines starting with # are skipped). Use prompts like the ones you "
+                           "generate with; "
                            "the default is a built-in set of 64 varied prompts."}),
             "keep_high_precision": ("STRING", {
                 "multiline": False, "default": ", ".join(DEFAULT_KEEP),
@@ -57,7 +58,8 @@ class QuantizeCLIP:
         }, "optional": {
             "evaluation_prompts": ("STRING", {
                 "multiline": True, "default": "",
-                "tooltip": "Prompts to measure the quality on, one per line (not used for calibration). "
+                "tooltip": "Prompts to measure the quality on, one per line, # lines skipped (not used for "
+                           "calibration). "
                            "Empty: 24 built-in held-out prompts."}),
         }}
 

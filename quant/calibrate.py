@@ -7,11 +7,12 @@ transformer sees in a workflow.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
 
-from . import artifact, modelopt_bridge
+from . import artifact, calibration_memo, modelopt_bridge
 from .errors import FP8ClipError
 from .fidelity import LayerErrorProbe, QualityReport, TowerSummary, encode_all, evaluate
 from .fp8_ops import require_fp8_storage
@@ -30,6 +31,20 @@ PROMPTS_PER_CALIBRATION_ENCODE = 16
 
 def encode(clip: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     return clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+
+
+def token_key(clip: Any, prompt: str) -> Any:
+    """What the encoder sees of `prompt` (its tokens and weights; case, spacing and weights of 1 do not change
+    it), as something to compare: two prompts with the same key give the same conditioning."""
+    def norm(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):  # a textual-inversion embedding in place of a token
+            return "tensor", tuple(x.shape), float(x.float().sum())
+        if isinstance(x, dict):
+            return tuple(sorted((k, norm(v)) for k, v in x.items()))
+        if isinstance(x, (list, tuple)):
+            return tuple(norm(i) for i in x)
+        return x
+    return norm(clip.tokenize(prompt))
 
 
 def encode_together(clip: Any, prompts: Sequence[str]) -> None:
@@ -74,7 +89,10 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                            "(the node's default text is a built-in set of 64).")
     if not held_out:
         raise FP8ClipError("No held-out prompts to measure the quality on.")
-    total = len(prompts) + len(held_out)
+    memo_key = calibration_memo.key("text", getattr(clip.patcher, "patches_uuid", ""), prompts, recipe.to_json(),
+                                    held_out)
+    earlier = calibration_memo.recall(clip, memo_key)
+    total = len(prompts) + 2 * len(held_out)  # the original's encodes, calibration, the FP8 model's encodes
     done = 0
 
     def step(count: int = 1) -> None:
@@ -94,8 +112,10 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     t0 = time.perf_counter()
     # The towers' encoders (shared by every clone): which pooled output the model uses.
     owners = {t.name: clip.patcher.get_model_object(t.path.rsplit(".", 1)[0]) for t in towers}
-    refs = encode_all(held_out, checked(clip), {t.name: clip.patcher.get_model_object(t.path) for t in towers},
-                      owners=owners)
+    if not earlier:
+        step(0)
+        refs = encode_all(held_out, checked(clip), {t.name: clip.patcher.get_model_object(t.path) for t in towers},
+                          each=step, owners=owners)
     ref_s = time.perf_counter() - t0
     copies = {t.name: patched_copy(clip, t.path) for t in towers}
     source_bytes = {n: weight_bytes(m) for n, m in copies.items()}
@@ -107,12 +127,22 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     to_quantize, kept = [n for n in to_quantize if n not in unusable], kept + unusable
     recipe.require_layers(to_quantize, len(names), unusable)
     # Original weights (checkpoint dtype, CPU) for the per-layer errors; taken before the fp32 cast.
-    reference = {n: container.get_submodule(n).weight.detach().to("cpu", copy=True) for n in to_quantize}
+    reference = {} if earlier else {n: container.get_submodule(n).weight.detach().to("cpu", copy=True)
+                                    for n in to_quantize}
     for m in copies.values():
         to_float32(m)
         if recipe.fp8_embedding:
             fake_quant_embedding(m)
     qclip = clone_with(clip, {t.path: copies[t.name] for t in towers})
+    config = recipe.modelopt_config(kept)
+
+    if earlier:
+        modelopt_bridge.quantize_calibrated(container, config, earlier.amax)
+        scales = modelopt_bridge.quantized_layers(container)
+        modelopt_bridge.fold_weights(container)
+        report = replace(earlier.report, min_cosine=min_cosine, reused=calibration_memo.reused_line(earlier))
+        return qclip, _attach_records(report, family.label, towers, copies, prompts, recipe, scales, kept,
+                                      source_bytes, dtypes)
 
     def forward_loop(_: torch.nn.Module) -> None:
         n = PROMPTS_PER_CALIBRATION_ENCODE
@@ -123,9 +153,10 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
             step(len(group))
 
     t0 = time.perf_counter()
-    modelopt_bridge.quantize(container, recipe.modelopt_config(kept), forward_loop)
+    modelopt_bridge.quantize(container, config, forward_loop)
     calib_s = time.perf_counter() - t0
     scales = modelopt_bridge.quantized_layers(container)
+    amax = modelopt_bridge.calibration_state(container)
     modelopt_bridge.fold_weights(container)
 
     summaries = []
@@ -142,7 +173,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
         errors = probe.close()
     eval_s = time.perf_counter() - t0 + ref_s
 
-    calibrated = set(prompts)
+    calibrated = {token_key(clip, p) for p in prompts}
     report = QualityReport(family=family.label, scope=recipe.scope, method=recipe.method, towers=summaries,
                            prompts=scores, layer_errors=errors, calibration_prompts=len(prompts),
                            calibration_seconds=calib_s, evaluation_seconds=eval_s, min_cosine=min_cosine,
@@ -150,13 +181,22 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                            notes=[f"Kept as they are, weights not finite (NaN/inf; e.g. a projection the checkpoint "
                                   f"lacks, which ComfyUI leaves uninitialized): {', '.join(unusable)}"] if unusable
                            else [], fp8_embedding=recipe.fp8_embedding,
-                           overlap=sum(h.strip() in calibrated for h in held_out))
+                           overlap=sum(token_key(clip, h) in calibrated for h in held_out),
+                           pooled_used=family.pooled_used)
+    calibration_memo.remember(clip, memo_key, amax, report)
+    return qclip, _attach_records(report, family.label, towers, copies, prompts, recipe, scales, kept, source_bytes,
+                                  dtypes)
+
+
+def _attach_records(report: QualityReport, family: str, towers: list, copies: dict[str, torch.nn.Module],
+                    prompts: list[str], recipe: Recipe, scales: dict, kept: list[str], source_bytes: dict[str, int],
+                    dtypes: dict[str, torch.dtype]) -> QualityReport:
     fp = fingerprint(prompts, recipe)
     for t in towers:
         prefix = t.name + "."
         artifact.attach(copies[t.name], artifact.QuantizedTower(
-            family=family.label, tower=t.name, recipe=recipe, fingerprint=fp,
+            family=family, tower=t.name, recipe=recipe, fingerprint=fp,
             scales={n[len(prefix):]: s for n, s in scales.items() if n.startswith(prefix)},
             kept=[n[len(prefix):] for n in kept if n.startswith(prefix)], source_bytes=source_bytes[t.name],
             report=report.to_dict(), dtype=dtypes[t.name]))
-    return qclip, report
+    return report

@@ -6,6 +6,7 @@ against the same input through its original weights), which names the layers to 
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
@@ -86,6 +87,28 @@ def suggested_keep(worst: list[tuple[str, float]], current: tuple[str, ...] = ()
     return list(dict.fromkeys([*current, *(f"*{k}" for k in kinds)]))
 
 
+def keep_advice(layer_errors: dict[str, float], keep: tuple[str, ...], unmatched: list[str],
+                fp8_embedding: bool = False, n: int = 3) -> str:
+    """What to change when the quality is below the threshold. Patterns that match nothing are left out, and a
+    keep list that would leave no layer in FP8 is not suggested (the node refuses it): that is said instead."""
+    worst = sorted(layer_errors.items(), key=lambda kv: -kv[1])[:n]
+    names = ", ".join(f"{name} ({e:.1%})" for name, e in worst)
+    patterns = suggested_keep(worst, tuple(p for p in keep if p not in unmatched))
+    if all(any(fnmatch.fnmatchcase(name, p) for p in patterns) for name in layer_errors):
+        table = "turn fp8_token_embedding off (the token table in FP8 costs quality too), or " if fp8_embedding else ""
+        return (f"Worst layers by output error: {names}. Keeping more layers in high precision cannot reach it "
+                f"(that would keep all {len(layer_errors)} FP8 layers): {table}lower min_cosine.")
+    table = ("Turning fp8_token_embedding off can help too (the token table in FP8 costs quality as well). "
+             if fp8_embedding else "")
+    return f"Worst layers by output error: {names}. {table}Try keep_high_precision: {', '.join(patterns)}"
+
+
+def unmatched_warning(pattern: str, layer_errors: dict[str, float]) -> str:
+    example = next(iter(sorted(layer_errors)), "")
+    return (f"Keep pattern {pattern!r} matches no layer. Patterns match full layer names as this report prints them"
+            + (f", such as {example}" if example else "") + "; a leading * matches any prefix.")
+
+
 class TowerCapture:
     """Records what each tower's transformer returns (the hidden state the conditioning uses, and the pooled
     output), so a bundle's report can say how much each tower lost.
@@ -140,6 +163,8 @@ class QualityReport:
     notes: list[str] = field(default_factory=list)
     fp8_embedding: bool = False  # the towers' token tables in FP8 (one scale per row)
     overlap: int = 0  # held-out prompts that are calibration prompts too
+    reused: str = ""  # set when this report and its scales come from an earlier run (calibration_memo)
+    pooled_used: bool = True  # False where the diffusion model ignores the pooled output (SD1.5, SD2)
 
     @property
     def cond_min(self) -> float:
@@ -162,17 +187,23 @@ class QualityReport:
     def worst_layers(self, n: int = 5) -> list[tuple[str, float]]:
         return sorted(self.layer_errors.items(), key=lambda kv: -kv[1])[:n]
 
+    @property
+    def per_tower(self) -> bool:
+        """Whether each tower's own scores are shown (and checked): a bundle, or a CLIP beside a T5."""
+        return len(self.towers) > 1 or bool(self.passed_through)
+
     def checks(self) -> list[tuple[str, float]]:
         """The worst score of each measure the threshold applies to. Each tower's own output counts, not only
         the whole conditioning: SD3's also holds T5's tokens, which quantization leaves as they are (a CLIP-L
-        at 0.983 on its own scored 0.9915 there), and SDXL's mixes a weak tower with a strong one."""
+        at 0.983 on its own scored 0.9915 there), and SDXL's mixes a weak tower with a strong one. The pooled
+        output only where the model reads it (not SD1.5's or SD2's)."""
         out = [("conditioning", self.cond_min)]
-        if self.pooled_min is not None:
+        if self.pooled_min is not None and self.pooled_used:
             out.append(("pooled", self.pooled_min))
-        for t in self.towers:
+        for t in self.towers if self.per_tower else ():
             if t.cond:
                 out.append((f"{t.name} hidden", min(t.cond)))
-            if t.pooled:
+            if t.pooled and self.pooled_used:
                 out.append((f"{t.name} pooled", min(t.pooled)))
         return out
 
@@ -181,18 +212,15 @@ class QualityReport:
         return any(v < self.min_cosine for _, v in self.checks())
 
     def warnings(self) -> list[str]:
-        out = [f"Keep pattern {p!r} matches no layer; check the spelling against the layer names below."
-               for p in self.unmatched_patterns]
+        out = [unmatched_warning(p, self.layer_errors) for p in self.unmatched_patterns]
         if self.overlap:
             out.append(f"{self.overlap} of the {len(self.prompts)} evaluation prompts are calibration prompts too: "
                        "their scores are not held out and can look better than the quantization is. Evaluate on "
                        "prompts that are not in the calibration text.")
         if self.below_threshold:
             low = ", ".join(f"{n} {v:.5f}" for n, v in self.checks() if v < self.min_cosine)
-            names = ", ".join(f"{n} ({e:.1%})" for n, e in self.worst_layers(3))
-            out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst prompt: {low}). Worst layers "
-                       f"by output error: {names}. Try keep_high_precision: "
-                       f"{', '.join(suggested_keep(self.worst_layers(3), self.keep))}")
+            out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst prompt: {low}). "
+                       + keep_advice(self.layer_errors, self.keep, self.unmatched_patterns, self.fp8_embedding))
         return out
 
     def to_dict(self) -> dict:
@@ -206,7 +234,8 @@ class QualityReport:
             return "n/a" if v is None else f"{v:.4f}"
         lines = [f"FP8 E4M3 CLIP quality report: {self.family}, {self.scope}, per-tensor static scales"]
         for t in self.towers:
-            kept = "all" if t.quantized == 0 else ", ".join(t.kept) if t.kept else "none"
+            # Full names: the keep patterns match those, so a name copied from here works as one.
+            kept = "all" if t.quantized == 0 else ", ".join(f"{t.name}.{k}" for k in t.kept) if t.kept else "none"
             lines.append(f"  {t.name}: {t.quantized} Linear layers in FP8; kept in high precision: {kept}")
         if self.fp8_embedding:  # a tower whose layers are all kept still changes by its table
             names = ", ".join(t.name for t in self.towers)
@@ -215,12 +244,13 @@ class QualityReport:
         lines += [
             f"Cosine vs the unquantized encoder on {len(self.prompts)} held-out prompts (min / mean):",
             f"  conditioning  {f(self.cond_min)} / {f(self.cond_mean)}",
-            f"  pooled        {f(self.pooled_min)} / {f(self.pooled_mean)}",
+            f"  pooled        {f(self.pooled_min)} / {f(self.pooled_mean)}"
+            + ("" if self.pooled_used else f" (not used by {self.family.split(' (')[0]} models)"),
         ]
         if self.passed_through:
             lines.append(f"  (the conditioning holds {', '.join(self.passed_through)}'s output too, unchanged: "
                          "the lines below are what quantization changed)")
-        if len(self.towers) > 1 or self.passed_through:
+        if self.per_tower:
             for t in self.towers:
                 lines.append(f"  {t.name} alone: hidden {f(min(t.cond, default=None))} / "
                              f"{f(sum(t.cond) / len(t.cond) if t.cond else None)}, pooled "
@@ -228,6 +258,7 @@ class QualityReport:
         lines += [
             f"Calibration: {self.calibration_prompts} prompts, method '{self.method}', "
             f"{self.calibration_seconds:.1f} s (evaluation {self.evaluation_seconds:.1f} s)",
+        ] + ([self.reused] if self.reused else []) + [
             "Largest per-layer output errors: " + ", ".join(f"{n} {e:.1%}" for n, e in self.worst_layers(3)),
         ]
         lines += [f"{n}" for n in self.notes]

@@ -93,6 +93,28 @@ def quantize(module: torch.nn.Module, config: dict, forward_loop: Callable[[torc
         mtq.quantize(module, config, forward_loop)
 
 
+def calibration_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every enabled quantizer's calibrated amax (CPU copies): all a calibration found, for quantize_calibrated."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {n: m.amax.detach().to("cpu", copy=True) for n, m in module.named_modules()
+            if isinstance(m, TensorQuantizer) and m.is_enabled and m.amax is not None}
+
+
+def quantize_calibrated(module: torch.nn.Module, config: dict, amax: dict[str, torch.Tensor]) -> None:
+    """Insert quantizers per `config` and give them the amax of an earlier calibration (calibration_state of the
+    same tower, same config), running no data: the same quantized model as that calibration, bit for bit."""
+    _mtq()
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    quantize(module, {**config, "algorithm": None}, None)
+    enabled = {n: m for n, m in module.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}
+    if set(enabled) != set(amax):
+        raise ValueError(f"the remembered calibration has {len(amax)} quantizers, this model {len(enabled)}")
+    for n, q in enabled.items():  # where the layer's weight is: the amax moves with it from now on
+        q.amax = amax[n].to(module.get_submodule(n.rsplit(".", 1)[0]).weight.device)
+
+
 def fold_weights(module: torch.nn.Module) -> None:
     """Store the Q->DQ weights in place of the originals: same output, no per-call weight fake-quant."""
     _mtq().fold_weight(module, keep_attrs=True)

@@ -15,6 +15,10 @@ from .errors import FP8ClipError, UnsupportedModelError
 CLIP_TOWERS = ("clip_l", "clip_g", "clip_h")
 OTHER_TOWERS = ("t5xxl", "t5xl", "t5base", "llama", "qwen", "gemma", "umt5xxl")
 
+# Bundles whose diffusion models read no pooled text output (ComfyUI's SD1.5 and SD2 models take none); exact
+# class names: other families subclass these.
+POOLED_UNUSED = ("SD1ClipModel", "SD2ClipModel")
+
 # First class in the bundle's MRO found here names the family (SD3 and Flux build their classes per file,
 # e.g. SD3ClipModel_, so exact names would not match). The towers in the label are the ones the bundle holds:
 # SD3 loads with or without T5.
@@ -49,6 +53,7 @@ class Family:
     label: str
     towers: tuple[TextTower, ...]
     passed_through: tuple[str, ...]  # other towers of the bundle, left as they are
+    pooled_used: bool = True  # False: the diffusion models of this bundle ignore its pooled output
 
 
 def require_clip(clip: Any) -> None:
@@ -93,4 +98,4 @@ def text_family(clip: Any) -> tuple[Family, list[TextTower]]:
     if name is None or name == "SD1.5" and [t.name for t in towers] != ["clip_l"]:
         name = type(csm).__name__  # SD1ClipModel is also the base of other families' bundles
     label = f"{name} ({' + '.join(TOWER_LABELS.get(n, n) for n in [t.name for t in towers] + others)})"
-    return Family(label, tuple(towers), tuple(others)), towers
+    return Family(label, tuple(towers), tuple(others), type(csm).__name__ not in POOLED_UNUSED), towers

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from . import artifact, modelopt_bridge
+from . import artifact, calibration_memo, modelopt_bridge
 from .errors import FP8ClipError, UnsupportedModelError
-from .fidelity import LayerErrorProbe, suggested_keep
+from .fidelity import LayerErrorProbe, keep_advice, unmatched_warning
 from .fp8_ops import require_fp8_storage
 from .images import calibration_images, check_images, held_out_images, synthetic_images
 from .patching import checkpoint_dtype, clone_with, patched_copy, to_float32, weight_bytes
@@ -83,6 +83,7 @@ class VisionReport:
     keep: tuple[str, ...] = ()
     unmatched_patterns: list[str] = field(default_factory=list)
     overlap: int = 0  # held-out images that are calibration images too
+    reused: str = ""  # set when this report and its scales come from an earlier run (calibration_memo)
 
     def checks(self) -> list[tuple[str, float]]:
         """The worst score of each output the threshold applies to: IP-Adapter uses the hidden states."""
@@ -96,18 +97,15 @@ class VisionReport:
         return any(v < self.min_cosine for _, v in self.checks())
 
     def warnings(self) -> list[str]:
-        out = [f"Keep pattern {p!r} matches no layer; check the spelling against the layer names below."
-               for p in self.unmatched_patterns]
+        out = [unmatched_warning(p, self.layer_errors) for p in self.unmatched_patterns]
         if self.overlap:
             out.append(f"{self.overlap} of the {len(self.embed_cos)} evaluation images are calibration images too: "
                        "their scores are not held out and can look better than the quantization is. Connect other "
                        "images to evaluation_images.")
         if self.below_threshold:
             low = ", ".join(f"{n} {v:.5f}" for n, v in self.checks() if v < self.min_cosine)
-            names = ", ".join(f"{n} ({e:.1%})" for n, e in self.worst_layers())
-            out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst image: {low}). Worst layers by "
-                       f"output error: {names}. Try keep_high_precision: "
-                       f"{', '.join(suggested_keep(self.worst_layers(), self.keep))}")
+            out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst image: {low}). "
+                       + keep_advice(self.layer_errors, self.keep, self.unmatched_patterns))
         return out
 
     def to_dict(self) -> dict:
@@ -117,7 +115,8 @@ class VisionReport:
         def mm(v: list[float]) -> str:
             return f"{min(v):.4f} / {sum(v) / len(v):.4f}"
         lines = [f"FP8 E4M3 CLIP vision quality report: {self.model}, {self.scope}, per-tensor static scales",
-                 f"  {self.quantized} Linear layers in FP8; kept in high precision: {', '.join(self.kept) or 'none'}",
+                 f"  {self.quantized} Linear layers in FP8; kept in high precision: "
+                 f"{', '.join(f'{PATH}.{k}' for k in self.kept) or 'none'}",
                  f"Cosine vs the unquantized encoder on {len(self.embed_cos)} held-out images (min / mean):",
                  f"  image_embeds               {mm(self.embed_cos)}",
                  f"  penultimate hidden states  {mm(self.hidden_cos)} (what IP-Adapter uses)",
@@ -125,6 +124,7 @@ class VisionReport:
                  f"{round(self.agreement * self.agreement_n)}/{self.agreement_n} images ({self.agreement:.0%})",
                  f"Calibration: {self.calibration_images} images, method '{self.method}', "
                  f"{self.calibration_seconds:.1f} s (evaluation {self.evaluation_seconds:.1f} s)",
+                 *([self.reused] if self.reused else []),
                  "Largest per-layer output errors: " + ", ".join(f"{n} {e:.1%}" for n, e in self.worst_layers())]
         return "\n".join(lines + [f"WARNING: {w}" for w in self.warnings()])
 
@@ -161,6 +161,9 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     images = calibration_images() if images is None else check_images(images)
     test = held_out_images()[0] if held_out is None else check_images(held_out, "evaluation images")
     batches = [images[i:i + 8] for i in range(0, images.shape[0], 8)]
+    memo_key = calibration_memo.key("vision", getattr(cv.patcher, "patches_uuid", ""), image_digest(images),
+                                    image_digest(test), recipe.to_json())
+    earlier = calibration_memo.recall(cv, memo_key)
     total, done = len(batches) + 2, 0
 
     def step() -> None:
@@ -172,8 +175,9 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     # The original's embeddings for the report first, while ComfyUI has the GPU to itself (quant/calibrate.py).
     t0 = time.perf_counter()
     check_interrupt()
-    protos = embed(cv, synthetic_images(10, seed=4242)[0])[0]  # one prototype image per kind
-    ref_e, ref_h = embed(cv, test)
+    if not earlier:
+        protos = embed(cv, synthetic_images(10, seed=4242)[0])[0]  # one prototype image per kind
+        ref_e, ref_h = embed(cv, test)
     ref_s = time.perf_counter() - t0
     copy_ = patched_copy(cv, PATH)
     source_bytes = weight_bytes(copy_)
@@ -188,9 +192,12 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     to_quantize, kept = [n for n in to_quantize if n not in unusable], kept + unusable
     recipe.require_layers(to_quantize, len(linears), unusable)
     # Original weights (checkpoint dtype, CPU) for the per-layer errors; taken before the fp32 cast.
-    reference = {n: container.get_submodule(n).weight.detach().to("cpu", copy=True) for n in to_quantize}
+    reference = {} if earlier else {n: container.get_submodule(n).weight.detach().to("cpu", copy=True)
+                                    for n in to_quantize}
     to_float32(copy_)
     qcv = clone_with(cv, {PATH: copy_})
+    config = recipe.modelopt_config([k for k in kept if k in linears])
+    prefix = PATH + "."
 
     def forward_loop(_: torch.nn.Module) -> None:
         for b in batches:
@@ -198,31 +205,38 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
             qcv.encode_image(b, crop=True)
             step()
 
-    t0 = time.perf_counter()
-    modelopt_bridge.quantize(container, recipe.modelopt_config([k for k in kept if k in linears]), forward_loop)
-    calib_s = time.perf_counter() - t0
-    scales = modelopt_bridge.quantized_layers(container)
-    modelopt_bridge.fold_weights(container)
+    if earlier:
+        modelopt_bridge.quantize_calibrated(container, config, earlier.amax)
+        scales = modelopt_bridge.quantized_layers(container)
+        modelopt_bridge.fold_weights(container)
+        report = replace(earlier.report, min_cosine=min_cosine, reused=calibration_memo.reused_line(earlier))
+    else:
+        t0 = time.perf_counter()
+        modelopt_bridge.quantize(container, config, forward_loop)
+        calib_s = time.perf_counter() - t0
+        scales = modelopt_bridge.quantized_layers(container)
+        amax = modelopt_bridge.calibration_state(container)
+        modelopt_bridge.fold_weights(container)
 
-    t0 = time.perf_counter()
-    step()
-    probe = LayerErrorProbe(container, reference, keep=(qcv.patcher,))
-    try:
-        check_interrupt()
-        got_e, got_h = embed(qcv, test)
-    finally:
-        errors = probe.close()
-    step()
-    eval_s = time.perf_counter() - t0 + ref_s
+        t0 = time.perf_counter()
+        step()
+        probe = LayerErrorProbe(container, reference, keep=(qcv.patcher,))
+        try:
+            check_interrupt()
+            got_e, got_h = embed(qcv, test)
+        finally:
+            errors = probe.close()
+        step()
+        eval_s = time.perf_counter() - t0 + ref_s
 
-    prefix = PATH + "."
-    report = VisionReport(
-        model=model, scope=recipe.scope, method=recipe.method, quantized=len(scales),
-        kept=[k[len(prefix):] for k in kept], embed_cos=F.cosine_similarity(ref_e, got_e, dim=-1).tolist(),
-        hidden_cos=[float(F.cosine_similarity(a, b, dim=-1).mean()) for a, b in zip(ref_h, got_h)],
-        agreement=label_agreement(ref_e, got_e, protos), agreement_n=test.shape[0], layer_errors=errors,
-        calibration_images=images.shape[0], calibration_seconds=calib_s, evaluation_seconds=eval_s,
-        min_cosine=min_cosine, keep=recipe.keep, unmatched_patterns=unmatched, overlap=shared_images(test, images))
+        report = VisionReport(
+            model=model, scope=recipe.scope, method=recipe.method, quantized=len(scales),
+            kept=[k[len(prefix):] for k in kept], embed_cos=F.cosine_similarity(ref_e, got_e, dim=-1).tolist(),
+            hidden_cos=[float(F.cosine_similarity(a, b, dim=-1).mean()) for a, b in zip(ref_h, got_h)],
+            agreement=label_agreement(ref_e, got_e, protos), agreement_n=test.shape[0], layer_errors=errors,
+            calibration_images=images.shape[0], calibration_seconds=calib_s, evaluation_seconds=eval_s,
+            min_cosine=min_cosine, keep=recipe.keep, unmatched_patterns=unmatched, overlap=shared_images(test, images))
+        calibration_memo.remember(cv, memo_key, amax, report)
     artifact.attach(copy_, artifact.QuantizedTower(
         family=model, tower=PATH, recipe=recipe, fingerprint=fingerprint([image_digest(images)], recipe),
         scales={n[len(prefix):]: s for n, s in scales.items()}, kept=report.kept, source_bytes=source_bytes,

@@ -33,6 +33,15 @@ def comfy(tmp_path_factory):
     return h
 
 
+@pytest.fixture(autouse=True)
+def fresh_calibrations():
+    """Each test calibrates for itself: the quantize nodes remember calibrations per CLIP object
+    (quant/calibration_memo.py), and the session's CLIPs are shared by many tests."""
+    for name, mod in list(sys.modules.items()):
+        if name.endswith("quant.calibration_memo"):
+            mod.forget_all()
+
+
 @pytest.fixture
 def scratch():
     """Registers files a test writes into the shared models folders; they are deleted when the test ends.

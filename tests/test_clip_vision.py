@@ -44,7 +44,7 @@ def test_vit_l_report_and_clipvisionencode(comfy, vit_l, fp8_vit_l):
     q, report = fp8_vit_l
     print("\n" + report)
     assert report.startswith("FP8 E4M3 CLIP vision quality report: ViT-L/14")
-    assert "144 Linear layers in FP8; kept in high precision: embeddings.patch_embedding" in report
+    assert "144 Linear layers in FP8; kept in high precision: vision_model.embeddings.patch_embedding" in report
     emin = float(re.search(r"image_embeds\s+([\d.]+)", report).group(1))
     assert 0.98 < emin < 1.0
     assert re.search(r"FP8 agrees with the original on \d+/10 images", report)
@@ -92,6 +92,25 @@ def test_vit_h_reduced_depth(comfy, vit_h4):
     ref, got = vision_encode(comfy, cv, img), vision_encode(comfy, q, img)
     assert got["image_embeds"].shape == (2, 1024)
     assert float(torch.nn.functional.cosine_similarity(ref["image_embeds"], got["image_embeds"]).min()) > 0.98
+
+
+def test_changing_only_the_runtime_or_threshold_does_not_calibrate_again(comfy, pack, vit_h4, monkeypatch):
+    """As for text (test_quantize_clip.py): a new runtime or min_cosine reuses the calibration and report, and the
+    model is that of the fresh calibration; other calibration images calibrate again."""
+    vision = pack_module(pack, "quant.vision")
+    calls = []
+    real = vision.LayerErrorProbe  # built once per calibration, for the report's per-layer errors
+    monkeypatch.setattr(vision, "LayerErrorProbe", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    cal, test, img = images(4, seed=8), images(4, seed=9), images(2, seed=12)
+    first = quantize_vision(comfy, vit_h4, images=cal, evaluation_images=test, runtime="fake-quant")["result"]
+    want = vision_encode(comfy, first[0], img)["penultimate_hidden_states"]
+    again = quantize_vision(comfy, vit_h4, images=cal, evaluation_images=test, runtime="fake-quant",
+                            min_cosine=0.5)["result"]
+    assert len(calls) == 1 and "Calibration and report reused from the run at" in again[1]
+    assert torch.equal(vision_encode(comfy, again[0], img)["penultimate_hidden_states"], want)
+    assert again[1].split("\nCalibration: ")[1] .startswith(first[1].split("\nCalibration: ")[1].split("\n")[0])
+    quantize_vision(comfy, vit_h4, images=images(4, seed=10), evaluation_images=test, runtime="fake-quant")
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("bad, msg", [

@@ -91,3 +91,58 @@ def test_mse_method_picks_other_weight_scales_and_stays_usable(comfy, pack):
     assert all(ms.scales[k].input_scale == mx.scales[k].input_scale for k in mx.scales)  # activations: max
     print(f"\nworst held-out conditioning cosine: max {mx.report['cond_min']:.5f}, mse {ms.report['cond_min']:.5f}")
     assert ms.report["cond_min"] > 0.99
+
+
+def test_following_the_report_works_kept_names_paste_back_and_no_impossible_advice(comfy):
+    """The report's layer names are the ones keep patterns match, so a kept list copied from it keeps the same
+    layers; a pattern that matches nothing is named with an example of a full name and not suggested again; and
+    where keeping more layers cannot reach the threshold the report says so (and what can), instead of suggesting
+    a keep list the node refuses ("Nothing to quantize")."""
+    (clip,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
+    kw = dict(calibration_prompts="a cat\na castle at night\n(a red car:1.2)", runtime="fake-quant",
+              evaluation_prompts="a house by a lake\nportrait of an old fisherman")
+    text = quantize(comfy, clip, keep_high_precision="*text_projection, *layers.11.mlp.fc2", **kw)["result"][1]
+    kept = re.search(r"kept in high precision: (.*)", text).group(1)
+    assert kept == "clip_l.text_model.encoder.layers.11.mlp.fc2, clip_l.text_projection"
+    again = quantize(comfy, clip, keep_high_precision=kept, **kw)["result"][1]
+    assert re.search(r"kept in high precision: (.*)", again).group(1) == kept and "matches no layer" not in again
+
+    text = quantize(comfy, clip, keep_high_precision="*layers.*, text_projection", min_cosine=0.99999,
+                    **kw)["result"][1]
+    assert ("WARNING: Keep pattern 'text_projection' matches no layer. Patterns match full layer names as this "
+            "report prints them, such as clip_l.text_projection; a leading * matches any prefix.") in text
+    assert "Try keep_high_precision" not in text
+    assert ("Keeping more layers in high precision cannot reach it (that would keep all 1 FP8 layers): turn "
+            "fp8_token_embedding off (the token table in FP8 costs quality too), or lower min_cosine.") in text
+
+
+def test_sd15_pooled_output_is_shown_but_not_held_to_the_threshold(comfy, pack):
+    """SD1.5 and SD2 models never read the pooled text output (ComfyUI's SD1.5 model takes no pooled input): a
+    pooled score below the threshold alone must not warn there, and does where the model reads it (SDXL,
+    SD3, Flux). The report's progress covers the original's encodes too, from 0."""
+    import dataclasses
+
+    calibrate, towers = pack_module(pack, "quant.calibrate"), pack_module(pack, "quant.towers")
+    (clip,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
+    steps = []
+    with torch.inference_mode():
+        _, report = calibrate.quantize_clip(clip, ["a cat", "a castle at night"], held_out=["a house", "a boat"],
+                                            progress=lambda d, t: steps.append((d, t)))
+    assert steps[0] == (0, 6) and steps[-1] == (6, 6) and [d for d, _ in steps] == sorted(d for d, _ in steps)
+    assert not report.pooled_used and "(not used by SD1.5 models)" in report.text()
+    low_pooled = dataclasses.replace(report, min_cosine=0.9,
+                                     prompts=[dataclasses.replace(p, pooled_cosine=0.5) for p in report.prompts])
+    assert low_pooled.warnings() == []
+    assert "worst prompt: pooled 0.50000" in dataclasses.replace(low_pooled, pooled_used=True).warnings()[0]
+    from test_families import flux_clip
+
+    assert towers.text_family(flux_clip(comfy))[0].pooled_used and not towers.text_family(clip)[0].pooled_used
+
+
+def test_evaluation_prompts_that_tokenize_like_calibration_prompts_are_named(comfy):
+    """Case, spacing and a weight of 1 do not change what the encoder sees: such evaluation prompts are not held
+    out, and the report says so."""
+    (clip,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
+    text = quantize(comfy, clip, calibration_prompts="a dog\na castle at night", runtime="fake-quant",
+                    evaluation_prompts=" A  Dog \n(a dog:1.0)\na cat on a mat")["result"][1]
+    assert "WARNING: 2 of the 3 evaluation prompts are calibration prompts too" in text

@@ -49,7 +49,7 @@ def test_defaults_calibrate_on_builtin_prompts_and_report(quantized, pack):
     assert 0.99 <= cmin <= cmean < 1.0  # FP8 changes the numbers, but not by much
     m = re.search(r"pooled\s+([\d.]+) / ([\d.]+)", text)
     assert 0.99 <= float(m.group(1)) < 1.0
-    assert "clip_l: 72 Linear layers in FP8; kept in high precision: text_projection" in text
+    assert "clip_l: 72 Linear layers in FP8; kept in high precision: clip_l.text_projection" in text
     assert "WARNING" not in text
 
 
@@ -155,17 +155,59 @@ def test_calibrating_prompts_together_gives_the_scales_of_one_by_one(comfy, clip
     out = {}
     for n in (1, calibrate.PROMPTS_PER_CALIBRATION_ENCODE):
         monkeypatch.setattr(calibrate, "PROMPTS_PER_CALIBRATION_ENCODE", n)
+        pack_module(pack, "quant.calibration_memo").forget_all()  # same inputs: calibrate, do not recall
         q = quantize(comfy, clip, calibration_prompts=cal, evaluation_prompts="a house", runtime="fake-quant")
         out[n] = [encode(comfy, q["result"][0], p)[0] for p in (PROMPT, "(a castle:1.3) at night")]
     assert all(torch.equal(a, b) for a, b in zip(*out.values()))
 
 
-def test_quantizing_again_while_a_quantized_clone_is_loaded(comfy, clip):
-    """Changing a widget and running again must start from the original weights, not the last FP8 copy."""
+def test_quantizing_again_while_a_quantized_clone_is_loaded(comfy, clip, pack):
+    """Changing a widget and running again must start from the original weights, not the last FP8 copy, whether
+    the calibration is remembered or run again."""
     q1 = quantize(comfy, clip, calibration_prompts="a cat\na house")["result"][0]
     first = encode(comfy, q1, PROMPT)[0]  # q1 is now patched into the shared model
-    q2 = quantize(comfy, clip, calibration_prompts="a cat\na house")["result"][0]
+    q2 = quantize(comfy, clip, calibration_prompts="a cat\na house", min_cosine=0.5)["result"][0]
     assert torch.equal(encode(comfy, q2, PROMPT)[0], first)
+    pack_module(pack, "quant.calibration_memo").forget_all()
+    q3 = quantize(comfy, clip, calibration_prompts="a cat\na house")["result"][0]
+    assert torch.equal(encode(comfy, q3, PROMPT)[0], first)
+
+
+def test_changing_only_the_runtime_or_threshold_does_not_calibrate_again(comfy, clip, pack, monkeypatch):
+    """ComfyUI runs the node again for any widget change. A new runtime or min_cosine must not pay for another
+    calibration and report (minutes for SDXL on a CPU): the same scales and scores come back, the report says so
+    and applies the new threshold, and the model is the one a fresh calibration gives, bit for bit. New prompts,
+    a new recipe or another CLIP (CLIPSetLastLayer's clone) calibrate again."""
+    calibrate = pack_module(pack, "quant.calibrate")
+    calls = []
+    for name in ("encode_together", "evaluate"):
+        real = getattr(calibrate, name)
+        monkeypatch.setattr(calibrate, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1])
+    kw = dict(calibration_prompts="a cat\na castle at night\n(a red car:1.2)",
+              evaluation_prompts="a house by a lake\nportrait of an old fisherman")
+    first = quantize(comfy, clip, runtime="fake-quant", **kw)["result"]
+    assert calls == ["encode_together", "evaluate"] and "reused" not in first[1]
+    want = encode(comfy, first[0], PROMPT)[0]
+
+    calls.clear()
+    strict = quantize(comfy, clip, runtime="fake-quant", min_cosine=0.9999, **kw)["result"]
+    assert calls == []
+    assert "Calibration and report reused from the run at" in strict[1]
+    assert "WARNING: Quality below your threshold 0.9999" in strict[1] and "WARNING" not in first[1]
+    assert torch.equal(encode(comfy, strict[0], PROMPT)[0], want)
+    fp8 = quantize(comfy, clip, runtime="fp8", **kw)["result"]
+    assert calls == [] and "Runtime: fp8" in fp8[1] and "reused from" in fp8[1]
+    assert float(re.search(r"worst conditioning cosine ([\d.]+)", fp8[1]).group(1)) >= 0.999
+
+    for changed in (dict(kw, calibration_prompts="a cat\na castle at night"), dict(kw, keep_high_precision="*text_projection, *layers.11.*"),
+                    dict(kw, evaluation_prompts="a house by a lake")):
+        calls.clear()
+        quantize(comfy, clip, runtime="fake-quant", **changed)
+        assert calls == ["encode_together", "evaluate"], changed
+    (skip,) = call(comfy, "CLIPSetLastLayer", clip=clip, stop_at_clip_layer=-2)
+    calls.clear()
+    assert "reused" not in quantize(comfy, skip, runtime="fake-quant", **kw)["result"][1]
+    assert calls == ["encode_together", "evaluate"]
 
 
 def test_lora_after_quantizing_is_refused_not_ignored(comfy, quantized):
