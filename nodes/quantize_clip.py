@@ -71,13 +71,17 @@ class QuantizeCLIP:
 
         recipe = Recipe(keep=parse_patterns(keep_high_precision), method=method, scope=quantize,
                         fp8_embedding=fp8_token_embedding)
-        held_out = parse_prompts(evaluation_prompts or "") or list(HELD_OUT_PROMPTS)
+        own = parse_prompts(evaluation_prompts or "")
+        held_out = own or list(HELD_OUT_PROMPTS)
         qclip, report = quantize_clip(clip, parse_prompts(calibration_prompts), recipe, held_out=held_out,
                                       min_cosine=min_cosine, progress=progress_bar(), check_interrupt=interrupt_check())
         out, plan = to_fp8_runtime(qclip, "fp8" if runtime == "tensorrt" else runtime)
         check = held_out[:6]
         fidelity = verify(qclip, out, check) if out is not qclip else None
         text = report.text() + "\n" + describe(out, plan, fidelity, len(check))
+        if (evaluation_prompts or "").strip() and not own:
+            text += (f"\nNote: evaluation_prompts holds no prompt, only # lines: the {len(held_out)} built-in held-out "
+                     "prompts were used.")
         if runtime == "tensorrt":
             out, status = run_on_engine(out, False, 8)
             text += "\n" + status

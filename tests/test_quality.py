@@ -146,3 +146,11 @@ def test_evaluation_prompts_that_tokenize_like_calibration_prompts_are_named(com
     text = quantize(comfy, clip, calibration_prompts="a dog\na castle at night", runtime="fake-quant",
                     evaluation_prompts=" A  Dog \n(a dog:1.0)\na cat on a mat")["result"][1]
     assert "WARNING: 2 of the 3 evaluation prompts are calibration prompts too" in text
+
+
+def test_evaluation_prompts_of_only_comments_say_the_built_in_ones_were_used(comfy):
+    (clip,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
+    text = quantize(comfy, clip, calibration_prompts="a dog\na castle at night", runtime="fake-quant",
+                    evaluation_prompts="# a lighthouse at dawn\n#  portrait of a sailor")["result"][1]
+    assert "on 24 held-out prompts" in text
+    assert "Note: evaluation_prompts holds no prompt, only # lines: the 24 built-in held-out prompts were used." in text
