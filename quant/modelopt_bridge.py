@@ -6,20 +6,53 @@ ModelOpt inserts no quantizer and says "no weight quantizer is enabled".
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import logging
+import re
 import sys
 import threading
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Callable
 
 import torch
 
+from .errors import FP8ClipError
+
 log = logging.getLogger(__name__)
 
 
+SUPPORTED = ((0, 47), (0, 48))  # [from, to) as requirements.txt pins it: the versions the tests run on
+INSTALL = ("install it into ComfyUI's own Python: <that python> -m pip install -r custom_nodes/comfyui-fp8-clip/"
+           "requirements.txt (ComfyUI-Manager does this on install; the portable Windows build's Python is "
+           "python_embeded\\python.exe), then restart ComfyUI")
+
+
+@functools.lru_cache(maxsize=1)
+def require_modelopt() -> str:
+    """The installed ModelOpt version; an error naming the fix where it is missing or not a supported version
+    (older ones fail deep inside calibration: 0.40 with a pydantic ValidationError, 0.44 with 'parent_class
+    nn.Embedding not found')."""
+    try:
+        version = metadata.version("nvidia-modelopt")
+    except metadata.PackageNotFoundError:
+        if importlib.util.find_spec("modelopt") is not None:
+            return "unknown"  # importable without package metadata (a vendored copy): trust it
+        raise FP8ClipError("NVIDIA Model Optimizer (pip package nvidia-modelopt), which the quantize nodes "
+                           f"calibrate with, is not installed: {INSTALL}.") from None
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    if not SUPPORTED[0] <= parts < SUPPORTED[1]:
+        want = ".".join(map(str, SUPPORTED[0]))
+        raise FP8ClipError(f"nvidia-modelopt {version} is installed; this pack works with {want}.x "
+                           f"(nvidia-modelopt>={want},<{'.'.join(map(str, SUPPORTED[1]))}): {INSTALL}.")
+    return version
+
+
 def _mtq():
+    require_modelopt()
     # Imported on first use: ModelOpt takes seconds to import and ComfyUI's start-up should not pay for it.
     if "modelopt.torch.quantization" not in sys.modules:
         _import_in_a_thread("modelopt.torch.quantization")

@@ -95,6 +95,38 @@ def test_a_device_without_float8_tensors_is_refused_with_the_fix(comfy, pack, cl
     assert runtime.plan("auto", torch.device("cpu")).runtime == "fp8"
 
 
+@pytest.mark.parametrize("installed, msg", [
+    (None, r"NVIDIA Model Optimizer \(pip package nvidia-modelopt\), which the quantize nodes calibrate with, is not "
+           r"installed: install it into ComfyUI's own Python: .* -m pip install -r custom_nodes/comfyui-fp8-clip/"
+           r"requirements.txt"),
+    ("0.44.0", r"nvidia-modelopt 0.44.0 is installed; this pack works with 0.47.x \(nvidia-modelopt>=0.47,<0.48\): "
+               r"install it into ComfyUI's own Python"),
+], ids=["missing", "too-old"])
+def test_a_missing_or_unsupported_modelopt_is_named_with_the_fix(comfy, pack, clip, monkeypatch, installed, msg):
+    """Without ModelOpt the node said "No module named 'modelopt'" (not the pip name); ModelOpt 0.40 and 0.44 failed
+    deep inside calibration (a pydantic ValidationError; "parent_class 'nn.Embedding' not found")."""
+    import types
+    from importlib import metadata
+
+    bridge = importlib.import_module(f"{pack.__name__}.quant.modelopt_bridge")
+
+    def version(name):
+        if name != "nvidia-modelopt" or installed is None:
+            raise metadata.PackageNotFoundError(name)
+        return installed
+
+    real_find = bridge.importlib.util.find_spec
+    monkeypatch.setattr(bridge, "metadata", types.SimpleNamespace(version=version,
+                                                                  PackageNotFoundError=metadata.PackageNotFoundError))
+    monkeypatch.setattr(bridge.importlib.util, "find_spec", lambda n, *a: None if n == "modelopt" else real_find(n, *a))
+    bridge.require_modelopt.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=msg):
+            quantize(comfy, clip, calibration_prompts="a cat")
+    finally:
+        bridge.require_modelopt.cache_clear()
+
+
 def test_comparing_empty_conditionings_names_the_fix(comfy):
     with pytest.raises(ValueError, match="The conditionings are empty: connect the outputs of two CLIPTextEncode"):
         call(comfy, "FP8CLIPCompareConditioning", reference=[], candidate=[])
