@@ -125,16 +125,24 @@ class FP8Linear(torch.nn.Module):
         return F.linear(x, w, b)
 
 
+def row_scales(w: torch.Tensor) -> torch.Tensor:
+    """One FP8 scale per row of a table, [rows, 1]."""
+    return (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+
+
 class FP8Embedding(torch.nn.Module):
     """Token embedding table in FP8 with one scale per row; lookups dequantize only the rows they read.
 
     Keeps the call of ComfyUI's Embedding (`out_dtype=`), which the textual-inversion path uses.
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None):
+        """`scale`: the per-row scales a Q->DQ table was made with (`row_scales` of the original table). Derived
+        again from the Q->DQ table, a scale can come out an ulp off (a GPU divides by the constant 448 as a
+        multiply by its reciprocal), and that ulp changes FP8 roundings throughout the encoder."""
         super().__init__()
         w = weight.detach().float()
-        scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+        scale = row_scales(w) if scale is None else scale.detach().float().to(w.device).reshape(-1, 1)
         self.weight = torch.nn.Parameter(to_fp8(w, scale), requires_grad=False)
         self.weight_scale = torch.nn.Parameter(scale.squeeze(1), requires_grad=False)
 

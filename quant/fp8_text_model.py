@@ -16,6 +16,7 @@ import torch
 
 from .fp8_encoder import FP8Runner, build_layers, fp8_or_kept, layer_norm
 from .fp8_ops import FP8Embedding
+from .patching import row_scales_of
 
 
 class FP8TextModel(FP8Runner):
@@ -39,7 +40,8 @@ class FP8TextModel(FP8Runner):
         m.text_model.eos_token_id = tm.eos_token_id
         emb = torch.nn.Module()
         tok = tm.embeddings.token_embedding
-        emb.token_embedding = FP8Embedding(tok.weight) if fp8_embedding else _embedding_copy(tok, dtype)
+        emb.token_embedding = (FP8Embedding(tok.weight, row_scales_of(tok)) if fp8_embedding
+                               else _embedding_copy(tok, dtype))
         emb.position_embedding = torch.nn.Embedding(*tm.embeddings.position_embedding.weight.shape)
         with torch.no_grad():
             emb.position_embedding.weight.copy_(tm.embeddings.position_embedding.weight.float())

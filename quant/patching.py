@@ -83,6 +83,9 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(t.nbytes for k, t in module.state_dict().items() if "_quantizer" not in k)
 
 
+ROW_SCALES = "_fp8clip_row_scales"  # attribute of a Q->DQ token table: the per-row scales it was made with
+
+
 def fake_quant_embedding(module: torch.nn.Module) -> None:
     """Q->DQ the token embedding table with one FP8 scale per row, as FP8Embedding stores it."""
     from .fp8_ops import FP8Embedding
@@ -91,6 +94,13 @@ def fake_quant_embedding(module: torch.nn.Module) -> None:
     with torch.no_grad():
         q = FP8Embedding(tok.weight)
         tok.weight.copy_((q.weight.float() * q.weight_scale.unsqueeze(1)).to(tok.weight.dtype))
+    # The FP8 runtime's table must hold these very scales (FP8Embedding's `scale`): kept beside the table.
+    setattr(tok, ROW_SCALES, q.weight_scale.detach())
+
+
+def row_scales_of(tok: torch.nn.Module) -> torch.Tensor | None:
+    """The per-row scales `fake_quant_embedding` made `tok`'s table with; None for a table it did not make."""
+    return getattr(tok, ROW_SCALES, None)
 
 
 HIGH_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
