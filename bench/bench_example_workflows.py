@@ -222,12 +222,36 @@ def run_workflow(host, name: str, ckpt: str, args, timer: NodeTimer) -> dict:
                       # the process's peak so far: models of earlier phases stay loaded, so not a comparison
                       "peak_gpu_mb_so_far": round(torch.cuda.max_memory_allocated() / 2 ** 20) if cuda else None}
         res[label + "_images"] = imgs
+    if args.switch_runtime:
+        res["runtime_switch"] = switch_runtime(prompt, q, one, timer, res["pack_images"][-1],
+                                               (EDITS * args.requeues)[:args.requeues][-1] if args.requeues else None)
     s_imgs, p_imgs = res.pop("stock_images"), res.pop("pack_images")
     res["psnr_pack_vs_stock_db"] = [round(psnr(a, b), 1) for a, b in zip(p_imgs, s_imgs)]
     res["psnr_stock_other_prompt_db"] = [round(psnr(s_imgs[i], s_imgs[i + 1]), 1) for i in range(len(s_imgs) - 1)]
     res["image_shape"] = list(s_imgs[0].shape)
     res["identical_images"] = sum(bool((a == b).all()) for a, b in zip(p_imgs, s_imgs))
     return res
+
+
+def switch_runtime(prompt: dict, q: str, one, timer: NodeTimer, last_img: np.ndarray, last_text: str | None) -> dict:
+    """What a user sees who flips the quantize node's runtime to fake-quant and back to auto, with the graph's last
+    prompt: the quantize node's time each way (the calibration is remembered, so it should not run again), whether
+    its report says so, and whether auto's image afterwards equals auto's image before the switch."""
+    from harness.workflows import psnr
+
+    out = {}
+    for runtime in ("fake-quant", "auto"):
+        g = json.loads(json.dumps(prompt))
+        g[q]["inputs"]["runtime"] = runtime
+        _, img, ui = one(g, last_text, f"switch-{runtime}")
+        times, _ = timer.take()
+        preview = next(k for k, n in prompt.items() if n["class_type"] == "PreviewAny")
+        report = ui.get(preview, {}).get("text", [""])[0]
+        out[runtime] = {"quantize_node_ms": [round(x, 1) for t, v in times.items() if t in QUANTIZERS for x in v],
+                        "report_says_reused": "reused from the run" in report,
+                        "psnr_vs_auto_before_db": round(psnr(img, last_img), 1),
+                        "identical_to_auto_before": bool((img == last_img).all())}
+    return out
 
 
 def table(results: dict, device: str) -> str:
@@ -261,6 +285,14 @@ def table(results: dict, device: str) -> str:
             lines.append(f"- {name}, {label}: {nodes}; model moves: {moves or 'none'}")
     lines.append("")
     for name, r in results.items():
+        cold = [x for t, v in r["pack"]["cold_node_ms"].items() if t in QUANTIZERS for x in v]
+        for runtime, v in r.get("runtime_switch", {}).items():
+            image = "identical" if v["identical_to_auto_before"] else f"PSNR {v['psnr_vs_auto_before_db']} dB"
+            lines.append(f"- {name}, runtime switched to {runtime}: quantize node {v['quantize_node_ms']} ms (first "
+                         f"run {cold} ms), report says reused: {v['report_says_reused']}, image vs auto's before the "
+                         f"switch: {image}")
+    lines.append("")
+    for name, r in results.items():
         lines += [f"{name}: PSNR pack vs stock {r['psnr_pack_vs_stock_db']} dB; stock vs stock with the next "
                   f"prompt {r['psnr_stock_other_prompt_db']} dB; images {r['image_shape']}", "", "```",
                   r.get("report", ""), "```", ""]
@@ -274,6 +306,8 @@ def main() -> None:
     ap.add_argument("--workflows", default="sd15,sdxl,unclip")
     ap.add_argument("--requeues", type=int, default=3, help="re-queues per variant, cycling 3 prompts")
     ap.add_argument("--profile", action="store_true", help="cProfile the last re-queue of each variant")
+    ap.add_argument("--no-switch-runtime", dest="switch_runtime", action="store_false",
+                    help="skip re-queuing with the quantize node's runtime switched to fake-quant and back")
     ap.add_argument("--small", action="store_true", help="small SD1.5 UNet, 64x64 images (CPU dry run)")
     ap.add_argument("--dynamic-vram", action="store_true", help="v0.29's default on NVIDIA (comfy-aimdo)")
     ap.add_argument("--fixtures", type=Path, default=Path("/tmp/fp8clip-example-fixtures"))
