@@ -6,6 +6,7 @@ transformer sees in a workflow.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
@@ -38,7 +39,8 @@ def token_key(clip: Any, prompt: str) -> Any:
     it), as something to compare: two prompts with the same key give the same conditioning."""
     def norm(x: Any) -> Any:
         if isinstance(x, torch.Tensor):  # a textual-inversion embedding in place of a token
-            return "tensor", tuple(x.shape), float(x.float().sum())
+            t = x.detach().to("cpu", torch.float32).contiguous()
+            return "tensor", tuple(t.shape), hashlib.sha256(t.numpy().tobytes()).hexdigest()
         if isinstance(x, dict):
             return tuple(sorted((k, norm(v)) for k, v in x.items()))
         if isinstance(x, (list, tuple)):
@@ -90,8 +92,11 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                            "(the node's default text is a built-in set of 64).")
     if not held_out:
         raise FP8ClipError("No held-out prompts to measure the quality on.")
-    memo_key = calibration_memo.key("text", getattr(clip.patcher, "patches_uuid", ""), prompts, recipe.to_json(),
-                                    held_out)
+    # What the encoder sees, not the text: an `embedding:` file added, changed or removed since changes it.
+    prompt_keys, held_out_keys = ([token_key(clip, p) for p in ps] for ps in (prompts, held_out))
+    memo_key = calibration_memo.key("text", getattr(clip.patcher, "patches_uuid", ""), prompt_keys, recipe.to_json(),
+                                    held_out_keys, getattr(clip, "layer_idx", None),
+                                    sorted(getattr(clip, "tokenizer_options", {}).items()))
     earlier = calibration_memo.recall(clip, memo_key)
     total = len(prompts) + 2 * len(held_out)  # the original's encodes, calibration, the FP8 model's encodes
     done = 0
@@ -174,7 +179,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
         errors = probe.close()
     eval_s = time.perf_counter() - t0 + ref_s
 
-    calibrated = {token_key(clip, p) for p in prompts}
+    calibrated = set(prompt_keys)
     report = QualityReport(family=family.label, scope=recipe.scope, method=recipe.method, towers=summaries,
                            prompts=scores, layer_errors=errors, calibration_prompts=len(prompts),
                            calibration_seconds=calib_s, evaluation_seconds=eval_s, min_cosine=min_cosine,
@@ -182,7 +187,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                            notes=[f"Kept as they are, weights not finite (NaN/inf; e.g. a projection the checkpoint "
                                   f"lacks, which ComfyUI leaves uninitialized): {', '.join(unusable)}"] if unusable
                            else [], fp8_embedding=recipe.fp8_embedding,
-                           overlap=sum(token_key(clip, h) in calibrated for h in held_out),
+                           overlap=sum(k in calibrated for k in held_out_keys),
                            pooled_used=family.pooled_used)
     calibration_memo.remember(clip, memo_key, amax, report)
     return qclip, _attach_records(report, family.label, towers, copies, prompts, recipe, scales, kept, source_bytes,

@@ -164,7 +164,7 @@ class QualityReport:
     fp8_embedding: bool = False  # the towers' token tables in FP8 (one scale per row)
     overlap: int = 0  # held-out prompts that are calibration prompts too
     reused: str = ""  # set when this report and its scales come from an earlier run (calibration_memo)
-    pooled_used: bool = True  # False where the diffusion model ignores the pooled output (SD1.5, SD2)
+    pooled_used: bool = True  # False where only GLIGEN reads the pooled output (SD1.5, SD2)
 
     @property
     def cond_min(self) -> float:
@@ -245,7 +245,8 @@ class QualityReport:
             f"Cosine vs the unquantized encoder on {len(self.prompts)} held-out prompts (min / mean):",
             f"  conditioning  {f(self.cond_min)} / {f(self.cond_mean)}",
             f"  pooled        {f(self.pooled_min)} / {f(self.pooled_mean)}"
-            + ("" if self.pooled_used else f" (not used by {self.family.split(' (')[0]} models)"),
+            + ("" if self.pooled_used else f" ({self.family.split(' (')[0]} models read it only through GLIGEN text "
+                                           "boxes; not held to min_cosine)"),
         ]
         if self.passed_through:
             lines.append(f"  (the conditioning holds {', '.join(self.passed_through)}'s output too, unchanged: "

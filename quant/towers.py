@@ -15,8 +15,8 @@ from .errors import FP8ClipError, UnsupportedModelError
 CLIP_TOWERS = ("clip_l", "clip_g", "clip_h")
 OTHER_TOWERS = ("t5xxl", "t5xl", "t5base", "llama", "qwen", "gemma", "umt5xxl")
 
-# Bundles whose diffusion models read no pooled text output (ComfyUI's SD1.5 and SD2 models take none); exact
-# class names: other families subclass these.
+# Bundles whose diffusion models read no pooled text output (ComfyUI's SD1.5 and SD2 models take none; only the
+# GLIGEN text-box node passes it on, to its GLIGEN model); exact class names: other families subclass these.
 POOLED_UNUSED = ("SD1ClipModel", "SD2ClipModel")
 
 # First class in the bundle's MRO found here names the family (SD3 and Flux build their classes per file,

@@ -117,9 +117,9 @@ def test_following_the_report_works_kept_names_paste_back_and_no_impossible_advi
 
 
 def test_sd15_pooled_output_is_shown_but_not_held_to_the_threshold(comfy, pack):
-    """SD1.5 and SD2 models never read the pooled text output (ComfyUI's SD1.5 model takes no pooled input): a
-    pooled score below the threshold alone must not warn there, and does where the model reads it (SDXL,
-    SD3, Flux). The report's progress covers the original's encodes too, from 0."""
+    """SD1.5 and SD2 models never read the pooled text output (ComfyUI's SD1.5 model takes no pooled input; only
+    GLIGEN text boxes pass it to a GLIGEN model, which the report says): a pooled score below the threshold
+    alone must not warn there, and does where the model reads it (SDXL, SD3, Flux). The report's progress covers the original's encodes too, from 0."""
     import dataclasses
 
     calibrate, towers = pack_module(pack, "quant.calibrate"), pack_module(pack, "quant.towers")
@@ -129,7 +129,8 @@ def test_sd15_pooled_output_is_shown_but_not_held_to_the_threshold(comfy, pack):
         _, report = calibrate.quantize_clip(clip, ["a cat", "a castle at night"], held_out=["a house", "a boat"],
                                             progress=lambda d, t: steps.append((d, t)))
     assert steps[0] == (0, 6) and steps[-1] == (6, 6) and [d for d, _ in steps] == sorted(d for d, _ in steps)
-    assert not report.pooled_used and "(not used by SD1.5 models)" in report.text()
+    assert not report.pooled_used
+    assert "(SD1.5 models read it only through GLIGEN text boxes; not held to min_cosine)" in report.text()
     low_pooled = dataclasses.replace(report, min_cosine=0.9,
                                      prompts=[dataclasses.replace(p, pooled_cosine=0.5) for p in report.prompts])
     assert low_pooled.warnings() == []

@@ -210,6 +210,35 @@ def test_changing_only_the_runtime_or_threshold_does_not_calibrate_again(comfy, 
     assert calls == ["encode_together", "evaluate"]
 
 
+def test_an_embedding_file_or_a_clip_skip_changed_since_calibrates_again(comfy, pack, scratch, monkeypatch):
+    """The remembered calibration is keyed by what the encoder sees, not by the prompt text: an `embedding:` file
+    added after a run (ComfyUI had dropped the name) changes the calibration data, and a clip skip set on the
+    same CLIP object in place (custom nodes do; CLIPSetLastLayer clones) changes the report's scores. Both were
+    served the earlier run's calibration and report."""
+    from safetensors.torch import save_file
+
+    calibrate = pack_module(pack, "quant.calibrate")
+    calls = []
+    real = calibrate.encode_together
+    monkeypatch.setattr(calibrate, "encode_together", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    (clip,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
+    kw = dict(runtime="fake-quant", calibration_prompts="embedding:fp8clip-late a portrait\na cat",
+              evaluation_prompts="a house by a lake")
+    quantize(comfy, clip, **kw)
+    path = scratch(comfy.base / "models" / "embeddings" / "fp8clip-late.safetensors")
+    save_file({"emb_params": torch.randn(2, 768, generator=torch.Generator().manual_seed(1)) * 2.0}, str(path))
+    calls.clear()
+    again = quantize(comfy, clip, min_cosine=0.5, **kw)["result"]
+    assert calls == [1] and "reused" not in again[1]
+
+    calls.clear()
+    clip.clip_layer(-6)  # in place: the same object, the same patches
+    skipped = quantize(comfy, clip, min_cosine=0.5, **kw)["result"]
+    assert calls == [1] and "reused" not in skipped[1]
+    calls.clear()
+    assert "reused from" in quantize(comfy, clip, min_cosine=0.4, **kw)["result"][1] and calls == []
+
+
 def test_lora_after_quantizing_is_refused_not_ignored(comfy, quantized):
     """A LoRA applied to the FP8 CLIP cannot be baked into FP8 weights: say so instead of dropping it."""
     _, lq = call(comfy, "LoraLoader", model=None, clip=quantized[0], lora_name=comfy.files["lora"],
