@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -346,6 +347,67 @@ def test_ctrl_c_landing_in_tensorrts_log_callback_stops_the_build(pack, real_bui
         build.build_engine(ox.export_text_transformer(module, record), build.Profile(max_rows=1, opt_rows=1),
                            rtx.flavour, target=rtx.target)
     assert phases == [1]
+
+
+@pytest.mark.parametrize("where", ["phase_start", "step_complete", "phase_finish"])
+def test_ctrl_c_landing_in_any_progress_callback_stops_the_build(pack, real_build, monkeypatch, where):
+    """Ctrl-C is raised in whichever Python callback TensorRT calls next; one landing in the progress monitor's
+    phase_start or phase_finish (or before step_complete's guard) was swallowed by TensorRT ("Exception caught
+    in phase_start()") and the command-line build ran to the end."""
+    build, ox = tr(pack, "build"), tr(pack, "onnx_export")
+    _, rtx, module, record = real_build
+    real, fired = build._monitor, []
+
+    class Trap(list):  # the monitor's phase stack, raising Ctrl-C inside the callback `where` (as a signal would)
+        def _ctrl_c(self):
+            if not fired and sys._getframe(2).f_code.co_name == where:
+                fired.append(where)
+                raise KeyboardInterrupt
+
+        def append(self, x):
+            self._ctrl_c()
+            super().append(x)
+
+        def __iter__(self):
+            self._ctrl_c()
+            return super().__iter__()
+
+    def monitor(*a):
+        mon = real(*a)
+        mon.stack = Trap()
+        return mon
+
+    monkeypatch.setattr(build, "_monitor", monitor)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_engine(ox.export_text_transformer(module, record), build.Profile(max_rows=1, opt_rows=1),
+                           rtx.flavour, target=rtx.target)
+    assert fired == [where]
+
+
+def test_the_engine_is_built_with_its_own_gpu_current(pack, real_build, tmp_path, monkeypatch):
+    """Standard TensorRT builds for the current CUDA device: an engine for a CLIP on cuda:1 (checked, keyed and run
+    there) was built on ComfyUI's current cuda:0, for another GPU on a mixed machine, and then failed to load."""
+    pipeline, build, av, cache_mod = (tr(pack, n) for n in ("pipeline", "build", "availability", "cache"))
+    _, rtx, module, record = real_build
+    current = ["cuda:0"]
+
+    class Device:  # torch.cuda.device's role, on this machine without CUDA
+        def __init__(self, d):
+            self.d = str(torch.device(d))
+
+        def __enter__(self):
+            current.append(self.d)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    seen = []
+    monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: (seen.append(current[-1]), real_build[0])[1])
+    support = av.Support(True, "", rtx.flavour, "sm90-NVIDIA H200", torch.device("cuda:1"))
+    pipeline.prepare_engine(module, record, profile=build.Profile(max_rows=1, opt_rows=1), support=support,
+                            cache=cache_mod.EngineCache(tmp_path))
+    assert seen == ["cuda:1"] and current == ["cuda:0"]
 
 
 def test_an_engine_rebuilt_by_another_process_is_read_from_the_cache(pack, real_build, tmp_path, monkeypatch):

@@ -93,35 +93,45 @@ def _monitor(trt: Any, progress: Progress | None, check_interrupt: Callable[[], 
                 f = (min(done, steps) + f) / steps
             return f
 
+        # Anything raised in a callback is swallowed by TensorRT ("Exception caught in phase_start()") and the
+        # build runs on: ComfyUI's progress hook raises on Cancel (and clears its flag), and Ctrl-C lands in
+        # whichever Python callback TensorRT calls next. Every callback keeps it; the next step stops the build.
+        def _keep(self, e: BaseException) -> None:
+            self.interrupted = self.interrupted or e
+
         def phase_start(self, phase_name, parent_phase, num_steps):
-            self.stack.append([phase_name, max(1, int(num_steps)), 0])
+            try:
+                self.stack.append([phase_name, max(1, int(num_steps)), 0])
+            except BaseException as e:  # noqa: BLE001  (re-raised after the builder returns)
+                self._keep(e)
 
         def step_complete(self, phase_name, step):
-            for entry in self.stack:
-                if entry[0] == phase_name:
-                    entry[2] = int(step) + 1
-                    del self.stack[self.stack.index(entry) + 1:]
-                    break
-            # Anything raised here would be swallowed by TensorRT ("Exception caught in step_complete") and
-            # the build reported as failed: ComfyUI's progress hook raises on Cancel, and clears the flag.
-            if logger.interrupted is not None:  # stop the build at once, as for ComfyUI's Cancel
-                return False
             try:
+                for entry in self.stack:
+                    if entry[0] == phase_name:
+                        entry[2] = int(step) + 1
+                        del self.stack[self.stack.index(entry) + 1:]
+                        break
+                if logger.interrupted is not None or self.interrupted is not None:
+                    return False
                 if self.stack and progress:
                     self.last = max(self.last, self.fraction())
                     progress(self.last, phase_name)
                 if check_interrupt:
                     check_interrupt()
             except BaseException as e:  # noqa: BLE001  (re-raised after the builder returns)
-                self.interrupted = e
+                self._keep(e)
                 return False
             return True
 
         def phase_finish(self, phase_name):
-            for i, entry in enumerate(self.stack):
-                if entry[0] == phase_name:
-                    del self.stack[i:]
-                    break
+            try:
+                for i, entry in enumerate(self.stack):
+                    if entry[0] == phase_name:
+                        del self.stack[i:]
+                        break
+            except BaseException as e:  # noqa: BLE001  (re-raised after the builder returns)
+                self._keep(e)
     return Monitor()
 
 

@@ -7,6 +7,7 @@ unchanged (its PyTorch FP8 path keeps working) and the status says why.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -90,8 +91,12 @@ def prepare_engine(module: torch.nn.Module, record: Any, *, profile: Profile, su
         if progress:
             progress(0.05, "building engine")
         scaled = (lambda f, phase: progress(0.05 + 0.95 * f, phase)) if progress else None
-        return build_engine(model, profile, support.flavour, target=support.target, progress=scaled,
-                            check_interrupt=check_interrupt)
+        # Standard TensorRT builds for the current GPU: make it the one the engine will run on (cuda:1 for a
+        # CLIP a multi-GPU loader put there), whose name is in the cache key.
+        dev = support.device
+        with torch.cuda.device(dev) if dev is not None and torch.device(dev).type == "cuda" else nullcontext():
+            return build_engine(model, profile, support.flavour, target=support.target, progress=scaled,
+                                check_interrupt=check_interrupt)
 
     if cache is not None:
         try:
