@@ -402,6 +402,7 @@ def test_the_engine_is_built_with_its_own_gpu_current(pack, real_build, tmp_path
             current.pop()
 
     monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     seen = []
     monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: (seen.append(current[-1]), real_build[0])[1])
     support = av.Support(True, "", rtx.flavour, "sm90-NVIDIA H200", torch.device("cuda:1"))

@@ -92,9 +92,10 @@ def prepare_engine(module: torch.nn.Module, record: Any, *, profile: Profile, su
             progress(0.05, "building engine")
         scaled = (lambda f, phase: progress(0.05 + 0.95 * f, phase)) if progress else None
         # Standard TensorRT builds for the current GPU: make it the one the engine will run on (cuda:1 for a
-        # CLIP a multi-GPU loader put there), whose name is in the cache key.
+        # CLIP a multi-GPU loader put there), whose name is in the cache key. (TensorRT for RTX builds without one.)
         dev = support.device
-        with torch.cuda.device(dev) if dev is not None and torch.device(dev).type == "cuda" else nullcontext():
+        on_gpu = dev is not None and torch.device(dev).type == "cuda" and torch.cuda.is_available()
+        with torch.cuda.device(dev) if on_gpu else nullcontext():
             return build_engine(model, profile, support.flavour, target=support.target, progress=scaled,
                                 check_interrupt=check_interrupt)
 
