@@ -7,9 +7,12 @@ transformer sees in a workflow.
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -47,6 +50,42 @@ def token_key(clip: Any, prompt: str) -> Any:
             return tuple(norm(i) for i in x)
         return x
     return norm(clip.tokenize(prompt))
+
+
+# ComfyUI's warning; older versions print the rest of the prompt after the name, which ends at a space, < or [.
+_MISSING_EMBEDDING = re.compile(r"embedding:([^\s<\[]+).* does not exist")
+
+
+@contextmanager
+def missing_embeddings() -> Iterator[list[str]]:
+    """The `embedding:` names ComfyUI's tokenizer drops inside this block because no file has them (it only logs
+    a warning, as for CLIPTextEncode), in order, without repeats."""
+    found: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            m = _MISSING_EMBEDDING.search(record.getMessage())
+            name = m.group(1).rstrip(",") if m else ""
+            if name and name not in found:
+                found.append(name)
+
+    handler, root = Catch(logging.WARNING), logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield found
+    finally:
+        root.removeHandler(handler)
+
+
+def report_notes(unusable: Sequence[str], missing: Sequence[str]) -> list[str]:
+    out = []
+    if unusable:
+        out.append("Kept as they are, weights not finite (NaN/inf; e.g. a projection the checkpoint lacks, which "
+                   f"ComfyUI leaves uninitialized): {', '.join(unusable)}")
+    if missing:
+        out.append(f"Not found, so left out of the prompts as CLIPTextEncode leaves them out: "
+                   f"{', '.join('embedding:' + n for n in missing)}. Put the file in models/embeddings, or fix the name.")
+    return out
 
 
 def encode_together(clip: Any, prompts: Sequence[str]) -> None:
@@ -93,7 +132,8 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     if not held_out:
         raise FP8ClipError("No held-out prompts to measure the quality on.")
     # What the encoder sees, not the text: an `embedding:` file added, changed or removed since changes it.
-    prompt_keys, held_out_keys = ([token_key(clip, p) for p in ps] for ps in (prompts, held_out))
+    with missing_embeddings() as missing:
+        prompt_keys, held_out_keys = ([token_key(clip, p) for p in ps] for ps in (prompts, held_out))
     memo_key = calibration_memo.key("text", getattr(clip.patcher, "patches_uuid", ""), prompt_keys, recipe.to_json(),
                                     held_out_keys, getattr(clip, "layer_idx", None),
                                     sorted(getattr(clip, "tokenizer_options", {}).items()))
@@ -184,9 +224,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                            prompts=scores, layer_errors=errors, calibration_prompts=len(prompts),
                            calibration_seconds=calib_s, evaluation_seconds=eval_s, min_cosine=min_cosine,
                            keep=recipe.keep, passed_through=family.passed_through, unmatched_patterns=unmatched,
-                           notes=[f"Kept as they are, weights not finite (NaN/inf; e.g. a projection the checkpoint "
-                                  f"lacks, which ComfyUI leaves uninitialized): {', '.join(unusable)}"] if unusable
-                           else [], fp8_embedding=recipe.fp8_embedding,
+                           notes=report_notes(unusable, missing), fp8_embedding=recipe.fp8_embedding,
                            overlap=sum(k in calibrated for k in held_out_keys),
                            pooled_used=family.pooled_used)
     calibration_memo.remember(clip, memo_key, amax, report)

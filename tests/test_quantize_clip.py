@@ -214,7 +214,8 @@ def test_an_embedding_file_or_a_clip_skip_changed_since_calibrates_again(comfy, 
     """The remembered calibration is keyed by what the encoder sees, not by the prompt text: an `embedding:` file
     added after a run (ComfyUI had dropped the name) changes the calibration data, and a clip skip set on the
     same CLIP object in place (custom nodes do; CLIPSetLastLayer clones) changes the report's scores. Both were
-    served the earlier run's calibration and report."""
+    served the earlier run's calibration and report. A missing embedding is named in the report (ComfyUI only
+    logged it)."""
     from safetensors.torch import save_file
 
     calibrate = pack_module(pack, "quant.calibrate")
@@ -224,12 +225,15 @@ def test_an_embedding_file_or_a_clip_skip_changed_since_calibrates_again(comfy, 
     (clip,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
     kw = dict(runtime="fake-quant", calibration_prompts="embedding:fp8clip-late a portrait\na cat",
               evaluation_prompts="a house by a lake")
-    quantize(comfy, clip, **kw)
+    first = quantize(comfy, clip, **kw)["result"][1]
+    # ComfyUI only logs a missing embedding and drops the name; the report says it, with the fix
+    assert ("Not found, so left out of the prompts as CLIPTextEncode leaves them out: embedding:fp8clip-late. Put "
+            "the file in models/embeddings, or fix the name.") in first
     path = scratch(comfy.base / "models" / "embeddings" / "fp8clip-late.safetensors")
     save_file({"emb_params": torch.randn(2, 768, generator=torch.Generator().manual_seed(1)) * 2.0}, str(path))
     calls.clear()
     again = quantize(comfy, clip, min_cosine=0.5, **kw)["result"]
-    assert calls == [1] and "reused" not in again[1]
+    assert calls == [1] and "reused" not in again[1] and "Not found" not in again[1]
 
     calls.clear()
     clip.clip_layer(-6)  # in place: the same object, the same patches
