@@ -240,12 +240,12 @@ def switch_runtime(prompt: dict, q: str, one, timer: NodeTimer, last_img: np.nda
     from harness.workflows import psnr
 
     out = {}
+    preview = next(k for k, n in prompt.items() if n["class_type"] == "PreviewAny")
     for runtime in ("fake-quant", "auto"):
         g = json.loads(json.dumps(prompt))
         g[q]["inputs"]["runtime"] = runtime
         _, img, ui = one(g, last_text, f"switch-{runtime}")
         times, _ = timer.take()
-        preview = next(k for k, n in prompt.items() if n["class_type"] == "PreviewAny")
         report = ui.get(preview, {}).get("text", [""])[0]
         out[runtime] = {"quantize_node_ms": [round(x, 1) for t, v in times.items() if t in QUANTIZERS for x in v],
                         "report_says_reused": "reused from the run" in report,
