@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import logging
+
 from ..quant.prompts import DEFAULT_CALIBRATION_TEXT, parse_prompts
 from ..quant.recipe import DEFAULT_KEEP, METHODS, SCOPES, Recipe, parse_patterns
-
-RUNTIME_CHOICES = ("auto", "fp8", "fp8-compiled", "tensorrt", "fake-quant")
 from .tensorrt_engine import run_on_engine
 from .ui import interrupt_check, progress_bar
+
+RUNTIME_CHOICES = ("auto", "fp8", "fp8-compiled", "tensorrt", "fake-quant")
+log = logging.getLogger("comfyui-fp8-clip")
 
 
 class QuantizeCLIP:
@@ -86,6 +89,5 @@ class QuantizeCLIP:
             out, status = run_on_engine(out, False, 8)
             text += "\n" + status
         for w in report.warnings():
-            import logging
-            logging.getLogger("comfyui-fp8-clip").warning(w)
+            log.warning(w)
         return {"ui": {"text": [text]}, "result": (out, text)}
