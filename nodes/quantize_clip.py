@@ -76,9 +76,12 @@ class QuantizeCLIP:
                         fp8_embedding=fp8_token_embedding)
         own = parse_prompts(evaluation_prompts or "")
         held_out = own or list(HELD_OUT_PROMPTS)
+        stop_if_cancelled = interrupt_check()
         qclip, report = quantize_clip(clip, parse_prompts(calibration_prompts), recipe, held_out=held_out,
-                                      min_cosine=min_cosine, progress=progress_bar(), check_interrupt=interrupt_check())
+                                      min_cosine=min_cosine, progress=progress_bar(), check_interrupt=stop_if_cancelled)
+        stop_if_cancelled()  # the FP8 conversion and its check take seconds on SDXL
         out, plan = to_fp8_runtime(qclip, "fp8" if runtime == "tensorrt" else runtime)
+        stop_if_cancelled()
         check = held_out[:6]
         fidelity = verify(qclip, out, check) if out is not qclip else None
         text = report.text() + "\n" + describe(out, plan, fidelity, len(check))

@@ -46,10 +46,13 @@ class QuantizeCLIPVision:
         from ..quant.vision import quantize_clip_vision
 
         recipe = Recipe(keep=parse_patterns(keep_high_precision), method=method, scope=quantize, fp8_embedding=False)
+        stop_if_cancelled = interrupt_check()
         qcv, report = quantize_clip_vision(clip_vision, images, recipe, min_cosine=min_cosine,
                                            held_out=evaluation_images, progress=progress_bar(),
-                                           check_interrupt=interrupt_check())
+                                           check_interrupt=stop_if_cancelled)
+        stop_if_cancelled()
         out, plan = to_fp8_runtime(qcv, "fp8" if runtime == "tensorrt" else runtime)
+        stop_if_cancelled()
         check = (held_out_images()[0] if evaluation_images is None else evaluation_images)[:8]
         fidelity = verify_vision(qcv, out, check) if out is not qcv else None
         text = report.text() + "\n" + describe(out, plan, fidelity, len(check), "image_embeds", "images")

@@ -164,6 +164,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                           each=step, owners=owners)
     ref_s = time.perf_counter() - t0
     copies = {t.name: patched_copy(clip, t.path) for t in towers}
+    check_interrupt()  # between the steps of seconds each (SDXL): the cancel button answers within one
     source_bytes = {n: weight_bytes(m) for n, m in copies.items()}
     dtypes = {n: checkpoint_dtype(m) for n, m in copies.items()}  # before the fp32 cast
     container = torch.nn.ModuleDict(copies)
@@ -179,11 +180,13 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
         to_float32(m)
         if recipe.fp8_embedding:
             fake_quant_embedding(m)
+    check_interrupt()
     qclip = clone_with(clip, {t.path: copies[t.name] for t in towers})
     config = recipe.modelopt_config(kept)
 
     if earlier:
         modelopt_bridge.quantize_calibrated(container, config, earlier.amax)
+        check_interrupt()
         scales = modelopt_bridge.quantized_layers(container)
         modelopt_bridge.fold_weights(container)
         report = replace(earlier.report, min_cosine=min_cosine, reused=calibration_memo.reused_line(earlier))

@@ -181,6 +181,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
         ref_e, ref_h = embed(cv, test)
     ref_s = time.perf_counter() - t0
     copy_ = patched_copy(cv, PATH)
+    check_interrupt()  # between the steps of seconds each (ViT-H): the cancel button answers within one
     source_bytes = weight_bytes(copy_)
     dtype = checkpoint_dtype(copy_)  # before the fp32 cast
     container = torch.nn.ModuleDict({PATH: copy_})
@@ -196,6 +197,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     reference = {} if earlier else {n: container.get_submodule(n).weight.detach().to("cpu", copy=True)
                                     for n in to_quantize}
     to_float32(copy_)
+    check_interrupt()
     qcv = clone_with(cv, {PATH: copy_})
     config = recipe.modelopt_config([k for k in kept if k in linears])
     prefix = PATH + "."
@@ -208,6 +210,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
 
     if earlier:
         modelopt_bridge.quantize_calibrated(container, config, earlier.amax)
+        check_interrupt()
         scales = modelopt_bridge.quantized_layers(container)
         modelopt_bridge.fold_weights(container)
         report = replace(earlier.report, min_cosine=min_cosine, reused=calibration_memo.reused_line(earlier))

@@ -141,3 +141,16 @@ def engine_node(comfy, pack, rtx, monkeypatch):
     real = build.build_engine
     monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: builds.append(1) or real(*a, **k))
     return builds
+
+
+def cancel_after_the_first_check(mm, monkeypatch) -> None:
+    """The UI's cancel button pressed once the node is running: its first interrupt check passes, later ones stop."""
+    checks = []
+    real = mm.throw_exception_if_processing_interrupted
+
+    def check():
+        checks.append(1)
+        if len(checks) > 1:
+            mm.interrupt_current_processing(True)
+        real()
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", check)

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from conftest import call, node, pack_module
+from conftest import call, cancel_after_the_first_check, node, pack_module
 
 PARAMS = dict(keep_high_precision="*patch_embedding*", method="max", quantize="weights+activations",
               min_cosine=0.99, runtime="auto")
@@ -111,6 +111,29 @@ def test_changing_only_the_runtime_or_threshold_does_not_calibrate_again(comfy, 
     assert again[1].split("\nCalibration: ")[1] .startswith(first[1].split("\nCalibration: ")[1].split("\n")[0])
     quantize_vision(comfy, vit_h4, images=images(4, seed=10), evaluation_images=test, runtime="fake-quant")
     assert len(calls) == 2
+
+
+def test_cancel_while_a_remembered_calibration_is_rebuilt_stops_the_node(comfy, pack, vit_h4, monkeypatch):
+    """The reuse path of a ViT-H takes seconds (copy, quantizers, FP8 conversion: 10 s through ComfyUI's server
+    on an H200, bench/results/http_server_gpu.md) that the cancel button must cut short, before the FP8
+    conversion; the memo survives."""
+    import comfy.model_management as mm
+
+    cal, test = images(4, seed=8), images(4, seed=9)
+    quantize_vision(comfy, vit_h4, images=cal, evaluation_images=test, runtime="fake-quant")
+    runtime, conversions = pack_module(pack, "quant.runtime"), []
+    with monkeypatch.context() as m:
+        real = runtime.to_fp8_runtime
+        m.setattr(runtime, "to_fp8_runtime", lambda *a, **k: (conversions.append(1), real(*a, **k))[1])
+        cancel_after_the_first_check(mm, m)
+        try:
+            with pytest.raises(mm.InterruptProcessingException):
+                quantize_vision(comfy, vit_h4, images=cal, evaluation_images=test, runtime="auto")
+        finally:
+            mm.interrupt_current_processing(False)
+    assert conversions == []
+    again = quantize_vision(comfy, vit_h4, images=cal, evaluation_images=test, runtime="fake-quant")["result"][1]
+    assert "Calibration and report reused from the run at" in again
 
 
 @pytest.mark.parametrize("bad, msg", [
