@@ -7,8 +7,7 @@ transformer sees in a workflow.
 from __future__ import annotations
 
 import hashlib
-import logging
-import re
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -52,29 +51,58 @@ def token_key(clip: Any, prompt: str) -> Any:
     return norm(clip.tokenize(prompt))
 
 
-# ComfyUI's warning; older versions print the rest of the prompt after the name, which ends at a space, < or [.
-_MISSING_EMBEDDING = re.compile(r"embedding:([^\s<\[]+).* does not exist")
+_LOOKUP = "_try_get_embedding"  # ComfyUI's SDTokenizer method that finds an `embedding:` file, None if none
+_lookup_lock = threading.RLock()
+
+
+def _word_tokenizers(tokenizer: Any) -> list[Any]:
+    """The per-encoder tokenizers inside a CLIP's tokenizer (SDXL: clip_l and clip_g; SD3: and t5xxl)."""
+    found, todo, seen = [], [(tokenizer, 0)], set()
+    while todo:
+        t, depth = todo.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if callable(getattr(t, _LOOKUP, None)):
+            found.append(t)
+        if depth < 2:
+            todo += [(v, depth + 1) for v in vars(t).values() if hasattr(v, "tokenize_with_weights")] \
+                if hasattr(t, "__dict__") else []
+    return found
 
 
 @contextmanager
-def missing_embeddings() -> Iterator[list[str]]:
-    """The `embedding:` names ComfyUI's tokenizer drops inside this block because no file has them (it only logs
-    a warning, as for CLIPTextEncode), in order, without repeats."""
+def missing_embeddings(clip: Any) -> Iterator[list[str]]:
+    """The `embedding:` names `clip`'s tokenizer drops inside this block, in this thread, because no file has
+    them (ComfyUI only logs a warning, as for CLIPTextEncode, and `--verbose ERROR` hides even that), in order,
+    without repeats. Watches the tokenizers' own lookup for the block's length only: a tokenizer deep-copied
+    later must not keep a hook bound to this one."""
     found: list[str] = []
+    me = threading.get_ident()
+    with _lookup_lock:  # blocks of two threads on one shared tokenizer would restore each other's hooks
+        hooked = []
+        for tok in _word_tokenizers(getattr(clip, "tokenizer", None)):
+            own = vars(tok).get(_LOOKUP)
 
-    class Catch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            m = _MISSING_EMBEDDING.search(record.getMessage())
-            name = m.group(1).rstrip(",") if m else ""
-            if name and name not in found:
-                found.append(name)
-
-    handler, root = Catch(logging.WARNING), logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield found
-    finally:
-        root.removeHandler(handler)
+            def lookup(name: str, _real=getattr(tok, _LOOKUP)) -> tuple:
+                result = _real(name)
+                if result[0] is None and threading.get_ident() == me:
+                    # v0.29 returns the name it looked up; older versions the lookup's leftover only
+                    tried = result[1] if len(result) == 3 else (name.split() or [name])[0]
+                    tried = tried.rstrip(",")
+                    if tried and tried not in found:
+                        found.append(tried)
+                return result
+            setattr(tok, _LOOKUP, lookup)
+            hooked.append((tok, own))
+        try:
+            yield found
+        finally:
+            for tok, own in reversed(hooked):
+                if own is None:
+                    delattr(tok, _LOOKUP)
+                else:
+                    setattr(tok, _LOOKUP, own)
 
 
 def report_notes(unusable: Sequence[str], missing: Sequence[str]) -> list[str]:
@@ -132,7 +160,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     if not held_out:
         raise FP8ClipError("No held-out prompts to measure the quality on.")
     # What the encoder sees, not the text: an `embedding:` file added, changed or removed since changes it.
-    with missing_embeddings() as missing:
+    with missing_embeddings(clip) as missing:
         prompt_keys, held_out_keys = ([token_key(clip, p) for p in ps] for ps in (prompts, held_out))
     memo_key = calibration_memo.key("text", getattr(clip.patcher, "patches_uuid", ""), prompt_keys, recipe.to_json(),
                                     held_out_keys, getattr(clip, "layer_idx", None),

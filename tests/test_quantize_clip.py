@@ -243,6 +243,28 @@ def test_an_embedding_file_or_a_clip_skip_changed_since_calibrates_again(comfy, 
     assert "reused from" in quantize(comfy, clip, min_cosine=0.4, **kw)["result"][1] and calls == []
 
 
+def test_a_missing_embedding_is_named_when_comfyui_logs_only_errors(comfy, pack, clip):
+    """`--verbose ERROR` raises the root logger's level, so ComfyUI's warning about a missing `embedding:` file is
+    never made: the report must not depend on it. Only this thread's lookups count, and the tokenizer is left as
+    it was (a deep copy made later must not call back into this one)."""
+    import logging
+    import threading
+
+    calibrate = pack_module(pack, "quant.calibrate")
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # what --verbose ERROR does
+    try:
+        with calibrate.missing_embeddings(clip) as missing:
+            calibrate.token_key(clip, "embedding:fp8clip-nope, a cat embedding:fp8clip-nope")
+            other = threading.Thread(target=lambda: clip.tokenize("embedding:fp8clip-other-thread a dog"))
+            other.start()
+            other.join()
+    finally:
+        root.setLevel(level)
+    assert missing == ["fp8clip-nope"]
+    assert not any("_try_get_embedding" in vars(t) for t in calibrate._word_tokenizers(clip.tokenizer))
+
+
 def test_lora_after_quantizing_is_refused_not_ignored(comfy, quantized):
     """A LoRA applied to the FP8 CLIP cannot be baked into FP8 weights: say so instead of dropping it."""
     _, lq = call(comfy, "LoraLoader", model=None, clip=quantized[0], lora_name=comfy.files["lora"],
