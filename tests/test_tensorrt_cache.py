@@ -384,6 +384,26 @@ def test_ctrl_c_landing_in_any_progress_callback_stops_the_build(pack, real_buil
     assert fired == [where]
 
 
+def test_ctrl_c_landing_in_the_logger_while_a_parse_fails_is_not_turned_into_a_parse_error(pack, real_build,
+                                                                                           monkeypatch):
+    """TensorRT logs a parse error through the Python logger; Ctrl-C landing there was kept, but the failed
+    parse then raised "could not parse" and the command-line build reported that instead of stopping."""
+    build = tr(pack, "build")
+    _, rtx, _, _ = real_build
+    fired = []
+
+    def record(*a):
+        if not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "_record", record)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_engine(b"not an onnx model", build.Profile(max_rows=1, opt_rows=1), rtx.flavour,
+                           target=rtx.target)
+    assert fired == [1]
+
+
 def test_the_engine_is_built_with_its_own_gpu_current(pack, real_build, tmp_path, monkeypatch):
     """Standard TensorRT builds for the current CUDA device: an engine for a CLIP on cuda:1 (checked, keyed and run
     there) was built on ComfyUI's current cuda:0, for another GPU on a mixed machine, and then failed to load."""

@@ -156,6 +156,8 @@ def build_engine(onnx_model: Any, profile: Profile, flavour: Flavour, *, target:
     parser = trt.OnnxParser(network, log)
     t0 = time.perf_counter()
     if not parser.parse(data):
+        if log.interrupted is not None:  # Ctrl-C in the logger's callback: that, not the parse error it caused
+            raise log.interrupted
         errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
         raise EngineBuildError(f"{flavour.label} could not parse the exported ONNX graph: {'; '.join(errors)}")
     parse_s = time.perf_counter() - t0
