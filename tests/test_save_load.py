@@ -7,7 +7,6 @@ import gc
 import importlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
