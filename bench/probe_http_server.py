@@ -104,8 +104,11 @@ def run_steps(server, name: str, ckpt: str, small: bool, interrupt_after: float)
             images[image_key] = saved_image(server.base, entry["outputs"], g.save)
             rec["image"] = image_key
             preview = next((k for k, n in graph.items() if n["class_type"] == "PreviewAny"), None)
-            if preview in entry["outputs"] and not any("report" in s for s in steps):
-                rec["report"] = entry["outputs"][preview]["text"][0]
+            if preview in entry["outputs"]:
+                text = entry["outputs"][preview]["text"][0]
+                rec["calibration"] = "reused" if "Calibration and report reused" in text else "calibrated"
+                if not any("report" in s for s in steps):
+                    rec["report"] = text
         steps.append(rec)
         print(json.dumps({k: v for k, v in rec.items() if k != "report"}), flush=True)
         return rec

@@ -9,7 +9,7 @@
 #   profile-sdxl-dynamic attention residency residency-dynamic workflows workflows-dynamic small-vram
 #   small-vram-dynamic http text-default unload unload-async unload-old unload-v03 unload-v03-old capture-failure
 #   text-sdxl-default
-#   vision-async multi-gpu memo memo-sdxl sampler reuse reuse-dynamic
+#   vision-async multi-gpu memo memo-sdxl sampler reuse reuse-dynamic reuse-async
 #   multi-gpu-async (two GPUs) capture-async
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
 # Sets up the carried wheels (ModelOpt, comfy-kitchen, ...) and ComfyUI v0.29 once per machine, then runs
@@ -68,6 +68,8 @@ for step in "${@:-probe text profile vision}"; do
       unload*) timeout 200 python3 bench/probe_unload.py --comfy /tmp/c29 ;;
       memo-sdxl*) timeout 300 python3 bench/probe_memo_rebuild.py --comfy /tmp/c29 --family sdxl ;;
       memo*) timeout 300 python3 bench/probe_memo_rebuild.py --comfy /tmp/c29 ;;
+      reuse-async*) PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 400 python3 bench/profile_quantize_reuse.py \
+                      --comfy /tmp/c29 --out "$out/$s" --dynamic-vram ;;
       reuse-dynamic*) timeout 400 python3 bench/profile_quantize_reuse.py --comfy /tmp/c29 --out "$out/$s" --dynamic-vram ;;
       reuse*) timeout 400 python3 bench/profile_quantize_reuse.py --comfy /tmp/c29 --out "$out/$s" ;;
       sampler*) timeout 400 python3 bench/probe_sampler_after_pack.py --comfy /tmp/c29 --out "$out/$s" ;;
