@@ -258,7 +258,11 @@ def check_bundle(files: Sequence[ff.TowerFile], stock: Sequence[tuple[str, str |
     tower never loaded (NaN conditioning, no warning). `stock`: (file name, stock_kind) of the stock files."""
     have = {f.tower for f in files}
     ids = {f.bundle.get("set") for f in files if f.bundle.get("set")}
-    if len(ids) > 1:  # e.g. one tower of a set overwritten by another model's save
+    # Towers of one save list each other and share its id: an SD1.5 clip_l beside an SDXL (or refiner) clip_g has
+    # neither, and ComfyUI would build one SDXL CLIP from two models.
+    strangers = len(have) < len(files) or (ids and any(not f.bundle.get("set") for f in files)) or any(
+        g.tower not in f.bundle["towers"] for f in files if "towers" in f.bundle for g in files)
+    if len(ids) > 1 or strangers:  # e.g. one tower of a set overwritten by another model's save
         raise FP8ClipError(f"The selected {' and '.join(f.tower for f in files)} files come from different saves "
                            "(each 'Save FP8 CLIP' writes the towers of one model together). Select the files "
                            "saved together.")

@@ -639,3 +639,29 @@ def test_temp_files_of_a_killed_save_are_removed_by_the_next_save(pack, tmp_path
     other.write_bytes(b"not ours")
     paths.write_set([(target, lambda tmp: Path(tmp).write_bytes(b"model"))], False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, fresh.name, other.name])
+
+
+def _tower_file(ff, tower: str, family: str, bundle: dict):
+    return ff.TowerFile(tower=tower, family=family, tensors={}, quantized={}, rowwise=[],
+                        header={ff.H_BUNDLE: json.dumps(bundle)})
+
+
+_SD15_L = ("clip_l", "SD1.5 (CLIP-L)", {"class": "SD1ClipModel", "towers": ["clip_l"], "others": [],
+                                          "clip_type": "stable_diffusion"})
+_SDXL_L = ("clip_l", "SDXL (CLIP-L + CLIP-G)", {"class": "SDXLClipModel", "towers": ["clip_l", "clip_g"],
+                                                  "others": [], "clip_type": "sdxl", "set": "0123456789abcdef"})
+_SDXL_G = ("clip_g", "SDXL (CLIP-L + CLIP-G)", {"class": "SDXLClipModel", "towers": ["clip_l", "clip_g"],
+                                                  "others": [], "clip_type": "sdxl", "set": "0123456789abcdef"})
+_REFINER_G = ("clip_g", "SDXL refiner (CLIP-G)", {"class": "SDXLRefinerClipModel", "towers": ["clip_g"],
+                                                    "others": [], "clip_type": "stable_diffusion"})
+
+
+@pytest.mark.parametrize("other", [_SDXL_G, _REFINER_G], ids=["sdxl-set-clip_g", "refiner-clip_g"])
+def test_fp8_files_of_two_saves_are_refused_even_without_a_set_id(pack, other):
+    """README: 'Load refuses a clip_l and a clip_g from different saves'. Only two set ids were compared: an SD1.5
+    clip_l (a one-tower save has no set id) beside an SDXL or refiner clip_g loaded as one SDXL CLIP of two
+    models (found by review, encoded [1, 77, 2048] without a word)."""
+    ff, ser = mod(pack, "fileformat"), mod(pack, "serialize")
+    with pytest.raises(ValueError, match="come from different saves"):
+        ser.check_bundle([_tower_file(ff, *_SD15_L), _tower_file(ff, *other)], [])
+    ser.check_bundle([_tower_file(ff, *_SDXL_L), _tower_file(ff, *_SDXL_G)], [])  # one save: fine
