@@ -19,8 +19,12 @@ def check_name(name: str) -> str:
     raw = (name or "").strip()
     if not raw:
         raise FP8ClipError("The file name is empty. Enter a name such as 'fp8/clip_l_fp8'.")
+    if raw.endswith(("/", "\\")):  # 'fp8/' would become fp8.safetensors beside the folder
+        raise FP8ClipError(f"File name {name!r} ends with a folder separator: add the file's name, such as "
+                           "'fp8/clip_l_fp8'.")
     parts = PurePosixPath(raw.replace("\\", "/")).parts
-    if raw.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", raw) or ".." in parts or raw.startswith("~"):
+    # '~' alone is the shell's home folder; '~old_clip' is a file ComfyUI lists like any other
+    if raw.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", raw) or ".." in parts or parts[0] == "~":
         raise FP8ClipError(f"File name {name!r} points outside the models folder. Use a plain name, optionally "
                            "with sub-folders ('fp8/clip_l_fp8'), without '..', '~', a drive or a leading '/'.")
     if any(p.startswith(".") for p in parts):

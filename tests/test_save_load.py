@@ -665,3 +665,16 @@ def test_fp8_files_of_two_saves_are_refused_even_without_a_set_id(pack, other):
     with pytest.raises(ValueError, match="come from different saves"):
         ser.check_bundle([_tower_file(ff, *_SD15_L), _tower_file(ff, *other)], [])
     ser.check_bundle([_tower_file(ff, *_SDXL_L), _tower_file(ff, *_SDXL_G)], [])  # one save: fine
+
+
+def test_a_name_ending_in_a_folder_separator_is_refused_and_a_listed_tilde_name_is_not(pack, tmp_path):
+    """'fp8/' was written as fp8.safetensors beside the folder by Save FP8 CLIP Vision (the text save refused
+    it); '~old_clip_fp8.safetensors', which ComfyUI lists in the loaders, was refused as outside the folder."""
+    paths = mod(pack, "paths")
+    for name in ("fp8/", "fp8\\"):
+        with pytest.raises(ValueError, match="ends with a folder separator"):
+            paths.resolve_in_folder(tmp_path, name)
+    assert paths.resolve_in_folder(tmp_path, "~old_clip_fp8") == (tmp_path / "~old_clip_fp8.safetensors").resolve()
+    assert paths.check_name("fp8/~old_clip_fp8.safetensors") == "fp8/~old_clip_fp8.safetensors"
+    with pytest.raises(ValueError, match="outside the models folder"):
+        paths.check_name("~/clip_fp8.safetensors")
