@@ -32,8 +32,10 @@ def find_comfyui(explicit: str | None) -> Path:
             if not (d / "comfy" / "sd.py").is_file():
                 raise CLIError(f"{source}={value} is not a ComfyUI folder (no comfy/sd.py in it).")
             return d
-    if PACK_DIR.parent.name == "custom_nodes" and (PACK_DIR.parent.parent / "comfy" / "sd.py").is_file():
-        return PACK_DIR.parent.parent
+    # As the pack sits in custom_nodes/: a symlinked pack (a developer's install) resolves elsewhere
+    for pack in (Path(__file__).absolute().parent, PACK_DIR):
+        if pack.parent.name == "custom_nodes" and (pack.parent.parent / "comfy" / "sd.py").is_file():
+            return pack.parent.parent
     raise CLIError("Where is ComfyUI? Pass --comfyui PATH or set COMFYUI_PATH (this pack is not inside a "
                    "ComfyUI custom_nodes folder).")
 
@@ -106,6 +108,43 @@ def progress_printer(label: str, unit: str = "prompt") -> Callable[[int, int], N
     return update
 
 
+def prompts_from(path: str | None, option: str) -> list[str] | None:
+    """The prompts of a file given with `option`, None without one; a file with none in it is an error."""
+    lines = read_lines(path)
+    if lines is not None and not lines:
+        raise CLIError(f"{path} ({option}): no prompt in it, only blank or # lines. Add prompts, one per line, or "
+                       f"leave out {option} for the built-in ones.")
+    return lines
+
+
+def check_text_encoder_input(p: Path) -> str | None:
+    """The stock CLIP kind of an input file (None: another text encoder, such as T5); refuses what is not one."""
+    from .quant.fileformat import H_STOCK, H_TOWER, read_header
+    from .quant.serialize import stock_kind
+
+    if not p.is_file():
+        raise CLIError(f"{p}: no such file.")
+    entries, meta = read_header(p)  # safetensors only: never unpickle; clear message for damaged files
+    if H_TOWER in meta or H_STOCK in meta:
+        raise CLIError(f"{p} is already an FP8 file of this pack: quantize the original text encoder instead.")
+    kind = stock_kind(entries)
+    if kind is None and any(k.startswith(("vision_model.", "visual.")) or ".vision_model." in k for k in entries):
+        raise CLIError(f"{p} is a CLIP vision model: the command line quantizes text encoders; use the "
+                       "'Quantize CLIP Vision to FP8' node for it.")
+    return kind
+
+
+def check_writable_folder(folder: Path) -> None:
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise CLIError(f"{folder}: cannot write there ({e.strerror or e}). Choose another output path.") from None
+
+
 def read_lines(path: str | None) -> list[str] | None:
     if path is None:
         return None
@@ -128,26 +167,33 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     import comfy.sd
     import folder_paths
 
-    from .quant.fileformat import read_header
     from .quant.prompts import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS
     from .quant.recipe import DEFAULT_KEEP, Recipe
     from .quant.serialize import clip_type_enum
     from .quant.towers import text_family
 
     inputs = [Path(a.input), *([Path(a.input2)] if a.input2 else [])]
-    for p in inputs:
-        if not p.is_file():
-            raise CLIError(f"{p}: no such file.")
-        read_header(p)  # safetensors only: never unpickle; clear message for damaged files
+    kinds = [check_text_encoder_input(p) for p in inputs]
+    if not any(kinds):
+        raise CLIError(f"{', '.join(map(str, inputs))}: no CLIP text encoder in it (CLIP-L, CLIP-G...).")
+    if a.input2 and a.type is None:  # stable_diffusion + two files: ComfyUI builds SDXL, a tower left unloaded
+        raise CLIError("Two text-encoder files: give the CLIP they make with --type (sdxl, flux, sd3...), as "
+                       "DualCLIPLoader's type.")
     out = Path(a.output)
     if out.suffix.lower() != ".safetensors":
         raise CLIError(f"{out}: the output must be a .safetensors file.")
-    ctype = clip_type_enum(a.type)
-    prompts = read_lines(a.prompts) or list(CALIBRATION_PROMPTS)  # read before the work: a missing file fails now
-    held_out = read_lines(a.eval_prompts) or list(HELD_OUT_PROMPTS)
+    check_writable_folder(out.parent)  # before the minutes of calibration
+    ctype = clip_type_enum(a.type or "stable_diffusion")
+    # read before the work: a missing file fails now; a file of only # lines is an error, as in the node
+    prompts = prompts_from(a.prompts, "--prompts") or list(CALIBRATION_PROMPTS)
+    held_out = prompts_from(a.eval_prompts, "--eval-prompts") or list(HELD_OUT_PROMPTS)
     t0 = time.perf_counter()
-    clip = comfy.sd.load_clip(ckpt_paths=[str(p) for p in inputs],
-                              embedding_directory=folder_paths.get_folder_paths("embeddings"), clip_type=ctype)
+    try:
+        clip = comfy.sd.load_clip(ckpt_paths=[str(p) for p in inputs],
+                                  embedding_directory=folder_paths.get_folder_paths("embeddings"), clip_type=ctype)
+    except RuntimeError as e:  # ComfyUI's size mismatches: files that do not make a CLIP of this type together
+        raise CLIError(f"ComfyUI could not build a {ctype.name.lower()} CLIP from {', '.join(p.name for p in inputs)}"
+                       f": {str(e).splitlines()[0]}. Check --type and the files.") from None
     print(f"Loaded {', '.join(p.name for p in inputs)} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     _, towers = text_family(clip)
     taken = [p for p in output_paths(out, [t.name for t in towers]) if p.exists()]
@@ -220,19 +266,25 @@ def parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="python -m fp8clip", description="Calibrated FP8 CLIP text encoders for "
                                  "ComfyUI, without the UI.")
-    ap.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH, else the ComfyUI holding this pack)")
-    ap.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    ap.add_argument("--base-directory", metavar="PATH", help="as ComfyUI's option (ComfyUI Desktop sets it)")
-    ap.add_argument("--extra-model-paths-config", metavar="PATH", action="append",
-                    help="as ComfyUI's option, one file each time (extra_model_paths.yaml beside main.py is read "
-                         "anyway)")
+    common = argparse.ArgumentParser(add_help=False)  # accepted before or after the command
+    for p, default in ((ap, None), (common, argparse.SUPPRESS)):
+        p.add_argument("--comfyui", default=default,
+                       help="ComfyUI folder (default: COMFYUI_PATH, else the ComfyUI holding this pack)")
+        p.add_argument("--cpu", action="store_true", default=default or False,
+                       help="run on the CPU even if a GPU is present")
+        p.add_argument("--base-directory", metavar="PATH", default=default,
+                       help="as ComfyUI's option (ComfyUI Desktop sets it)")
+        p.add_argument("--extra-model-paths-config", metavar="PATH", action="append", default=default,
+                       help="as ComfyUI's option, one file each time (extra_model_paths.yaml beside main.py is "
+                            "read anyway)")
     sub = ap.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="calibrate a CLIP file to FP8 and save it with its quality report")
+    q = sub.add_parser("quantize", parents=[common],
+                       help="calibrate a CLIP file to FP8 and save it with its quality report")
     q.add_argument("input", help="CLIP text-encoder .safetensors (clip_l, clip_g...)")
     q.add_argument("output", help="output .safetensors (several towers: _clip_l/_clip_g are appended)")
     q.add_argument("--input2", help="second text-encoder file (SDXL clip_g, Flux t5xxl), as DualCLIPLoader takes")
-    q.add_argument("--type", default="stable_diffusion", help="CLIP type as in Load CLIP (stable_diffusion, sdxl, "
-                                                              "sd3, flux...); default stable_diffusion")
+    q.add_argument("--type", default=None, help="CLIP type as in Load CLIP (stable_diffusion, sdxl, sd3, flux...); "
+                                               "default stable_diffusion for one file, required with --input2")
     q.add_argument("--prompts", help="calibration prompts, one per line (default: the 64 built-in)")
     q.add_argument("--eval-prompts", help="held-out prompts for the report (default: the 24 built-in)")
     q.add_argument("--keep", nargs="*", metavar="PATTERN", help="layers kept in high precision (default: "
@@ -245,7 +297,7 @@ def parser() -> argparse.ArgumentParser:
                    help="fp8clip: calibrated FP8 + scales for 'Load FP8 CLIP'; stock-compatible: weights-only FP8 "
                         "that stock loaders read")
     q.add_argument("--overwrite", action="store_true")
-    i = sub.add_parser("info", help="print what a saved FP8 CLIP file holds")
+    i = sub.add_parser("info", parents=[common], help="print what a saved FP8 CLIP file holds")
     i.add_argument("file")
     sub.add_parser("build-engine", help="build a TensorRT engine (needs the TensorRT runtime of the pack)",
                    add_help=False)

@@ -18,8 +18,10 @@ PACKAGE = "comfyui_fp8_clip"
 def load_pack() -> types.ModuleType:
     if PACKAGE not in sys.modules:
         pkg = types.ModuleType(PACKAGE)
-        pkg.__path__ = [str(PACK_DIR)]
-        pkg.__file__ = str(PACK_DIR / "__init__.py")
+        # As launched, links kept: a pack symlinked into custom_nodes still finds the ComfyUI around it (cli.py)
+        here = Path(__file__).absolute().parent
+        pkg.__path__ = [str(here)]
+        pkg.__file__ = str(here / "__init__.py")
         sys.modules[PACKAGE] = pkg
     # The pack folder on sys.path would shadow ComfyUI's own top-level `nodes` module with the pack's nodes/.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != PACK_DIR]

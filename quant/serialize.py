@@ -284,7 +284,8 @@ def check_bundle(files: Sequence[ff.TowerFile], stock: Sequence[tuple[str, str |
             what = [f"its {t} file (saved next to it by 'Save FP8 CLIP')" for t in wanted]
             what += [f"the {t} file you use with it (stock, not quantized)" for t in others]
             raise FP8ClipError(f"This file is the {f.tower} tower of a {f.family} CLIP; also select "
-                               f"{' and '.join(what)} in clip_name2/clip_name3.")
+                               f"{' and '.join(what)} (in 'Load FP8 CLIP': clip_name2/clip_name3; on the command "
+                               "line: another FILE).")
 
 
 def check_load_runtime(runtime: str) -> None:

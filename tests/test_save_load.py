@@ -512,6 +512,98 @@ def test_command_line_bad_input(comfy, tmp_path):
     assert r.returncode == 2 and "cannot read the prompts" in r.stderr and "Traceback" not in r.stderr
 
 
+# Runs the real command line, several commands in one process, with the calibration replaced by a probe that
+# says it started and stops: what the CLI checks before the minutes of calibration, without them.
+CLI_PROBE = r'''
+import contextlib, importlib, io, json, sys
+sys.path.insert(0, sys.argv[1])
+import fp8clip
+fp8clip.load_pack()
+cli = importlib.import_module("comfyui_fp8_clip.cli")
+boot = cli.boot_comfyui
+def booted(*a, **k):
+    boot(*a, **k)
+    calibrate = importlib.import_module("comfyui_fp8_clip.quant.calibrate")
+    def probe(clip, prompts, *a, **k):
+        print(f"CALIBRATION STARTED: {type(clip.cond_stage_model).__name__}", file=sys.stderr)
+        raise SystemExit(3)
+    calibrate.quantize_clip = probe
+cli.boot_comfyui = booted
+out = []
+for argv in json.loads(sys.argv[2]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = cli.main(argv)
+        except SystemExit as e:
+            rc = e.code
+    out.append([rc, err.getvalue()])
+print(json.dumps(out))
+'''
+
+
+def test_command_line_refuses_what_it_cannot_quantize_before_calibrating(comfy, saved, tmp_path):
+    """Found by review: each of these calibrated (minutes) and then failed, or quietly did something else:
+    a prompts file of only # lines (the 64 built-in prompts were used), an output folder that cannot exist,
+    a CLIP vision file (an SD1.5 CLIP of unloaded weights), clip_l + T5 without --type (an SDXL CLIP with an
+    empty CLIP-G), a file of this pack (a size-mismatch traceback); build-engine named the loader nodes, not
+    --vision; options after the command were 'unrecognized'."""
+    import subprocess
+    import sys
+
+    te = comfy.base / "models" / "text_encoders"
+    clip_l, t5 = te / comfy.files["clip_l"], te / comfy.files["t5_stub"]
+    vit = comfy.base / "models" / "clip_vision" / comfy.files["vit_l"]
+    (tmp_path / "comments.txt").write_text("# my prompts, to be filled in\n\n")
+    (tmp_path / "blocker").write_text("a file where the output folder should be")
+    out = tmp_path / "out.safetensors"
+    vision_header = tmp_path / "cv_fp8.safetensors"
+    save_file({"x": torch.zeros(1)}, str(vision_header), metadata={"fp8clip.format": "2",
+                                                                   "fp8clip.tower": "vision_model"})
+    cases = [
+        (["quantize", clip_l, out, "--prompts", tmp_path / "comments.txt"], 2, "no prompt in it"),
+        (["quantize", clip_l, out, "--eval-prompts", tmp_path / "comments.txt"], 2, "no prompt in it"),
+        (["quantize", clip_l, tmp_path / "blocker" / "out.safetensors"], 2, "cannot write there"),
+        (["quantize", vit, out], 2, "is a CLIP vision model"),
+        (["quantize", clip_l, out, "--input2", t5], 2, "give the CLIP they make with --type"),
+        (["quantize", saved, out], 2, "already an FP8 file of this pack"),
+        (["build-engine", vision_header, "--portable", "--cache", tmp_path / "engines"], 2, "add --vision"),
+        (["build-engine", saved, "--vision", "--portable", "--cache", tmp_path / "engines"], 2,
+         "leave out --vision"),
+        (["info", saved, "--comfyui", comfy.host], 0, ""),
+        (["quantize", clip_l, out], 3, "CALIBRATION STARTED: SD1ClipModel"),  # the probe: a good input gets there
+    ]
+    (tmp_path / "probe.py").write_text(CLI_PROBE)
+    env = dict(os.environ, COMFYUI_PATH=str(comfy.host), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    r = subprocess.run([sys.executable, str(tmp_path / "probe.py"), str(PACK_DIR),
+                        json.dumps([[str(x) for x in argv] for argv, _, _ in cases])],
+                       cwd=comfy.base, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for (argv, rc, text), (got_rc, err) in zip(cases, json.loads(r.stdout.strip().splitlines()[-1])):
+        assert (got_rc, text in err, "Traceback" in err) == (rc, True, False), (argv[0], argv[-1], got_rc, err[-1500:])
+    assert not (tmp_path / "engines").exists()  # refused before the cache folder was made
+
+
+def test_command_line_finds_the_comfyui_holding_a_symlinked_pack(comfy, tmp_path):
+    """A pack symlinked into custom_nodes (a developer's install) resolved to its real folder, and the command line
+    answered 'Where is ComfyUI?'."""
+    import subprocess
+    import sys
+
+    cui = tmp_path / "ComfyUI"
+    cui.mkdir()
+    for entry in Path(comfy.host).iterdir():
+        if entry.name != "custom_nodes":
+            (cui / entry.name).symlink_to(entry)
+    (cui / "custom_nodes").mkdir()
+    (cui / "custom_nodes" / "comfyui-fp8-clip").symlink_to(PACK_DIR, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    r = subprocess.run([sys.executable, str(cui / "custom_nodes" / "comfyui-fp8-clip"), "quantize",
+                        tmp_path / "missing.safetensors", tmp_path / "out.safetensors"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert "Where is ComfyUI" not in r.stderr and "missing.safetensors: no such file" in r.stderr, r.stderr[-2000:]
+
+
 def test_command_line_build_engine_builds_once_into_the_cache(comfy, saved, tmp_path):
     """Ahead-of-time engine builds from a saved file: a real TensorRT for RTX build (no GPU needed with
     --portable), written to the cache with its manifest, found again with no build."""

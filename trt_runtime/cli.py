@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None, *, comfyui: str | None = None, cpu: bool
             raise CLIError(f"{f}: no such file.")
     if a.vision and len(a.files) != 1:
         raise CLIError("A CLIP vision model is one file; give exactly one with --vision.")
+    from ..quant import fileformat as ff
+    for f in a.files:  # the flag, not the loader nodes, is what a command-line user can change
+        tower = ff.read_header(Path(f))[1].get(ff.H_TOWER)
+        if tower in ff.VISION_TOWERS and not a.vision:
+            raise CLIError(f"{f} is an FP8 CLIP vision file: add --vision.")
+        if tower in ff.TEXT_TOWERS and a.vision:
+            raise CLIError(f"{f} is an FP8 CLIP text-encoder file ({tower}): leave out --vision.")
     support = build_only_support() if a.portable else engine_support(comfy.model_management.get_torch_device())
     if not support.ok:
         raise CLIError(f"No engine can be built here: {support.reason}"
