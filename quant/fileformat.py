@@ -198,22 +198,28 @@ def describe_foreign(name: str, keys: Iterable[str], dtypes: Iterable[str], towe
     vision = towers == VISION_TOWERS
     what, saver = ("a CLIP vision model", "'Save FP8 CLIP Vision'") if vision else ("a CLIP text encoder",
                                                                                     "'Save FP8 CLIP'")
-    if any(k.endswith("comfy_quant") or k.endswith("weight_scale") or k.endswith("scale_weight") for k in keys) or \
-            "F8_E4M3" in set(dtypes):
+    text = has("text_model.encoder.layers.") or (has("transformer.resblocks.") and not has("visual."))
+    image = has("vision_model.") or has("visual.")
+    quantized = any(k.endswith(("comfy_quant", "weight_scale", "scale_weight")) for k in keys) or \
+        "F8_E4M3" in set(dtypes)
+    kind = "quantized " if quantized else ""
+    # The wrong kind of model first (a stock-compatible FP8 text export in the vision loader...): the fix is
+    # another loader, whatever its weights' format.
+    if vision and text and not image:
+        return (f"{name} is a {kind}CLIP text encoder, not a CLIP vision model. Load it with 'Load CLIP' (or "
+                "'Load FP8 CLIP' for files saved by 'Save FP8 CLIP').")
+    if not vision and image and not text:
+        return (f"{name} is a {kind}CLIP vision model, not a CLIP text encoder. Load it with 'Load CLIP Vision' (or "
+                "'Load FP8 CLIP Vision' for files saved by 'Save FP8 CLIP Vision').")
+    if quantized:
         return (f"{name} holds quantized weights but was not saved by {saver} (no fp8clip header), so its "
                 "scales cannot be checked here. Load it with ComfyUI's own loader if it supports that format.")
-    if has("text_model.encoder.layers.") or (has("transformer.resblocks.") and not has("visual.")):
-        if vision:
-            return (f"{name} is a CLIP text encoder, not a CLIP vision model. Load it with 'Load CLIP' (or "
-                    "'Load FP8 CLIP' for files saved by 'Save FP8 CLIP').")
+    if text:
         return (f"{name} is an ordinary CLIP text encoder, not an FP8 CLIP saved by this pack. Load it with "
                 "'Load CLIP' (or your checkpoint loader) and connect it to 'Quantize CLIP to FP8'.")
-    if has("vision_model.") or has("visual."):
-        if vision:
-            return (f"{name} is an ordinary CLIP vision model, not an FP8 one saved by this pack. Load it with "
-                    "'Load CLIP Vision' and connect it to 'Quantize CLIP Vision to FP8'.")
-        return (f"{name} is a CLIP vision model, not a CLIP text encoder. Load it with 'Load CLIP Vision' (or "
-                "'Load FP8 CLIP Vision' for files saved by 'Save FP8 CLIP Vision').")
+    if image:
+        return (f"{name} is an ordinary CLIP vision model, not an FP8 one saved by this pack. Load it with "
+                "'Load CLIP Vision' and connect it to 'Quantize CLIP Vision to FP8'.")
     sample = ", ".join(sorted(keys)[:3])
     return f"{name} is not {what} (its tensors are named like {sample}). Pick a file written by {saver}."
 

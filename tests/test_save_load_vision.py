@@ -226,3 +226,16 @@ def test_a_file_missing_a_part_of_the_model_is_refused(comfy, saved, cv_dir, scr
                    drop=["visual_projection.weight"], meta_drop=["fp8clip.sha256"])
     with pytest.raises(ValueError, match=r"does not match the (vision )?model ComfyUI detected.*visual_projection"):
         load(comfy, name)
+
+
+def test_a_stock_compatible_text_export_in_the_vision_loader_is_named_a_text_encoder(pack, tmp_path):
+    """An FP8 text export (stock-compatible) in the vision loader was 'quantized weights ... load it with ComfyUI's
+    own loader': the fix is 'Load CLIP', whatever the weights' format (found by review)."""
+    ff = mod(pack, "fileformat")
+    p = tmp_path / "clip_l_stock.safetensors"
+    save_file({"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(4, 4).to(torch.float8_e4m3fn),
+               "text_model.final_layer_norm.weight": torch.ones(4, dtype=torch.float16)}, str(p),
+              metadata={ff.H_STOCK: "{}"})
+    with pytest.raises(ValueError, match="is a quantized CLIP text encoder, not a CLIP vision model. Load it with "
+                                         "'Load CLIP'"):
+        ff.read_tower_file(p, ff.VISION_TOWERS)
