@@ -69,13 +69,12 @@ class QuantizeCLIP:
     def quantize(self, clip, calibration_prompts, keep_high_precision, method, quantize, min_cosine,
                  runtime="auto", fp8_token_embedding=True, evaluation_prompts=""):
         from ..quant.calibrate import quantize_clip
-        from ..quant.prompts import HELD_OUT_PROMPTS
+        from ..quant.prompts import evaluation_prompts as held_out_of
         from ..quant.runtime import describe, to_fp8_runtime, verify
 
         recipe = Recipe(keep=parse_patterns(keep_high_precision), method=method, scope=quantize,
                         fp8_embedding=fp8_token_embedding)
-        own = parse_prompts(evaluation_prompts or "")
-        held_out = own or list(HELD_OUT_PROMPTS)
+        held_out, note = held_out_of(evaluation_prompts)
         stop_if_cancelled = interrupt_check()
         qclip, report = quantize_clip(clip, parse_prompts(calibration_prompts), recipe, held_out=held_out,
                                       min_cosine=min_cosine, progress=progress_bar(), check_interrupt=stop_if_cancelled)
@@ -85,9 +84,8 @@ class QuantizeCLIP:
         check = held_out[:6]
         fidelity = verify(qclip, out, check) if out is not qclip else None
         text = report.text() + "\n" + describe(out, plan, fidelity, len(check))
-        if (evaluation_prompts or "").strip() and not own:
-            text += (f"\nNote: evaluation_prompts holds no prompt, only # lines: the {len(held_out)} built-in held-out "
-                     "prompts were used.")
+        if note:
+            text += "\n" + note
         if runtime == "tensorrt":
             out, status = run_on_engine(out, False, 8)
             text += "\n" + status

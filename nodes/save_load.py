@@ -77,12 +77,12 @@ class SaveFP8CLIP:
         if format == FORMATS[1]:
             from ..quant.stock_export import export_stock_compatible, quality_text
 
-            from ..quant.prompts import HELD_OUT_PROMPTS, parse_prompts
+            from ..quant.prompts import evaluation_prompts as held_out_of
 
-            held_out = parse_prompts(evaluation_prompts or "") or list(HELD_OUT_PROMPTS)
+            held_out, note = held_out_of(evaluation_prompts)
             paths, quality = export_stock_compatible(clip, folder, filename, overwrite, held_out=held_out,
                                                      progress=progress_bar())
-            text = quality_text(quality)
+            text = quality_text(quality) + ("\n" + note if note else "")
         else:
             from ..quant.serialize import save_fp8_clip
 

@@ -120,4 +120,15 @@ def parse_prompts(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
+def evaluation_prompts(text: str) -> tuple[list[str], str]:
+    """The held-out prompts of an optional widget (empty: the built-in ones) and a note for the report when the
+    widget holds text but no prompt (only # lines), so that the built-in ones were used."""
+    own = parse_prompts(text or "")
+    if own:
+        return own, ""
+    note = (f"Note: evaluation_prompts holds no prompt, only # lines: the {len(HELD_OUT_PROMPTS)} built-in "
+            "held-out prompts were used.") if (text or "").strip() else ""
+    return list(HELD_OUT_PROMPTS), note
+
+
 DEFAULT_CALIBRATION_TEXT = "\n".join(CALIBRATION_PROMPTS)

@@ -202,6 +202,16 @@ def test_stock_compatible_export_is_read_correctly_by_stock_and_its_quality_is_m
         call(comfy, "FP8CLIPLoad", clip_name="fp8test/clip_l_stock.safetensors", type="auto", runtime="auto")
 
 
+def test_stock_compatible_export_says_when_its_evaluation_prompts_hold_none(comfy, clip, te_dir, scratch):
+    """Only # lines in evaluation_prompts: the built-in prompts are used, and the text says so, as the quantize
+    node's report does (it said nothing; found by review)."""
+    scratch(te_dir / "fp8test" / "clip_l_stock_note.safetensors")
+    (info,) = call(comfy, "FP8CLIPSave", clip=clip, filename="fp8test/clip_l_stock_note",
+                   format="stock-compatible (weights-only FP8)", overwrite=True, evaluation_prompts="# to do\n")
+    assert "Note: evaluation_prompts holds no prompt, only # lines: the 24 built-in held-out prompts were used." \
+        in info
+
+
 def test_stock_compatible_export_needs_the_original_clip(comfy, qclip):
     with pytest.raises(ValueError, match="casts the original weights: connect the CLIP from your loader"):
         call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/x", format="stock-compatible (weights-only FP8)",
