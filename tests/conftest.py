@@ -154,3 +154,21 @@ def cancel_after_the_first_check(mm, monkeypatch) -> None:
             mm.interrupt_current_processing(True)
         real()
     monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", check)
+
+
+def fp8_conversions_when_cancelled(pack, monkeypatch, run) -> int:
+    """Calls `run()` with the cancel button pressed after the node's first interrupt check; it must stop with
+    ComfyUI's interrupt. Returns how many FP8 conversions it started before it stopped."""
+    import comfy.model_management as mm
+
+    runtime, conversions = pack_module(pack, "quant.runtime"), []
+    with monkeypatch.context() as m:
+        real = runtime.to_fp8_runtime
+        m.setattr(runtime, "to_fp8_runtime", lambda *a, **k: (conversions.append(1), real(*a, **k))[1])
+        cancel_after_the_first_check(mm, m)
+        try:
+            with pytest.raises(mm.InterruptProcessingException):
+                run()
+        finally:
+            mm.interrupt_current_processing(False)
+    return len(conversions)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import call, cancel_after_the_first_check, encode, pack_module
+from conftest import call, encode, fp8_conversions_when_cancelled
 from test_quantize_clip import PROMPT, quantize
 
 
@@ -169,22 +169,11 @@ def test_cancel_while_a_remembered_calibration_is_rebuilt_stops_the_node(comfy, 
     """Changing only the runtime reuses the calibration, and that path takes seconds (SDXL, ViT-H: model copy,
     quantizers, FP8 conversion) that the cancel button must cut short, before the FP8 conversion; the memo
     survives it."""
-    import comfy.model_management as mm
-
     prompts = "a red bicycle\na bowl of soup"
     quantize(comfy, clip, calibration_prompts=prompts, runtime="fake-quant")
     patches_before = (dict(clip.patcher.object_patches), dict(clip.patcher.patches))
-    runtime, conversions = pack_module(pack, "quant.runtime"), []
-    with monkeypatch.context() as m:
-        real = runtime.to_fp8_runtime
-        m.setattr(runtime, "to_fp8_runtime", lambda *a, **k: (conversions.append(1), real(*a, **k))[1])
-        cancel_after_the_first_check(mm, m)
-        try:
-            with pytest.raises(mm.InterruptProcessingException):
-                quantize(comfy, clip, calibration_prompts=prompts, runtime="auto")
-        finally:
-            mm.interrupt_current_processing(False)
-    assert conversions == []
+    run = lambda: quantize(comfy, clip, calibration_prompts=prompts, runtime="auto")  # noqa: E731
+    assert fp8_conversions_when_cancelled(pack, monkeypatch, run) == 0
     assert (dict(clip.patcher.object_patches), dict(clip.patcher.patches)) == patches_before
     again = quantize(comfy, clip, calibration_prompts=prompts, runtime="fake-quant")["result"][1]
     assert "Calibration and report reused from the run at" in again

@@ -23,7 +23,9 @@ CAL = "\n".join(["a photo of a cat", "a castle at sunset, oil painting", "(maste
                  "a bowl of ramen, food photography", "macro photograph of a dew drop",
                  "portrait of an old fisherman, 85mm"])
 PROMPT = "a watercolor painting of a lighthouse on a cliff at sunrise"
-EVAL = "a photo of a dog on the beach\n(masterpiece:1.3), a phoenix\nlowres, bad hands, text"  # CPU time: 3
+EVAL = "a photo of a dog on the beach\n(masterpiece:1.3), a phoenix"  # CPU time: each prompt costs seconds
+# The SD3 test checks the bundle's wiring (the SDXL fixture checks the quality): the least calibration that works.
+CAL_FEW, EVAL_ONE = "\n".join(CAL.splitlines()[:3]), EVAL.splitlines()[0]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def test_sdxl_both_towers_quantized_with_shapes_and_report(comfy, sdxl):
     print("\n" + report)
     assert report.startswith("FP8 E4M3 CLIP quality report: SDXL (CLIP-L + CLIP-G)")
     assert "clip_l: 72 Linear layers in FP8" in report and "clip_g: 192 Linear layers in FP8" in report
-    assert "on 3 held-out prompts" in report
+    assert "on 2 held-out prompts" in report
     assert re.search(r"clip_l alone: hidden 0\.99\d+", report) and re.search(r"clip_g alone: hidden 0\.99\d+", report)
     rc, rp = encode(comfy, clip, PROMPT)
     gc, gp = encode(comfy, q, PROMPT)
@@ -62,10 +64,11 @@ def test_sdxl_saved_and_loaded_again_encodes_bit_identically(comfy, sdxl):
                        overwrite=False)
         assert sorted(p.name for p in folder.iterdir()) == ["pair_clip_g.safetensors", "pair_clip_l.safetensors"]
         names = dict(clip_name="fp8sdxl/pair_clip_l.safetensors", clip_name2="fp8sdxl/pair_clip_g.safetensors")
-        for ctype in ("auto", "sdxl"):
+        want = {p: encode(comfy, q, p) for p in (PROMPT, "a (red:1.4) fox in the snow")}  # 1 row; 2 rows
+        for ctype, prompts in (("auto", list(want)), ("sdxl", [PROMPT])):  # a full SDXL encode: 3 s on CI
             loaded, _ = call(comfy, "FP8CLIPLoad", type=ctype, runtime="auto", **names)
-            for prompt in (PROMPT, "a (red:1.4) fox in the snow"):
-                (a, ap), (b, bp) = encode(comfy, q, prompt), encode(comfy, loaded, prompt)
+            for prompt in prompts:
+                (a, ap), (b, bp) = want[prompt], encode(comfy, loaded, prompt)
                 assert torch.equal(a, b) and torch.equal(ap, bp), (ctype, prompt)
             del loaded  # an SDXL CLIP is GBs: one at a time
             gc.collect()
@@ -157,7 +160,7 @@ def test_quantized_towers_stay_on_the_gpu_while_comfyui_keeps_their_model_loaded
 def test_sd3_clip_pair_from_dualcliploader(comfy):
     clip = call(comfy, "DualCLIPLoader", clip_name1=comfy.files["clip_l"], clip_name2=comfy.files["clip_g"],
                 type="sd3")[0]
-    out = quantize(comfy, clip, calibration_prompts=CAL, evaluation_prompts=EVAL)
+    out = quantize(comfy, clip, calibration_prompts=CAL_FEW, evaluation_prompts=EVAL_ONE)
     q, report = out["result"]
     # no T5 was loaded, and the report says what the bundle holds
     assert report.startswith("FP8 E4M3 CLIP quality report: SD3 (CLIP-L + CLIP-G), ")
