@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--interrupt-after", type=float, default=0.5,
                     help="seconds after the edited graph starts running before /interrupt")
     ap.add_argument("--fixtures", type=Path, default=Path("/tmp/fp8clip-http-fixtures"))
+    ap.add_argument("--profile-prompts", action="store_true",
+                    help="cProfile each prompt in the server: OUT/profiles/prompt-NN.{prof,txt}, numbered in order")
     args = ap.parse_args()
     import os
 
@@ -184,6 +186,10 @@ def main() -> None:
     results = {"device": device, "comfy_args": args.comfy_args, "workflows": {}}
     log_path = args.out / "server.log"
     extra = ("--disable-api-nodes", *shlex.split(args.comfy_args))
+    if args.profile_prompts:  # read by bench/server_profiler/sitecustomize.py in the server's process
+        os.environ["FP8CLIP_PROFILE_DIR"] = str((args.out / "profiles").resolve())
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "bench" / "server_profiler"),
+                                                                  os.environ.get("PYTHONPATH")]))
     t0 = time.perf_counter()
     with HeadlessServer(base, extra, log_path=log_path, cpu=not cuda) as server:
         results["server_ready_s"] = round(time.perf_counter() - t0, 1)
