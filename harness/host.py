@@ -146,7 +146,9 @@ class HeadlessServer:
                "--disable-auto-launch", "--base-directory", str(self.base), "--disable-all-custom-nodes",
                "--whitelist-custom-nodes", PACK_NAME, *([] if frontend else ["--front-end-root", str(front)]),
                *extra_args]
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if cpu:  # tests: two processes share CI's 2 cores. A GPU run is a user's server: torch's own thread count.
+            env.setdefault("OMP_NUM_THREADS", "1")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=hd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 

@@ -21,7 +21,7 @@ from .fidelity import LayerErrorProbe, QualityReport, TowerSummary, encode_all, 
 from .fp8_ops import require_fp8_storage
 from .patching import checkpoint_dtype, clone_with, fake_quant_embedding, patched_copy, to_float32, weight_bytes
 from .prompts import HELD_OUT_PROMPTS
-from .proxy import HOOKS_FIX, hooked_weights
+from .proxy import HOOKS_FIX, hooked_weights, load_towers
 from .recipe import Recipe, fingerprint
 from .towers import text_family
 
@@ -213,6 +213,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     config = recipe.modelopt_config(kept)
 
     if earlier:
+        load_towers(qclip.patcher, [t.path for t in towers])
         modelopt_bridge.quantize_calibrated(container, config, earlier.amax)
         check_interrupt()
         scales = modelopt_bridge.quantized_layers(container)

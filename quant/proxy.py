@@ -166,6 +166,16 @@ class TowerProxy(torch.nn.Module):
             return getattr(impl, name)
 
 
+def load_towers(patcher: Any, paths: Any) -> None:
+    """Put the towers patched in at `paths` on their load device (making room first), as their first encode
+    would. A remembered calibration is rebuilt with no encode: its quantizers, weight folding and FP8 conversion
+    ran on the offload device, the CPU (ViT-H: 12 s through ComfyUI's server, bench/results/http_server_gpu.md)."""
+    for path in paths:
+        proxy = patcher.object_patches.get(path)
+        if isinstance(proxy, TowerProxy):
+            proxy._to_load_device()
+
+
 def _final(impl: torch.nn.Module) -> bool:
     """Whether the tower is done changing: calibrated (its record attached) or an FP8 runtime tower."""
     from .artifact import ATTR

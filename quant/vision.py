@@ -20,6 +20,7 @@ from .fidelity import LayerErrorProbe, keep_advice, unmatched_warning
 from .fp8_ops import require_fp8_storage
 from .images import calibration_images, check_images, held_out_images, synthetic_images
 from .patching import checkpoint_dtype, clone_with, patched_copy, to_float32, weight_bytes
+from .proxy import load_towers
 from .recipe import Recipe, fingerprint
 
 PATH = "vision_model"
@@ -209,6 +210,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
             step()
 
     if earlier:
+        load_towers(qcv.patcher, [PATH])
         modelopt_bridge.quantize_calibrated(container, config, earlier.amax)
         check_interrupt()
         scales = modelopt_bridge.quantized_layers(container)

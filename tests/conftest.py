@@ -172,3 +172,13 @@ def fp8_conversions_when_cancelled(pack, monkeypatch, run) -> int:
         finally:
             mm.interrupt_current_processing(False)
     return len(conversions)
+
+
+def record_tower_loads_and_folds(pack, monkeypatch) -> list[str]:
+    """A list that gets "load" when a quantized tower is put on its load device (the GPU; a no-op on this CPU)
+    and "fold" when ModelOpt folds Q->DQ weights: folding on the offload device is CPU work of seconds."""
+    proxy, bridge, events = pack_module(pack, "quant.proxy"), pack_module(pack, "quant.modelopt_bridge"), []
+    load, fold = proxy.TowerProxy._to_load_device, bridge.fold_weights
+    monkeypatch.setattr(proxy.TowerProxy, "_to_load_device", lambda self: (events.append("load"), load(self))[1])
+    monkeypatch.setattr(bridge, "fold_weights", lambda *a, **k: (events.append("fold"), fold(*a, **k))[1])
+    return events

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from conftest import call, fp8_conversions_when_cancelled, node, pack_module
+from conftest import call, fp8_conversions_when_cancelled, node, pack_module, record_tower_loads_and_folds
 
 PARAMS = dict(keep_high_precision="*patch_embedding*", method="max", quantize="weights+activations",
               min_cosine=0.99, runtime="auto")
@@ -105,9 +105,11 @@ def test_changing_only_the_runtime_or_threshold_does_not_calibrate_again(comfy, 
     cal, test, img = images(4, seed=8), images(4, seed=9), images(2, seed=12)
     first = quantize_vision(comfy, vit_h4, images=cal, evaluation_images=test, runtime="fake-quant")["result"]
     want = vision_encode(comfy, first[0], img)["penultimate_hidden_states"]
+    events = record_tower_loads_and_folds(pack, monkeypatch)
     again = quantize_vision(comfy, vit_h4, images=cal, evaluation_images=test, runtime="fake-quant",
                             min_cosine=0.5)["result"]
     assert len(calls) == 1 and "Calibration and report reused from the run at" in again[1]
+    assert events[:2] == ["load", "fold"]  # rebuilt on the GPU (ViT-H on the CPU: seconds)
     assert torch.equal(vision_encode(comfy, again[0], img)["penultimate_hidden_states"], want)
     assert again[1].split("\nCalibration: ")[1] .startswith(first[1].split("\nCalibration: ")[1].split("\n")[0])
     quantize_vision(comfy, vit_h4, images=images(4, seed=10), evaluation_images=test, runtime="fake-quant")

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import call, cosine, encode, pack_module
+from conftest import call, cosine, encode, pack_module, record_tower_loads_and_folds
 from harness.host import PACK_DIR
 
 PROMPT = "a photo of an astronaut riding a horse, detailed, 4k"
@@ -190,8 +190,10 @@ def test_changing_only_the_runtime_or_threshold_does_not_calibrate_again(comfy, 
     want = encode(comfy, first[0], PROMPT)[0]
 
     calls.clear()
+    events = record_tower_loads_and_folds(pack, monkeypatch)
     strict = quantize(comfy, clip, runtime="fake-quant", min_cosine=0.9999, **kw)["result"]
     assert calls == []
+    assert events[:2] == ["load", "fold"]  # rebuilt where it runs (the GPU), not on the CPU before it moves there
     assert "Calibration and report reused from the run at" in strict[1]
     assert "WARNING: Quality below your threshold 0.9999" in strict[1] and "WARNING" not in first[1]
     assert torch.equal(encode(comfy, strict[0], PROMPT)[0], want)
