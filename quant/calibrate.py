@@ -195,6 +195,9 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     check_interrupt()  # between the steps of seconds each (SDXL): the cancel button answers within one
     source_bytes = {n: weight_bytes(m) for n, m in copies.items()}
     dtypes = {n: checkpoint_dtype(m) for n, m in copies.items()}  # before the fp32 cast
+    qclip = clone_with(clip, {t.path: copies[t.name] for t in towers})
+    if earlier:  # no calibration encode will take the copies to the GPU: the work below runs there all the same
+        load_towers(qclip.patcher, [t.path for t in towers], grow=2)
     container = torch.nn.ModuleDict(copies)
     names = modelopt_bridge.linear_layer_names(container)
     to_quantize, kept, unmatched = recipe.split(names)
@@ -209,11 +212,9 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
         if recipe.fp8_embedding:
             fake_quant_embedding(m)
     check_interrupt()
-    qclip = clone_with(clip, {t.path: copies[t.name] for t in towers})
     config = recipe.modelopt_config(kept)
 
     if earlier:
-        load_towers(qclip.patcher, [t.path for t in towers])
         modelopt_bridge.quantize_calibrated(container, config, earlier.amax)
         check_interrupt()
         scales = modelopt_bridge.quantized_layers(container)

@@ -20,6 +20,7 @@ from .fp8_encoder import FP8Runner
 from .fp8_text_model import FP8TextModel
 from .fp8_vision_model import FP8VisionModel
 from .patching import clone_with, weight_bytes
+from .proxy import drop_towers
 from .vram import make_room
 
 RUNTIMES = ("auto", "fp8", "fp8-compiled", "fake-quant", "tensorrt")
@@ -127,22 +128,27 @@ def to_fp8_runtime(qclip: Any, requested: str = "auto", compile_ok: bool | None 
     return out, p
 
 
-def verify(reference_clip: Any, runtime_clip: Any, prompts: list[str]) -> float:
+def verify(reference_clip: Any, runtime_clip: Any, prompts: list[str], drop_reference: bool = False) -> float:
     """Worst conditioning cosine of `runtime_clip` against `reference_clip` (the Q->DQ model) on `prompts`.
-    One model after the other, not alternating: each switch moves their towers (SDXL's fp32 copy: 3.3 GB)."""
+    One model after the other, not alternating: each switch moves their towers (SDXL's fp32 copy: 3.3 GB).
+    `drop_reference`: the reference's towers are let go once its outputs are taken (it is not used again)."""
     from .calibrate import encode
     from .fidelity import score
 
     want = [encode(reference_clip, p) for p in prompts]
+    if drop_reference:
+        drop_towers(reference_clip.patcher, artifact.quantized_towers(reference_clip))
     return min(score(p, w, encode(runtime_clip, p)).cond_cosine for p, w in zip(prompts, want))
 
 
-def verify_vision(reference: Any, runtime_cv: Any, images: torch.Tensor) -> float:
+def verify_vision(reference: Any, runtime_cv: Any, images: torch.Tensor, drop_reference: bool = False) -> float:
     """Worst image_embeds cosine of `runtime_cv` against `reference` (the Q->DQ model) on `images`."""
     from .vision import embed
 
-    return float(torch.nn.functional.cosine_similarity(embed(reference, images)[0], embed(runtime_cv, images)[0],
-                                                       dim=-1).min())
+    want = embed(reference, images)[0]
+    if drop_reference:
+        drop_towers(reference.patcher, artifact.quantized_towers(reference))
+    return float(torch.nn.functional.cosine_similarity(want, embed(runtime_cv, images)[0], dim=-1).min())
 
 
 def describe(model: Any, p: Plan, fidelity: float | None, checked: int, what: str = "conditioning",

@@ -185,6 +185,9 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     check_interrupt()  # between the steps of seconds each (ViT-H): the cancel button answers within one
     source_bytes = weight_bytes(copy_)
     dtype = checkpoint_dtype(copy_)  # before the fp32 cast
+    qcv = clone_with(cv, {PATH: copy_})
+    if earlier:  # no calibration encode will take the copy to the GPU: the work below runs there all the same
+        load_towers(qcv.patcher, [PATH], grow=2)
     container = torch.nn.ModuleDict({PATH: copy_})
     linears = modelopt_bridge.linear_layer_names(container)
     convs = [n for n, m in container.named_modules() if isinstance(m, torch.nn.Conv2d)]
@@ -199,7 +202,6 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
                                     for n in to_quantize}
     to_float32(copy_)
     check_interrupt()
-    qcv = clone_with(cv, {PATH: copy_})
     config = recipe.modelopt_config([k for k in kept if k in linears])
     prefix = PATH + "."
 
@@ -210,7 +212,6 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
             step()
 
     if earlier:
-        load_towers(qcv.patcher, [PATH])
         modelopt_bridge.quantize_calibrated(container, config, earlier.amax)
         check_interrupt()
         scales = modelopt_bridge.quantized_layers(container)
