@@ -107,6 +107,19 @@ def test_the_fp8_token_table_is_the_q_dq_table_bit_for_bit_whatever_the_devices_
         assert torch.equal(rc, gc) and torch.equal(rp, gp), (p, cosine(rc, gc))
 
 
+def test_token_table_row_scales_do_not_depend_on_the_devices_division(pack, monkeypatch):
+    """A remembered calibration is rebuilt on the GPU, a first one in RAM: the token table's per-row scales must
+    not depend on how the device divides (on an H200 the rebuilt SD1.5 CLIP differed from the first by up to
+    0.18 in its conditioning, bench/probe_memo_rebuild.py)."""
+    w = torch.randn(4096, 768, generator=torch.Generator().manual_seed(5)) * 0.02
+    want = mod(pack, "fp8_ops").row_scales(w)
+    div = torch.Tensor.__truediv__
+    monkeypatch.setattr(torch.Tensor, "__truediv__",  # what CUDA computes for tensor / python scalar
+                        lambda a, b: a * (1.0 / b) if isinstance(b, (int, float)) else div(a, b))
+    assert (w.abs().amax(dim=1, keepdim=True) / 448.0 != want).any()  # the emulation does change a scalar division
+    assert torch.equal(mod(pack, "fp8_ops").row_scales(w), want)
+
+
 def test_a_clip_loaded_in_fp32_keeps_its_high_precision_parts_in_fp32(comfy, pack, scratch):
     """--fp32-text-enc (or a loader's dtype): the kept layers (text_projection by default) and a token table not
     in FP8 stay in fp32, the values the Q->DQ model computed with. Kept layers were rounded to fp16 (the
