@@ -322,6 +322,9 @@ def unpack_tensors(name: str, tensors: dict[str, torch.Tensor], meta: Mapping[st
                      rowwise=rowwise, header=dict(meta))
 
 
+JSON_FIELDS = {H_BUNDLE: dict, H_KEPT: list, H_REPORT: dict}  # optional header fields holding JSON (or null)
+
+
 def read_tower_file(path: str | os.PathLike, towers: tuple[str, ...] = TEXT_TOWERS) -> TowerFile:
     """Read and check a file written by `pack_tensors` holding one of `towers` (safetensors only; nothing is
     unpickled)."""
@@ -338,6 +341,9 @@ def read_tower_file(path: str | os.PathLike, towers: tuple[str, ...] = TEXT_TOWE
                            "download or save it again.") from None
     try:
         tf = unpack_tensors(path.name, tensors, meta)
+        for key, kind in JSON_FIELDS.items():  # read later (Load node, bundle check): checked here, with the file
+            if not isinstance(tf.meta(key), (kind, type(None))):
+                raise TypeError(f"{key} is not a JSON {kind.__name__}")
     except FP8ClipError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # header JSON malformed or of the wrong shape

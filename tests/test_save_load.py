@@ -350,6 +350,9 @@ def test_edited_input_scale_inv_is_refused(comfy, saved, bad, factor):
     ({"fp8clip.recipe": "null"}, "header is damaged or was edited"),
     ({"fp8clip.layout": "{not json"}, "header is damaged or was edited"),
     ({"_quantization_metadata": "[]"}, "header is damaged or was edited"),
+    ({"fp8clip.report": "{not json"}, "header is damaged or was edited"),  # these three once gave a bare
+    ({"fp8clip.kept": "[1, "}, "header is damaged or was edited"),  # JSONDecodeError with no file name
+    ({"fp8clip.bundle": "nope"}, "header is damaged or was edited"),
     ({"fp8clip.format": "-7"}, "invalid fp8clip.format -7"),
 ])
 def test_damaged_header_entries_name_the_file_and_the_fix(comfy, saved, bad, edit, expected):
