@@ -49,7 +49,38 @@ def time_batch(cv, batch, n: int, warm: int = 3) -> dict:
         torch.cuda.synchronize()
         ts.append((time.perf_counter() - t0) * 1e3)
     med = statistics.median(ts)
-    return {"median_ms": med, "images_per_s": batch.shape[0] / med * 1e3}
+    return {"median_ms": med, "images_per_s": batch.shape[0] / med * 1e3, "all_ms": [round(t, 2) for t in ts],
+            **gpu_state()}
+
+
+def gpu_state() -> dict:
+    """The GPU's SM clock and power draw right after a timing (NVML): a slow batch next to a low clock is the
+    machine, not the code. NVML's utilization is a trailing sample that includes this process's own work."""
+    import torch
+
+    try:
+        busy = []
+        for _ in range(5):
+            busy.append(torch.cuda.utilization())
+            time.sleep(0.1)
+        return {"sm_clock_mhz": torch.cuda.clock_rate(), "power_w": torch.cuda.power_draw() / 1e3,
+                "busy_while_idle_pct": max(busy)}
+    except Exception as e:  # NVML missing: timings stand alone
+        return {"gpu_state_error": f"{type(e).__name__}: {e}"}
+
+
+def kernel_profile(cv, batch, calls: int = 3) -> str:
+    """GPU kernels of `calls` encodes (CUDA-graph replays included), by total GPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cv.encode_image(batch, crop=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            cv.encode_image(batch, crop=True)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
 
 
 def memory(cv, batch) -> dict:
@@ -95,6 +126,9 @@ def run_variant(args) -> dict:
             b = int(args.variant[len("stock-b"):])
             out["batch"] = b
             out["timing"] = time_batch(cv, imgs[:b], n)
+            if args.profile_batch == b:
+                (Path(args.out) / f"profile-stock-b{b}.txt").write_text(
+                    f"stock ComfyUI, batch {b}\n{kernel_profile(cv, imgs[:b])}")
             out["memory"] = memory(cv, imgs[:b])
             return out
         pack = load_pack()
@@ -138,6 +172,13 @@ def run_variant(args) -> dict:
                 res["cos_vs_fakequant_min"] = float(cos(fq_e, got, dim=-1).min())
                 res["cos_vs_original_min"] = float(cos(ref_e, got, dim=-1).min())
                 res["timing"] = {str(b): time_batch(fp8, imgs[:b], n) for b in BATCHES}
+                if args.profile_batch:
+                    slug = "".join(c if c.isalnum() else "-" for c in name)[:60]
+                    try:
+                        listing = kernel_profile(fp8, imgs[:args.profile_batch])
+                    except Exception as e:  # the profiler failing must not lose the timings
+                        listing = f"profiler failed: {type(e).__name__}: {e}"
+                    (Path(args.out) / f"profile-{slug}.txt").write_text(f"{name}, batch {args.profile_batch}\n{listing}")
                 res["memory"] = memory(fp8, imgs[:64])
             except Exception as e:  # one variant failing must not lose the others
                 import traceback
@@ -156,11 +197,12 @@ def table(results: list[dict]) -> str:
              "| variant | " + " | ".join(f"batch {b}" for b in BATCHES) + " | weights on GPU MB | allocated after a "
              "batch-1 call MB | peak MB (b64) | growth over 20 calls MB |", "|---|" + "---|" * (len(BATCHES) + 4)]
     if stock:
-        cells = [f"{stock[b]['timing']['median_ms']:.1f} ({stock[b]['timing']['images_per_s']:.0f}/s)" for b in BATCHES]
+        cells = [f"{stock[b]['timing']['median_ms']:.1f} ({stock[b]['timing']['images_per_s']:.0f}/s)" if b in stock
+                 else "not run" for b in BATCHES]
         m = stock[max(BATCHES)]["memory"]
         lines.append("| stock ComfyUI (fp16 weights, fp32 compute; fresh process per batch) | " + " | ".join(cells) +
                      f" | {m['weights_on_gpu_mb']:.0f} | {m['resident_mb']:.0f} | {m['peak_mb']:.0f} | "
-                     + ", ".join(f"b{b}: {stock[b]['memory']['growth_over_20_calls_mb']:.0f}" for b in BATCHES) + " |")
+                     + ", ".join(f"b{b}: {stock[b]['memory']['growth_over_20_calls_mb']:.0f}" for b in stock) + " |")
     for r in results:
         for name, res in r.get("runtimes", {}).items():
             if "error" in res:
@@ -182,6 +224,15 @@ def table(results: list[dict]) -> str:
                 lines.append(f"\n{name}: image_embeds cosine vs the calibrated Q->DQ model {res['cos_vs_fakequant_min']:.5f}"
                              f" (worst of 16), vs the original {res['cos_vs_original_min']:.5f}; first call "
                              f"{res['first_call_s']:.1f} s")
+        spreads = [(name, res["timing"]) for name, res in r.get("runtimes", {}).items() if "error" not in res]
+        if r["variant"].startswith("stock-b"):
+            spreads = [(f"stock batch {r['batch']}", {str(r["batch"]): r["timing"]})]
+        for name, timing in spreads:
+            for b, t in timing.items():
+                if "all_ms" in t:
+                    lines.append(f"\n{name}, batch {b}: per call min / median / max {min(t['all_ms']):.1f} / "
+                                 f"{t['median_ms']:.1f} / {max(t['all_ms']):.1f} ms; after it SM clock "
+                                 f"{t.get('sm_clock_mhz', '?')} MHz, {t.get('power_w', float('nan')):.0f} W")
         if "report" in r:
             lines.append(f"\nCalibration (32 built-in images, on the GPU): {r['calibration_s']:.1f} s\n\n```\n{r['report']}\n```")
     return "\n".join(lines)
@@ -195,6 +246,8 @@ def main() -> int:
     ap.add_argument("--variant")
     ap.add_argument("--variants", default=",".join([f"stock-b{b}" for b in BATCHES] + ["pack"]))
     ap.add_argument("--quick", action="store_true", help="the pack's default runtime only")
+    ap.add_argument("--profile-batch", type=int, default=0,
+                    help="also write each FP8 variant's GPU kernels at this batch size to OUT/profile-*.txt")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +255,8 @@ def main() -> int:
         (out / f"{args.variant}.json").write_text(json.dumps(run_variant(args), indent=1))
         return 0
     fixture(Path(args.fixture))
-    write_results(out, table(run_variants(__file__, args, ["--quick"] if args.quick else [])))
+    extra = (["--quick"] if args.quick else []) + (["--profile-batch", str(args.profile_batch)] if args.profile_batch else [])
+    write_results(out, table(run_variants(__file__, args, extra)))
     return 0
 
 
