@@ -89,12 +89,15 @@ class _ServerStub:
         pass
 
 
-def new_executor(host: SimpleNamespace):
-    """ComfyUI's PromptExecutor with its classic cache: reused across prompts, unchanged nodes are not re-run."""
+def new_executor(host: SimpleNamespace, lru: int = 0):
+    """ComfyUI's PromptExecutor, reused across prompts: unchanged nodes are not re-run. Its classic cache keeps
+    the last prompt's outputs; with `lru`, the outputs of the last `lru` node runs of any prompt (as --cache-lru
+    and v0.29's default RAM-pressure cache keep other workflows' outputs)."""
     execution = host.execution
-    cache_type = execution.CacheType.CLASSIC if hasattr(execution, "CacheType") else False
+    kind = "LRU" if lru else "CLASSIC"
+    cache_type = getattr(execution.CacheType, kind) if hasattr(execution, "CacheType") else False
     return execution.PromptExecutor(_ServerStub(), cache_type=cache_type,
-                                    cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+                                    cache_args={"lru": lru, "ram": 0, "ram_inactive": 0})
 
 
 def run_graph(host: SimpleNamespace, prompt: dict, executor=None) -> dict:

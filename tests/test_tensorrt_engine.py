@@ -322,6 +322,43 @@ def test_comfyui_runs_the_node_again_when_its_engine_file_changes(comfy, pack, e
     assert len(runs) == 8
 
 
+def test_two_workflows_with_one_node_id_each_run_again_when_their_own_engine_changes(comfy, pack, engine_node,
+                                                                                      monkeypatch):
+    """Node ids repeat across workflows, and ComfyUI's cache (v0.29's default, or --cache-lru) keeps each
+    workflow's output. The node watched only the engine files of the last workflow run under its id: after
+    another workflow ran, workflow A's engine could be deleted or damaged and A, queued again, reused its
+    output (whose first encode then failed, and queuing again did not help)."""
+    import copy
+    import shutil
+
+    from harness.host import new_executor, run_graph
+
+    node = pack_module(pack, "nodes.tensorrt_engine")
+    runs = []
+    real = node.run_on_engine
+    monkeypatch.setattr(node, "run_on_engine", lambda *a, **k: runs.append(a[2]) or real(*a, **k))
+    shutil.rmtree(comfy.base / "models" / "tensorrt", ignore_errors=True)
+    a, b = engine_graph(comfy, max_batch_rows=2), engine_graph(comfy, max_batch_rows=1)
+    for prompt in (a, b):
+        prompt["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}
+    ex = new_executor(comfy, lru=20)
+
+    def queue(prompt):
+        run_graph(comfy, copy.deepcopy(prompt), ex)
+
+    queue(a)
+    (engine_a,) = engine_files(comfy)
+    queue(b)
+    queue(a)
+    assert runs == [2, 1] and len(engine_node) == 2  # A's output came from ComfyUI's cache
+    engine_a.unlink()
+    engine_a.with_suffix(".json").unlink()
+    queue(a)
+    assert runs == [2, 1, 2] and len(engine_node) == 3 and engine_a.exists()  # A ran again and rebuilt it
+    queue(a)
+    assert runs == [2, 1, 2]
+
+
 @pytest.fixture
 def engine_clip(comfy, fp8_clip, engine_node):
     return call(comfy, "FP8CLIPTensorRTEngine", clip=fp8_clip[1], max_batch_rows=8)[0]
