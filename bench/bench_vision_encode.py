@@ -114,10 +114,11 @@ def memory(cv, batch) -> dict:
 def run_variant(args) -> dict:
     import torch
 
-    boot(Path(args.comfy), [])
+    boot(Path(args.comfy), ["--gpu-only"] if args.gpu_only else [])
     import comfy.clip_vision
 
-    out = {"variant": args.variant, "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    out = {"variant": args.variant, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "gpu_only": args.gpu_only}
     cv = comfy.clip_vision.load(str(fixture(Path(args.fixture))))
     imgs = images(max(BATCHES))
     n = 20
@@ -193,7 +194,9 @@ def run_variant(args) -> dict:
 def table(results: list[dict]) -> str:
     stock = {r["batch"]: r for r in results if r["variant"].startswith("stock-b")}
     dev = next(iter(stock.values()))["device"] if stock else results[0]["device"]
-    lines = [f"Device: {dev}. Median ms per encode_image call (images/s; ratio = this / stock throughput).", "",
+    spread: list[str] = []
+    gpu_only = " ComfyUI started with --gpu-only (outputs stay on the GPU)." if results and results[0].get("gpu_only") else ""
+    lines = [f"Device: {dev}.{gpu_only} Median ms per encode_image call (images/s; ratio = this / stock throughput).", "",
              "| variant | " + " | ".join(f"batch {b}" for b in BATCHES) + " | weights on GPU MB | allocated after a "
              "batch-1 call MB | peak MB (b64) | growth over 20 calls MB |", "|---|" + "---|" * (len(BATCHES) + 4)]
     if stock:
@@ -226,15 +229,17 @@ def table(results: list[dict]) -> str:
                              f"{res['first_call_s']:.1f} s")
         spreads = [(name, res["timing"]) for name, res in r.get("runtimes", {}).items() if "error" not in res]
         if r["variant"].startswith("stock-b"):
-            spreads = [(f"stock batch {r['batch']}", {str(r["batch"]): r["timing"]})]
+            spreads = [("stock", {str(r["batch"]): r["timing"]})]
         for name, timing in spreads:
             for b, t in timing.items():
                 if "all_ms" in t:
-                    lines.append(f"\n{name}, batch {b}: per call min / median / max {min(t['all_ms']):.1f} / "
-                                 f"{t['median_ms']:.1f} / {max(t['all_ms']):.1f} ms; after it SM clock "
-                                 f"{t.get('sm_clock_mhz', '?')} MHz, {t.get('power_w', float('nan')):.0f} W")
+                    spread.append(f"- {name}, batch {b}: per call min / median / max {min(t['all_ms']):.1f} / "
+                                  f"{t['median_ms']:.1f} / {max(t['all_ms']):.1f} ms; after it SM clock "
+                                  f"{t.get('sm_clock_mhz', '?')} MHz, {t.get('power_w', float('nan')):.0f} W")
         if "report" in r:
             lines.append(f"\nCalibration (32 built-in images, on the GPU): {r['calibration_s']:.1f} s\n\n```\n{r['report']}\n```")
+    if spread:
+        lines += ["", "Spread of the timed calls and the GPU's state:", *spread]
     return "\n".join(lines)
 
 
@@ -246,6 +251,8 @@ def main() -> int:
     ap.add_argument("--variant")
     ap.add_argument("--variants", default=",".join([f"stock-b{b}" for b in BATCHES] + ["pack"]))
     ap.add_argument("--quick", action="store_true", help="the pack's default runtime only")
+    ap.add_argument("--gpu-only", action="store_true",
+                    help="start ComfyUI with --gpu-only: encode_image's outputs stay on the GPU (no copies to the CPU)")
     ap.add_argument("--profile-batch", type=int, default=0,
                     help="also write each FP8 variant's GPU kernels at this batch size to OUT/profile-*.txt")
     args = ap.parse_args()
@@ -255,7 +262,7 @@ def main() -> int:
         (out / f"{args.variant}.json").write_text(json.dumps(run_variant(args), indent=1))
         return 0
     fixture(Path(args.fixture))
-    extra = (["--quick"] if args.quick else []) + (["--profile-batch", str(args.profile_batch)] if args.profile_batch else [])
+    extra = (["--quick"] if args.quick else []) + (["--gpu-only"] if args.gpu_only else []) + (["--profile-batch", str(args.profile_batch)] if args.profile_batch else [])
     write_results(out, table(run_variants(__file__, args, extra)))
     return 0
 

@@ -9,7 +9,7 @@
 #   profile-sdxl-dynamic attention residency residency-dynamic workflows workflows-dynamic small-vram
 #   small-vram-dynamic http text-default unload unload-async unload-old unload-v03 unload-v03-old capture-failure
 #   text-sdxl-default
-#   vision-profile vision-async multi-gpu memo memo-sdxl sampler reuse reuse-dynamic reuse-async
+#   vision-profile vision-gpu-only vision-async multi-gpu memo memo-sdxl sampler reuse reuse-dynamic reuse-async
 #   multi-gpu-async (two GPUs) capture-async
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
 # Sets up the carried wheels (ModelOpt, comfy-kitchen, ...) and ComfyUI v0.29 once per machine, then runs
@@ -88,6 +88,8 @@ for step in "${@:-probe text profile vision}"; do
       multi-gpu-async*) PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 300 python3 bench/probe_multi_gpu.py \
                           --comfy /tmp/c29 --out "$out/$s" ${MULTI_GPU_ARGS:-} ;;
       multi-gpu*) timeout 300 python3 bench/probe_multi_gpu.py --comfy /tmp/c29 --out "$out/$s" ${MULTI_GPU_ARGS:-} ;;
+      vision-gpu-only*) timeout 500 python3 bench/bench_vision_encode.py --comfy /tmp/c29 --out "$out/$s" --gpu-only \
+        --quick --profile-batch 64 ;;
       vision-profile*) timeout 500 python3 bench/bench_vision_encode.py --comfy /tmp/c29 --out "$out/$s" \
         --variants "${VISION_VARIANTS:-stock-b64,pack}" --profile-batch 64 ;;
       vision*) timeout 500 python3 bench/bench_vision_encode.py --comfy /tmp/c29 --out "$out/$s" ;;
