@@ -171,23 +171,24 @@ def load_towers(patcher: Any, paths: Any, grow: int = 1) -> None:
     for `grow` times their size (2: cast to fp32 there). A remembered calibration is rebuilt with no encode: its
     weight checks, fp32 cast, quantizers, weight folding and FP8 conversion ran on the offload device, the CPU
     (ViT-H: 12 s through ComfyUI's server with one CPU thread, bench/results/http_server_gpu.md)."""
-    for path in paths:
-        proxy = patcher.object_patches.get(path)
-        if isinstance(proxy, TowerProxy):
-            if grow > 1 and proxy.load_device != proxy.offload_device:
-                make_room(grow * tensor_bytes(proxy.impl), proxy.load_device, holders(proxy))
-            proxy._to_load_device()
+    for proxy in patched_proxies(patcher, paths):
+        if grow > 1 and proxy.load_device != proxy.offload_device:
+            make_room(grow * tensor_bytes(proxy.impl), proxy.load_device, holders(proxy))
+        proxy._to_load_device()
 
 
 def drop_towers(patcher: Any, paths: Any) -> None:
     """Let go of the private towers patched in at `paths` that will not run again: a calibration copy once its
     FP8 model is built and its reference outputs taken. Left resident, the FP8 tower's first run sent it back to
     the CPU (ViT-H in fp32: 1.8 s on an H200) just before it was freed. The clone keeps no quantized tower."""
-    for path in paths:
-        proxy = patcher.object_patches.get(path)
-        if isinstance(proxy, TowerProxy):
-            _RESIDENT.discard(proxy)
-            object.__setattr__(proxy, "impl", torch.nn.Module())  # no parameters: nothing to place or run
+    for proxy in patched_proxies(patcher, paths):
+        _RESIDENT.discard(proxy)
+        object.__setattr__(proxy, "impl", torch.nn.Module())  # no parameters: nothing to place or run
+
+
+def patched_proxies(patcher: Any, paths: Any) -> list[TowerProxy]:
+    """The tower proxies a clone's patcher swaps in at `paths` (skipping paths it does not patch)."""
+    return [p for p in (patcher.object_patches.get(path) for path in paths) if isinstance(p, TowerProxy)]
 
 
 def _final(impl: torch.nn.Module) -> bool:
