@@ -34,7 +34,7 @@ def test_empty_calibration_text(comfy, clip, text):
 
 
 def test_pattern_that_matches_nothing_is_reported(comfy, clip):
-    text = quantize(comfy, clip, calibration_prompts="a cat",
+    text = quantize(comfy, clip, calibration_prompts="a cat", evaluation_prompts="a dog",
                     keep_high_precision="*text_projection, *mlp.fc3")["result"][1]
     assert "WARNING: Keep pattern '*mlp.fc3' matches no layer" in text
 
@@ -133,7 +133,7 @@ def test_comparing_empty_conditionings_names_the_fix(comfy):
 
 
 def test_quantizing_twice_is_refused(comfy, clip):
-    q = quantize(comfy, clip, calibration_prompts="a cat")["result"][0]
+    q = quantize(comfy, clip, calibration_prompts="a cat", evaluation_prompts="a dog")["result"][0]
     with pytest.raises(ValueError, match="already quantized"):
         quantize(comfy, q, calibration_prompts="a cat")
 

@@ -164,12 +164,13 @@ def test_calibrating_prompts_together_gives_the_scales_of_one_by_one(comfy, clip
 def test_quantizing_again_while_a_quantized_clone_is_loaded(comfy, clip, pack):
     """Changing a widget and running again must start from the original weights, not the last FP8 copy, whether
     the calibration is remembered or run again."""
-    q1 = quantize(comfy, clip, calibration_prompts="a cat\na house")["result"][0]
+    kw = dict(calibration_prompts="a cat\na house", evaluation_prompts="a dog")
+    q1 = quantize(comfy, clip, **kw)["result"][0]
     first = encode(comfy, q1, PROMPT)[0]  # q1 is now patched into the shared model
-    q2 = quantize(comfy, clip, calibration_prompts="a cat\na house", min_cosine=0.5)["result"][0]
+    q2 = quantize(comfy, clip, min_cosine=0.5, **kw)["result"][0]
     assert torch.equal(encode(comfy, q2, PROMPT)[0], first)
     pack_module(pack, "quant.calibration_memo").forget_all()
-    q3 = quantize(comfy, clip, calibration_prompts="a cat\na house")["result"][0]
+    q3 = quantize(comfy, clip, **kw)["result"][0]
     assert torch.equal(encode(comfy, q3, PROMPT)[0], first)
 
 

@@ -208,13 +208,14 @@ def test_the_engine_is_made_for_the_gpu_comfyui_runs_the_encoder_on(comfy, pack,
 # --- the node end to end, with onnxruntime executing the engine's graph -------------------------------------
 
 def engine_graph(comfy, max_batch_rows: int) -> dict:
-    """API-format prompt: CLIPLoader -> FP8CLIPQuantize (one prompt) -> FP8CLIPTensorRTEngine, as nodes 1-3."""
+    """API-format prompt: CLIPLoader -> FP8CLIPQuantize (one prompt, one held out) -> FP8CLIPTensorRTEngine, as
+    nodes 1-3."""
     return {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": comfy.files["clip_l"],
                                                          "type": "stable_diffusion"}},
             "2": {"class_type": "FP8CLIPQuantize", "inputs": {
                 "clip": ["1", 0], "calibration_prompts": "a cat", "keep_high_precision": "*text_projection",
                 "method": "max", "quantize": "weights+activations", "min_cosine": 0.9, "runtime": "auto",
-                "fp8_token_embedding": True}},
+                "fp8_token_embedding": True, "evaluation_prompts": "a dog"}},
             "3": {"class_type": "FP8CLIPTensorRTEngine", "inputs": {"clip": ["2", 0], "max_batch_rows": max_batch_rows,
                                                                     "activations": "float32"}}}
 
