@@ -55,16 +55,11 @@ def time_batch(cv, batch, n: int, warm: int = 3) -> dict:
 
 def gpu_state() -> dict:
     """The GPU's SM clock and power draw right after a timing (NVML): a slow batch next to a low clock is the
-    machine, not the code. NVML's utilization is a trailing sample that includes this process's own work."""
+    machine, not the code."""
     import torch
 
     try:
-        busy = []
-        for _ in range(5):
-            busy.append(torch.cuda.utilization())
-            time.sleep(0.1)
-        return {"sm_clock_mhz": torch.cuda.clock_rate(), "power_w": torch.cuda.power_draw() / 1e3,
-                "busy_while_idle_pct": max(busy)}
+        return {"sm_clock_mhz": torch.cuda.clock_rate(), "power_w": torch.cuda.power_draw() / 1e3}
     except Exception as e:  # NVML missing: timings stand alone
         return {"gpu_state_error": f"{type(e).__name__}: {e}"}
 
@@ -262,7 +257,8 @@ def main() -> int:
         (out / f"{args.variant}.json").write_text(json.dumps(run_variant(args), indent=1))
         return 0
     fixture(Path(args.fixture))
-    extra = (["--quick"] if args.quick else []) + (["--gpu-only"] if args.gpu_only else []) + (["--profile-batch", str(args.profile_batch)] if args.profile_batch else [])
+    extra = ((["--quick"] if args.quick else []) + (["--gpu-only"] if args.gpu_only else [])
+             + (["--profile-batch", str(args.profile_batch)] if args.profile_batch else []))
     write_results(out, table(run_variants(__file__, args, extra)))
     return 0
 
