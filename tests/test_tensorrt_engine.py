@@ -207,17 +207,32 @@ def test_the_engine_is_made_for_the_gpu_comfyui_runs_the_encoder_on(comfy, pack,
 
 # --- the node end to end, with onnxruntime executing the engine's graph -------------------------------------
 
-def engine_graph(comfy, max_batch_rows: int) -> dict:
+def engine_graph(comfy, max_batch_rows: int, preview_status: bool = False) -> dict:
     """API-format prompt: CLIPLoader -> FP8CLIPQuantize (one prompt, one held out) -> FP8CLIPTensorRTEngine, as
-    nodes 1-3."""
-    return {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": comfy.files["clip_l"],
-                                                         "type": "stable_diffusion"}},
-            "2": {"class_type": "FP8CLIPQuantize", "inputs": {
-                "clip": ["1", 0], "calibration_prompts": "a cat", "keep_high_precision": "*text_projection",
-                "method": "max", "quantize": "weights+activations", "min_cosine": 0.9, "runtime": "auto",
-                "fp8_token_embedding": True, "evaluation_prompts": "a dog"}},
-            "3": {"class_type": "FP8CLIPTensorRTEngine", "inputs": {"clip": ["2", 0], "max_batch_rows": max_batch_rows,
-                                                                    "activations": "float32"}}}
+    nodes 1-3 (and PreviewAny of its status as node 4)."""
+    prompt = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": comfy.files["clip_l"],
+                                                           "type": "stable_diffusion"}},
+              "2": {"class_type": "FP8CLIPQuantize", "inputs": {
+                  "clip": ["1", 0], "calibration_prompts": "a cat", "keep_high_precision": "*text_projection",
+                  "method": "max", "quantize": "weights+activations", "min_cosine": 0.9, "runtime": "auto",
+                  "fp8_token_embedding": True, "evaluation_prompts": "a dog"}},
+              "3": {"class_type": "FP8CLIPTensorRTEngine", "inputs": {
+                  "clip": ["2", 0], "max_batch_rows": max_batch_rows, "activations": "float32"}}}
+    if preview_status:
+        prompt["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}
+    return prompt
+
+
+def engine_node_runs(comfy, pack, monkeypatch) -> list[int]:
+    """Starts with no engines on disk; records each run of the engine nodes (its max_batch_rows)."""
+    import shutil
+
+    node = pack_module(pack, "nodes.tensorrt_engine")
+    runs: list[int] = []
+    real = node.run_on_engine
+    monkeypatch.setattr(node, "run_on_engine", lambda *a, **k: runs.append(a[2]) or real(*a, **k))
+    shutil.rmtree(comfy.base / "models" / "tensorrt", ignore_errors=True)
+    return runs
 
 
 def engine_files(comfy):
@@ -252,17 +267,11 @@ def test_comfyui_runs_the_node_again_when_its_engine_file_changes(comfy, pack, e
     node ran was rebuilt only after an input change or a restart. Now the node runs again (and rebuilds) when
     the files it used change, and only then."""
     import copy
-    import shutil
 
     from harness.host import new_executor, run_graph
 
-    node = pack_module(pack, "nodes.tensorrt_engine")
-    runs = []
-    real = node.run_on_engine
-    monkeypatch.setattr(node, "run_on_engine", lambda *a, **k: runs.append(1) or real(*a, **k))
-    shutil.rmtree(comfy.base / "models" / "tensorrt", ignore_errors=True)
-    prompt = engine_graph(comfy, max_batch_rows=2)
-    prompt["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}
+    runs = engine_node_runs(comfy, pack, monkeypatch)
+    prompt = engine_graph(comfy, max_batch_rows=2, preview_status=True)
     ex = new_executor(comfy)
 
     def queue():  # as a browser queues it: a new prompt each time (ComfyUI notes IS_CHANGED in it)
@@ -330,18 +339,11 @@ def test_two_workflows_with_one_node_id_each_run_again_when_their_own_engine_cha
     another workflow ran, workflow A's engine could be deleted or damaged and A, queued again, reused its
     output (whose first encode then failed, and queuing again did not help)."""
     import copy
-    import shutil
 
     from harness.host import new_executor, run_graph
 
-    node = pack_module(pack, "nodes.tensorrt_engine")
-    runs = []
-    real = node.run_on_engine
-    monkeypatch.setattr(node, "run_on_engine", lambda *a, **k: runs.append(a[2]) or real(*a, **k))
-    shutil.rmtree(comfy.base / "models" / "tensorrt", ignore_errors=True)
-    a, b = engine_graph(comfy, max_batch_rows=2), engine_graph(comfy, max_batch_rows=1)
-    for prompt in (a, b):
-        prompt["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}
+    runs = engine_node_runs(comfy, pack, monkeypatch)
+    a, b = (engine_graph(comfy, max_batch_rows=rows, preview_status=True) for rows in (2, 1))
     ex = new_executor(comfy, lru=20)
 
     def queue(prompt):
