@@ -4,6 +4,7 @@ import logging
 
 from ..quant.prompts import DEFAULT_CALIBRATION_TEXT, parse_prompts
 from ..quant.recipe import DEFAULT_KEEP, METHODS, SCOPES, Recipe, parse_patterns
+from .lists import prompt_lines, unlist
 from .tensorrt_engine import run_on_engine
 from .ui import interrupt_check, progress_bar
 
@@ -22,7 +23,8 @@ class QuantizeCLIP:
     RETURN_NAMES = ("clip", "report")
     OUTPUT_TOOLTIPS = ("The FP8 CLIP on the chosen runtime (the report's last lines say which, and why).",
                        "Quality report: cosine vs the original on held-out prompts, kept layers, timing.")
-    FUNCTION = "quantize"
+    FUNCTION = "quantize_lists"
+    INPUT_IS_LIST = True  # a prompt list calibrates once on all its prompts (see lists.py)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -30,8 +32,8 @@ class QuantizeCLIP:
             "clip": ("CLIP", {"tooltip": "A CLIP from Load Checkpoint, Load CLIP or a LoRA loader."}),
             "calibration_prompts": ("STRING", {
                 "multiline": True, "default": DEFAULT_CALIBRATION_TEXT,
-                "tooltip": "One prompt per line (lines starting with # are skipped). Use prompts like the ones you "
-                           "generate with; "
+                "tooltip": "One prompt per line (lines starting with # are skipped), or a prompt list wired in "
+                           "(each item one prompt). Use prompts like the ones you generate with; "
                            "the default is a built-in set of 64 varied prompts."}),
             "keep_high_precision": ("STRING", {
                 "multiline": False, "default": ", ".join(DEFAULT_KEEP),
@@ -61,10 +63,13 @@ class QuantizeCLIP:
         }, "optional": {
             "evaluation_prompts": ("STRING", {
                 "multiline": True, "default": "",
-                "tooltip": "Prompts to measure the quality on, one per line, # lines skipped (not used for "
-                           "calibration). "
-                           "Empty: 24 built-in held-out prompts."}),
+                "tooltip": "Prompts to measure the quality on, one per line, # lines skipped, or a prompt list "
+                           "(not used for calibration). Empty: 24 built-in held-out prompts."}),
         }}
+
+    def quantize_lists(self, **inputs):
+        return self.quantize(**unlist(inputs, {"calibration_prompts": prompt_lines,
+                                               "evaluation_prompts": prompt_lines}))
 
     def quantize(self, clip, calibration_prompts, keep_high_precision, method, quantize, min_cosine,
                  runtime="auto", fp8_token_embedding=True, evaluation_prompts=""):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from ..quant.recipe import METHODS, SCOPES, Recipe, parse_patterns
+from .lists import unlist
 from .quantize_clip import RUNTIME_CHOICES
 from .tensorrt_engine import run_on_engine
 from .ui import interrupt_check, progress_bar
@@ -15,7 +16,8 @@ class QuantizeCLIPVision:
                    "the quality cost. The patch embedding stays in high precision. The input is not changed.")
     RETURN_TYPES = ("CLIP_VISION", "STRING")
     RETURN_NAMES = ("clip_vision", "report")
-    FUNCTION = "quantize"
+    FUNCTION = "quantize_lists"
+    INPUT_IS_LIST = True  # an image list calibrates once on all its images (see lists.py)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -33,11 +35,18 @@ class QuantizeCLIPVision:
                                      "tooltip": "Warn when the worst held-out image falls below this."}),
             "runtime": (list(RUNTIME_CHOICES), {"default": "auto"}),
         }, "optional": {
-            "images": ("IMAGE", {"tooltip": "Calibration images like the ones you will encode (any size; "
-                                             "batched). Empty: a built-in synthetic set of 32."}),
+            "images": ("IMAGE", {"tooltip": "Calibration images like the ones you will encode (any size; a "
+                                             "batch or an image list). Empty: a built-in synthetic set of 32."}),
             "evaluation_images": ("IMAGE", {"tooltip": "Images to measure the quality on (not used for "
                                                         "calibration). Empty: 20 built-in synthetic images."}),
         }}
+
+    def quantize_lists(self, **inputs):
+        from ..quant.images import one_batch
+
+        size = getattr(next(iter(inputs.get("clip_vision") or []), None), "image_size", 224)
+        return self.quantize(**unlist(inputs, {"images": lambda v: one_batch(v, size, "calibration images"),
+                                               "evaluation_images": lambda v: one_batch(v, size, "evaluation images")}))
 
     def quantize(self, clip_vision, keep_high_precision, method, quantize, min_cosine, runtime="auto", images=None,
                  evaluation_images=None):

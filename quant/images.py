@@ -8,6 +8,7 @@ reference images: they calibrate better.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -40,6 +41,32 @@ def check_images(images: torch.Tensor | None, what: str = "calibration images") 
     elif c == 4:
         images = images[..., :3]
     return images.clamp(0, 1).contiguous()
+
+
+def one_batch(batches: Sequence[torch.Tensor], size: int, what: str = "calibration images") -> torch.Tensor:
+    """The IMAGE batches of a list input (a folder loader's images) as one batch. Batches of one size are joined
+    as they are; of several sizes, each is first scaled and center-cropped to the encoder's `size` as
+    CLIPVisionEncode (crop: center) does, so that calibration sees what the encoder will."""
+    if not batches:
+        raise FP8ClipError(f"The list of {what} is empty: wire images, or leave the input empty for the "
+                           "built-in set.")
+    checked = [check_images(b, what) for b in batches]
+    if len({tuple(b.shape[1:3]) for b in checked}) > 1:
+        checked = [center_crop(b, size) for b in checked]
+    return torch.cat(checked)
+
+
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """ComfyUI's `clip_preprocess` with crop, before its normalization: the shorter side scaled to `size`
+    (bicubic, antialiased), the center cut out. Its later rounding to 8 bits then gives the same pixels."""
+    if images.shape[1] == size and images.shape[2] == size:
+        return images
+    x = images.movedim(-1, 1)
+    scale = size / min(x.shape[2], x.shape[3])
+    x = torch.nn.functional.interpolate(x, size=(round(scale * x.shape[2]), round(scale * x.shape[3])),
+                                        mode="bicubic", antialias=True)
+    h, w = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
+    return x[:, :, h:h + size, w:w + size].movedim(1, -1).clamp(0, 1).contiguous()
 
 
 def _scene(kind: str, g: torch.Generator, size: int) -> torch.Tensor:

@@ -190,3 +190,16 @@ def test_errors_reach_the_ui_through_the_executor(comfy):
               "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}}}
     with pytest.raises(RuntimeError, match="calibration prompts are empty"):
         run_graph(comfy, prompt)
+
+
+def test_a_list_of_clips_or_settings_is_refused_with_the_fix(comfy, clip):
+    """Prompt lists are merged (test_quantize_clip.py); a list anywhere else has no single meaning."""
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["FP8CLIPQuantize"]()
+    widgets = dict(calibration_prompts=["a cat"], keep_high_precision=[""], method=["max"],
+                   quantize=["weights+activations"], min_cosine=[0.99], runtime=["auto"], fp8_token_embedding=[True])
+    with pytest.raises(ValueError, match=r"'clip' received a list of 2 values, but this node takes one \(it takes "
+                                         r"lists only for calibration_prompts and evaluation_prompts\)\. Wire a "
+                                         r"single clip, or one quantize node per value"):
+        node.quantize_lists(clip=[clip, clip], **widgets)
+    with pytest.raises(ValueError, match="'method' received a list of 2 values"):
+        node.quantize_lists(clip=[clip], **{**widgets, "method": ["max", "mse"]})

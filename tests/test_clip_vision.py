@@ -196,3 +196,67 @@ def test_report_warns_on_the_hidden_states_ip_adapter_uses_and_on_shared_evaluat
     record = pack_module(pack, "quant.artifact").record_of
     fps = [record(m.patcher.get_model_object("vision_model")).fingerprint for m in (q, q2)]
     assert fps[0] != fps[1]  # same shape, other pixels
+
+
+class ImageList:
+    """Stands in for folder loaders, whose images come as a list of batches of their own sizes:
+    'WxHxN,...' (synthetic images)."""
+    CATEGORY, FUNCTION, RETURN_TYPES, OUTPUT_IS_LIST = "tests", "run", ("IMAGE",), (True,)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"sizes": ("STRING", {"default": ""}), "seed": ("INT", {"default": 0})}}
+
+    def run(self, sizes, seed):
+        import importlib
+        synthetic = importlib.import_module("quant.images").synthetic_images
+        out = []
+        for i, spec in enumerate(sizes.split(",")):
+            w, h, n = map(int, spec.split("x"))
+            out.append(synthetic(n, seed=seed + i, size=max(w, h))[0][:, :h, :w])
+        return (out,)
+
+
+def test_an_image_list_wired_in_calibrates_once_on_all_its_images(comfy, vit_h4, monkeypatch):
+    """ComfyUI runs a node once per item of a list input: a folder of images of several sizes would have
+    calibrated once per image and handed out as many models."""
+    from harness.host import run_graph
+
+    class TheModel:  # hands this test's ViT-H/14 (4 layers; no loader reads that config) to the graph
+        CATEGORY, FUNCTION, RETURN_TYPES = "tests", "run", ("CLIP_VISION",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        def run(self):
+            return (vit_h4,)
+
+    monkeypatch.setitem(comfy.nodes.NODE_CLASS_MAPPINGS, "TestCLIPVision", TheModel)
+    monkeypatch.setitem(comfy.nodes.NODE_CLASS_MAPPINGS, "TestImageList", ImageList)
+    prompt = {"1": {"class_type": "TestCLIPVision", "inputs": {}},
+              "2": {"class_type": "TestImageList", "inputs": {"sizes": "64x64x2,96x48x1,224x224x1", "seed": 8}},
+              "3": {"class_type": "TestImageList", "inputs": {"sizes": "64x64x1,80x80x1", "seed": 9}},
+              "4": {"class_type": "FP8CLIPVisionQuantize", "inputs": {
+                  **PARAMS, "runtime": "fake-quant", "clip_vision": ["1", 0], "images": ["2", 0],
+                  "evaluation_images": ["3", 0]}},
+              "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}}}
+    (report,) = run_graph(comfy, prompt)["4"]["text"]
+    assert "Calibration: 4 images" in report and "on 2 held-out images" in report
+
+
+def test_images_of_several_sizes_calibrate_on_what_the_encoder_sees(comfy, pack, vit_h4):
+    """A list's batches of several sizes are joined after the encoder's own scale and center crop: each image
+    encodes as it does alone."""
+    one_batch = pack_module(pack, "quant.images").one_batch
+    parts = ImageList().run("64x64x2,96x48x1,300x200x1", seed=3)[0]
+    joined = one_batch(parts, vit_h4.image_size)
+    assert joined.shape == (4, 224, 224, 3)
+    with torch.inference_mode():
+        alone = torch.cat([vit_h4.encode_image(p, crop=True)["image_embeds"] for p in parts])
+        together = vit_h4.encode_image(joined, crop=True)["image_embeds"]
+    assert torch.allclose(together, alone, rtol=1e-4, atol=1e-5)
+    same = [images(2, seed=1), images(1, seed=2)]  # one size: joined as they are
+    assert torch.equal(one_batch(same, 224), torch.cat(same))
+    with pytest.raises(ValueError, match="The list of calibration images is empty"):
+        one_batch([], 224)

@@ -367,3 +367,34 @@ def test_compare_conditioning_of_a_combined_conditioning_gives_its_worst_entry(c
     alone = node.compare(b, other)["result"]
     assert len(ref) == 2 and combined[0] == alone[0] < 0.999 and combined[1] == alone[1]
     assert node.compare(a, a)["result"][0] > 0.99999
+
+
+class PromptList:
+    """Stands in for prompt-batch nodes (one prompt per item of a list output); '|' separates the items."""
+    CATEGORY, FUNCTION, RETURN_TYPES, OUTPUT_IS_LIST = "tests", "run", ("STRING",), (True,)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"default": ""})}}
+
+    def run(self, text):
+        return (text.split("|"),)
+
+
+def test_a_prompt_list_wired_in_calibrates_once_on_all_its_prompts(comfy, monkeypatch):
+    """ComfyUI runs a node once per item of a list input: a prompt list would have calibrated once per prompt
+    and handed out as many CLIPs. A multi-line item is one prompt, as CLIPTextEncode reads it."""
+    from harness.host import run_graph
+
+    monkeypatch.setitem(comfy.nodes.NODE_CLASS_MAPPINGS, "TestPromptList", PromptList)
+    prompt = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": comfy.files["clip_l"],
+                                                           "type": "stable_diffusion"}},
+              "2": {"class_type": "TestPromptList", "inputs": {"text": "a cat|a dog\non a beach|(a red car:1.2)"}},
+              "3": {"class_type": "TestPromptList", "inputs": {"text": "a house by a lake|a portrait"}},
+              "4": {"class_type": "FP8CLIPQuantize", "inputs": {
+                  "clip": ["1", 0], "calibration_prompts": ["2", 0], "evaluation_prompts": ["3", 0],
+                  "keep_high_precision": "*text_projection", "method": "max", "quantize": "weights+activations",
+                  "min_cosine": 0.9, "runtime": "fake-quant", "fp8_token_embedding": True}},
+              "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}}}
+    (report,) = run_graph(comfy, prompt)["4"]["text"]
+    assert "Calibration: 3 prompts" in report and "on 2 held-out prompts" in report

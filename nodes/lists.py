@@ -1,0 +1,30 @@
+"""ComfyUI list inputs. A node is run once per item of a list wired into it, unless it takes lists itself: a
+prompt list from a prompt-batch node, or the image list of a folder loader, would calibrate once per prompt or
+image and hand out as many CLIPs. The quantize nodes take lists (INPUT_IS_LIST) and calibrate once on all of
+it; every other input must then hold one value."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from ..quant.errors import FP8ClipError
+
+
+def unlist(inputs: Mapping[str, list], join: Mapping[str, Callable[[list], Any]]) -> dict[str, Any]:
+    """The node's arguments: the inputs named in `join` merged by it, every other one's single value."""
+    out = {}
+    for name, values in inputs.items():
+        if name in join:
+            out[name] = join[name](values)
+        elif len(values) == 1:
+            out[name] = values[0]
+        else:
+            raise FP8ClipError(f"'{name}' received a list of {len(values)} values, but this node takes one (it "
+                               f"takes lists only for {' and '.join(join)}). Wire a single {name}, or one "
+                               "quantize node per value.")
+    return out
+
+
+def prompt_lines(values: list[str]) -> str:
+    """A prompt list as the widget's text, one prompt per line. A prompt's own line breaks become spaces, as
+    ComfyUI's tokenizer reads them, so a multi-line prompt stays one prompt."""
+    return "\n".join(" ".join(str(v).splitlines()) for v in values)
