@@ -215,10 +215,13 @@ def run_variant(args) -> dict:
     extra = []
     if args.variant == "stock-fp8":
         extra.append("--fp8_e4m3fn-text-enc")
+    if args.gpu_only:
+        extra.append("--gpu-only")
     boot(Path(args.comfy), extra, args.dynamic_vram)
 
     out = {"variant": args.variant, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "dynamic_vram": args.dynamic_vram, "allocator": torch.cuda.get_allocator_backend()}
+           "dynamic_vram": args.dynamic_vram, "gpu_only": args.gpu_only,
+           "allocator": torch.cuda.get_allocator_backend()}
     clip = load_fixture_clip(Path(args.fixture), family=args.family)
     out["patcher"] = type(clip.patcher).__name__
     out["family"] = args.family
@@ -299,7 +302,9 @@ def table(results: list[dict]) -> str:
     cases = list(CASES)
     lines = [f"Device: {stock['device']}, torch {stock['torch']}, {stock.get('family', 'sd15')} text encoder, "
              f"ComfyUI patcher {stock.get('patcher')}"
-             f"{' (dynamic VRAM)' if stock.get('dynamic_vram') else ''}, allocator {stock.get('allocator', 'native')}. "
+             f"{' (dynamic VRAM)' if stock.get('dynamic_vram') else ''}"
+             f"{', started with --gpu-only (conditioning stays on the GPU)' if stock.get('gpu_only') else ''}"
+             f", allocator {stock.get('allocator', 'native')}. "
              "Median ms per case (ratio: stock / this).", "",
              "| variant | " + " | ".join(cases) + " | weights on GPU MB | allocated after an encode MB | peak MB | "
              "growth over 50 calls MB |",
@@ -352,6 +357,8 @@ def main() -> int:
     ap.add_argument("--variants", default="stock,stock-fp8,pack")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dynamic-vram", action="store_true", help="ComfyUI v0.29's default on NVIDIA (comfy-aimdo)")
+    ap.add_argument("--gpu-only", action="store_true",
+                    help="start ComfyUI with --gpu-only: everything on the GPU, conditioning included")
     ap.add_argument("--family", choices=("sd15", "sdxl", "sd3", "sd3-t5", "flux"), default="sd15")
     args = ap.parse_args()
     out = Path(args.out)
@@ -362,6 +369,7 @@ def main() -> int:
         return 0
     fixture(Path(args.fixture), family=args.family)
     flags = ((["--quick"] if args.quick else []) + (["--dynamic-vram"] if args.dynamic_vram else [])
+             + (["--gpu-only"] if args.gpu_only else [])
              + ["--family", args.family])
     write_results(out, table(run_variants(__file__, args, flags)))
     return 0

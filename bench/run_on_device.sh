@@ -8,7 +8,7 @@
 #   text-dynamic text-sdxl text-sdxl-dynamic text-sd3 text-sd3-t5 text-flux profile-sdxl
 #   profile-sdxl-dynamic attention residency residency-dynamic workflows workflows-dynamic small-vram
 #   small-vram-dynamic http text-default unload unload-async unload-old unload-v03 unload-v03-old capture-failure
-#   text-sdxl-default
+#   text-sdxl-default text-gpu-only
 #   vision-profile vision-gpu-only vision-async multi-gpu memo memo-sdxl sampler reuse reuse-dynamic reuse-async
 #   multi-gpu-async (two GPUs) capture-async
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
@@ -49,6 +49,8 @@ for step in "${@:-probe text profile vision}"; do
                     --variants stock,pack --family flux ;;
       text-sd3*) timeout 560 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack \
                    --family sd3 ;;
+      text-gpu-only*) timeout 400 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack \
+                        --gpu-only ;;
       text*) timeout 400 python3 bench/bench_text_encode.py --comfy /tmp/c29 --out "$out/$s" --variants stock,pack ;;
       residency-dynamic*) timeout 300 python3 bench/probe_residency.py --comfy /tmp/c29 --out "$out" --dynamic-vram ;;
       residency*) timeout 300 python3 bench/probe_residency.py --comfy /tmp/c29 --out "$out" ;;
