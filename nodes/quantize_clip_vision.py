@@ -38,7 +38,8 @@ class QuantizeCLIPVision:
             "images": ("IMAGE", {"tooltip": "Calibration images like the ones you will encode (any size; a "
                                              "batch or an image list). Empty: a built-in synthetic set of 32."}),
             "evaluation_images": ("IMAGE", {"tooltip": "Images to measure the quality on (not used for "
-                                                        "calibration). Empty: 20 built-in synthetic images."}),
+                                                        "calibration; a batch or an image list). Empty: 20 "
+                                                        "built-in synthetic images."}),
         }}
 
     def quantize_lists(self, **inputs):
