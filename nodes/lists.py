@@ -10,9 +10,11 @@ from ..quant.errors import FP8ClipError
 
 
 def unlist(inputs: Mapping[str, list], join: Mapping[str, Callable[[list], Any]]) -> dict[str, Any]:
-    """The node's arguments: the inputs named in `join` merged by it, every other one's single value."""
+    """The node's arguments: the inputs named in `join` merged by it, every other one's single value. A plain
+    value (a script calling the node's FUNCTION as ComfyUI did before it took lists) counts as a list of one."""
     out = {}
     for name, values in inputs.items():
+        values = values if isinstance(values, list) else [values]
         if name in join:
             out[name] = join[name](values)
         elif len(values) == 1:

@@ -203,3 +203,6 @@ def test_a_list_of_clips_or_settings_is_refused_with_the_fix(comfy, clip):
         node.quantize_lists(clip=[clip, clip], **widgets)
     with pytest.raises(ValueError, match="'method' received a list of 2 values"):
         node.quantize_lists(clip=[clip], **{**widgets, "method": ["max", "mse"]})
+    # scripts that call the node's FUNCTION with plain values, as before it took lists, still work
+    with pytest.raises(ValueError, match="calibration prompts are empty"):
+        node.quantize_lists(clip=clip, **{**{k: v[0] for k, v in widgets.items()}, "calibration_prompts": "  "})
