@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--fixture", default=str(b.ROOT / ".cache" / "bench-clip_l.safetensors"))
     ap.add_argument("--dynamic-vram", action="store_true")
+    ap.add_argument("--gpu-only", action="store_true", help="ComfyUI started with --gpu-only")
     ap.add_argument("--executors", default="fused,cuda_graph,compiled",
                     help="fused: CUDA graph of the fused kernels (the default plan); cuda_graph: unfused kernels")
     ap.add_argument("--family", choices=("sd15", "sdxl"), default="sd15",
@@ -68,12 +69,12 @@ def main() -> None:
                     help="comma-separated names of bench_text_encode.CASES (one prompt each); the listings and the "
                          "kernel table are written for the first")
     args = ap.parse_args()
-    b.boot(Path(args.comfy), [], args.dynamic_vram)
+    b.boot(Path(args.comfy), ["--gpu-only"] if args.gpu_only else [], args.dynamic_vram)
     import torch
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "dynamic" if args.dynamic_vram else "static"
+    tag = ("dynamic" if args.dynamic_vram else "static") + ("_gpu_only" if args.gpu_only else "")
     report: list[str] = [f"# {tag} patcher, {torch.cuda.get_device_name(0)}, torch {torch.__version__}"]
     listings: list[str] = []
     clip = b.load_fixture_clip(Path(args.fixture), family=args.family)

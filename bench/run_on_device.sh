@@ -8,7 +8,7 @@
 #   text-dynamic text-sdxl text-sdxl-dynamic text-sd3 text-sd3-t5 text-flux profile-sdxl
 #   profile-sdxl-dynamic attention residency residency-dynamic workflows workflows-dynamic small-vram
 #   small-vram-dynamic http text-default unload unload-async unload-old unload-v03 unload-v03-old capture-failure
-#   text-sdxl-default text-gpu-only
+#   text-sdxl-default text-gpu-only profile-gpu-only
 #   vision-profile vision-gpu-only vision-async multi-gpu memo memo-sdxl sampler reuse reuse-dynamic reuse-async
 #   multi-gpu-async (two GPUs) capture-async
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
@@ -82,6 +82,8 @@ for step in "${@:-probe text profile vision}"; do
                                --family sdxl --executors fused --dynamic-vram ;;
       profile-sdxl*) timeout 300 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" ${WORKFLOWS_ARGS:-} \
                        --family sdxl --executors fused,cuda_graph --cases "1 prompt (1x77),8 rows of 77" ;;
+      profile-gpu-only*) timeout 200 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" --gpu-only \
+                           --executors fused ;;
       profile*) timeout 200 python3 bench/profile_text_encode.py --comfy /tmp/c29 --out "$out/$s" ;;
       capture-async*) PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 400 python3 bench/probe_capture_async.py \
                         --comfy /tmp/c29 --out "$out/$s" ${CAPTURE_ARGS:-} ;;
