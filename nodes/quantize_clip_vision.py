@@ -45,9 +45,12 @@ class QuantizeCLIPVision:
     def quantize_lists(self, **inputs):
         from ..quant.images import one_batch
 
-        size = getattr(next(iter(inputs.get("clip_vision") or []), None), "image_size", 224)
-        return self.quantize(**unlist(inputs, {"images": lambda v: one_batch(v, size, "calibration images"),
-                                               "evaluation_images": lambda v: one_batch(v, size, "evaluation images")}))
+        args = unlist(inputs, {"images": list, "evaluation_images": list})  # joined below, at the model's size
+        size = getattr(args["clip_vision"], "image_size", 224)
+        for name, what in (("images", "calibration images"), ("evaluation_images", "evaluation images")):
+            if name in args:
+                args[name] = one_batch(args[name], size, what)
+        return self.quantize(**args)
 
     def quantize(self, clip_vision, keep_high_precision, method, quantize, min_cosine, runtime="auto", images=None,
                  evaluation_images=None):

@@ -260,3 +260,7 @@ def test_images_of_several_sizes_calibrate_on_what_the_encoder_sees(comfy, pack,
     assert torch.equal(one_batch(same, 224), torch.cat(same))
     with pytest.raises(ValueError, match="The list of calibration images is empty"):
         one_batch([], 224)
+    # a script calling the node's FUNCTION with plain values, as before it took lists
+    with pytest.raises(ValueError, match="have 2 channels"):
+        node(comfy, "FP8CLIPVisionQuantize").quantize_lists(clip_vision=vit_h4, images=torch.rand(2, 64, 64, 2),
+                                                            **PARAMS)
