@@ -141,16 +141,14 @@ def run_variant(args) -> dict:
         ref_e = vision.embed(cv, test)[0]
         fq_e = vision.embed(fake, test)[0]
         out["runtimes"] = {}
-        # (executor, activations, kernels between the matmuls); "plan": what `auto` picks on this machine (with
-        # ComfyUI's cudaMallocAsync allocator, not the fused kernels in graphs); the rest forced
+        # (executor, activations, kernels between the matmuls); "plan": what `auto` picks on this machine; the
+        # rest forced (torch.compile's kernels without CUDA graphs under cudaMallocAsync, as the plan runs them)
         variants = [("plan", "", ""), ("cuda_graph", "float16", "fused"), ("cuda_graph", "float32", "fused"),
                     ("cuda_graph", "float16", "torch"), ("compiled", "float16", "torch")]
         if args.quick:
             variants = variants[:1]
         out["allocator"] = torch.cuda.get_allocator_backend()
         async_alloc = out["allocator"] == "cudaMallocAsync"
-        if async_alloc:  # no Triton kernels in CUDA graphs (runtime.triton_in_graphs)
-            variants = [v for v in variants if v[0] == "plan" or v[2] != "fused"]
         for executor, act, kernels in variants:
             name = f"fp8 scaled_mm, {executor}, {'fused' if kernels == 'fused' else 'unfused'} kernels, {act} activations"
             res: dict = {}

@@ -22,18 +22,22 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_text_encode import boot, eager_modelopt, load_pack  # noqa: E402
 
-# name: (activations, batch, SDPA backend or "" for the host's choice, CUDA graphs); `default`: the auto plan's fp16
+# name: (activations, batch, SDPA backend or "" for the host's choice, CUDA graphs, kernels between the matmuls);
+# `default`: the auto plan's fp16. Text children run the `auto` plan (fused kernels in graphs).
 CONFIGS = {
-    "default-b8": ("float16", 8, "", True),
-    "default-b1": ("float16", 1, "", True),
-    "fp32-b8": ("float32", 8, "", True),
-    "sdpa-math-b8": ("float16", 8, "math", True),
-    "sdpa-flash-b8": ("float16", 8, "flash", True),
-    "sdpa-efficient-b8": ("float16", 8, "efficient", True),
-    "sdpa-cudnn-b8": ("float16", 8, "cudnn", True),
-    "no-graphs-b8": ("float16", 8, "", False),
-    "text-last-layer": ("float32", 1, "", True),
-    "text-clip-skip-2": ("float32", 1, "", True),
+    "default-b8": ("float16", 8, "", True, "fused"),
+    "default-b1": ("float16", 1, "", True, "fused"),
+    "default-b1-after-b8": ("float16", (8, 1, 8), "", True, "fused"),  # graphs sharing the fused kernels' buffers
+    "fp32-b8": ("float32", 8, "", True, "fused"),
+    "unfused-b8": ("float16", 8, "", True, "torch"),
+    "sdpa-math-b8": ("float16", 8, "math", True, "fused"),
+    "sdpa-flash-b8": ("float16", 8, "flash", True, "fused"),
+    "sdpa-efficient-b8": ("float16", 8, "efficient", True, "fused"),
+    "sdpa-cudnn-b8": ("float16", 8, "cudnn", True, "fused"),
+    "no-graphs-b8": ("float16", 8, "", False, "fused"),
+    "text-last-layer": ("float32", 1, "", True, ""),
+    "text-clip-skip-2": ("float32", 1, "", True, ""),
+    "text-pair-then-long": ("float32", 1, "", True, ""),
 }
 
 
@@ -50,11 +54,24 @@ def text_child(name: str) -> None:
         if name.endswith("skip-2"):
             fp8 = fp8.clone()
             fp8.clip_layer(-2)
-        for _ in range(3):
-            out = calibrate.encode(fp8, "a lighthouse on a stormy sea")[0]
+        texts = ["a lighthouse on a stormy sea"]
+        if name.endswith("then-long"):  # 1 row, 3 rows (a larger graph: its buffers grow), 1 row again
+            texts = [texts[0], ", ".join(f"detail {i}" for i in range(70)), texts[0]]
+        first = calibrate.encode(fp8, texts[0])[0]
+        for t in texts * 2:
+            out = calibrate.encode(fp8, t)[0]
+        same = bool(torch.equal(out, first))  # a graph replayed after others shared its buffers
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    print("RESULT", json.dumps({"ok": True, "norm": float(out.float().norm())}), flush=True)
+        plan = artifact_plan(fp8)
+    print("RESULT", json.dumps({"ok": True, "norm": float(out.float().norm()), "same_as_first": same,
+                                "plan": plan}), flush=True)
+
+
+def artifact_plan(clip) -> list:
+    from comfyui_fp8_clip.quant import artifact
+    return [{"executor": m.executor, "fused": m.fused, "graphs": m.graphs, "captured": len(m._graphs)}
+            for m, _r in artifact.quantized_towers(clip).values()]
 
 
 def child(args) -> None:
@@ -68,20 +85,25 @@ def child(args) -> None:
     from comfyui_fp8_clip.quant.images import synthetic_images
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    act, batch, backend, graphs = CONFIGS[args.child]
+    act, batch, backend, graphs, kernels = CONFIGS[args.child]
     cv, _ = serialize_vision.load_fp8_clip_vision(args.file, "auto")
     for m, _r in artifact.quantized_towers(cv).values():
-        m.configure(lambda d: runtime.Plan("fp8", "scaled_mm", "cuda_graph", act, "probe", "torch", graphs=graphs))
-    images = synthetic_images(batch, seed=31)[0]
+        m.configure(lambda d: runtime.Plan("fp8", "scaled_mm", "cuda_graph", act, "probe", kernels, graphs=graphs))
+    batches = batch if isinstance(batch, tuple) else (batch,)
+    images = synthetic_images(max(batches), seed=31)[0]
     ctx = sdpa_kernel([getattr(SDPBackend, {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
                                             "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}[backend])]) \
         if backend else torch.autograd.grad_mode.no_grad()
     with torch.inference_mode(), ctx:
+        first = cv.encode_image(images[:batches[-1]], crop=True)["image_embeds"]
         for _ in range(3):
-            out = cv.encode_image(images, crop=True)["image_embeds"]
+            for b in batches:
+                out = cv.encode_image(images[:b], crop=True)["image_embeds"]
+        same = bool(torch.equal(out, first))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    print("RESULT", json.dumps({"ok": True, "norm": float(out.float().norm())}), flush=True)
+    print("RESULT", json.dumps({"ok": True, "norm": float(out.float().norm()), "same_as_first": same,
+                                "plan": artifact_plan(cv)}), flush=True)
 
 
 def main() -> int:
@@ -123,7 +145,8 @@ def main() -> int:
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
         warn = [ln.strip()[:160] for ln in p.stderr.splitlines() if "captured allocation" in ln or "CUDA error" in ln
                 or "Error" in ln][:4]
-        results[name] = {"exit": p.returncode, "ok": bool(line), "messages": warn}
+        results[name] = {"exit": p.returncode, "ok": bool(line), "messages": warn,
+                         **(json.loads(line[len("RESULT "):]) if line else {})}
         print(name, json.dumps(results[name]), flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -223,7 +223,8 @@ class FP8Runner(torch.nn.Module):
         layers = self.encoder_layers()
         if self.fused:
             try:
-                return fp8_fused.run_layers(x, layers, mask, inter_idx, self.act_dtype)
+                return fp8_fused.run_layers(x, layers, mask, inter_idx, self.act_dtype,
+                                            self.__dict__.get("_kernel_buffers", fp8_fused.FRESH))
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # noqa: BLE001 - a Triton that cannot build its kernels here: stay usable
@@ -277,6 +278,18 @@ class FP8Runner(torch.nn.Module):
         return out[0].clone(), None if out[1] is None else out[1].clone()
 
     def _capture(self, fn, x, mask, inter_idx, ln_inter):
+        # The fused kernels' tensors come from buffers made in the warm-up, outside the capture (see
+        # fp8_fused.Workspace); shared by this model's graphs.
+        ws = self.__dict__.setdefault("_workspace", fp8_fused.Workspace())
+        ws.grown = False
+        self.__dict__["_kernel_buffers"] = ws
+        try:
+            return self._capture_with(fn, x, mask, inter_idx, ln_inter, ws)
+        finally:
+            ws.sealed = False
+            self.__dict__.pop("_kernel_buffers", None)
+
+    def _capture_with(self, fn, x, mask, inter_idx, ln_inter, ws):
         sx = x.clone()
         smask = None if mask is None else mask.clone()
         s = torch.cuda.Stream(device=x.device)
@@ -285,6 +298,9 @@ class FP8Runner(torch.nn.Module):
             for _ in range(2):  # warm-up: compilation, cuBLAS workspaces, autotuning
                 warm = fn(sx, smask, inter_idx, ln_inter)
         torch.cuda.current_stream(x.device).wait_stream(s)
+        if ws.grown:  # graphs captured before read buffers that were just replaced
+            self._graphs.clear()
+        ws.sealed = True
         # Outputs allocated outside the capture: with cudaMallocAsync (ComfyUI's default) memory allocated in
         # a capture belongs to the graph, and freeing it with the graph warned on every drop.
         out = tuple(None if t is None else torch.empty_like(t) for t in warm)
@@ -307,3 +323,4 @@ class FP8Runner(torch.nn.Module):
         # A fresh memory pool too: the old one belongs to the graphs being released.
         self._graphs.clear()
         self.__dict__.pop("_pool", None)
+        self.__dict__.pop("_workspace", None)

@@ -17,6 +17,7 @@ Triton's CPU interpreter (whose own FP8 cast rounds wrongly at binade edges), wh
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -172,49 +173,109 @@ _ELEMENTWISE_BLOCK = 1024
 ATTENTION_MAX_TOKENS = 128
 
 
+class Fresh:
+    """Where run_layers gets the tensors its kernels write: new ones on every request (outside a capture)."""
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def stage(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """`t`, in memory a kernel may be given."""
+        return t.contiguous()
+
+
+FRESH = Fresh()
+
+
+class Workspace(Fresh):
+    """Buffers made before a CUDA-graph capture, for every tensor the kernels are given during it.
+
+    Under cudaMallocAsync (ComfyUI's default allocator on NVIDIA GPUs) memory allocated in a capture has no
+    address until the graph runs, and Triton's launcher refuses such pointers ("Pointer argument cannot be
+    accessed from Triton"). A warm-up run outside the capture allocates the buffers; the capture reuses them,
+    and anything else made in it (a host attention's output, the causal mask) is copied in. One set per model,
+    as large as its largest captured shape: its graphs replay one at a time on one stream, so they share it."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.grown = False  # set when a buffer was (re)allocated: graphs captured before read the old one
+        self.sealed = False  # during the capture: allocating then is a bug
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != torch.device(device):
+            if self.sealed:
+                raise RuntimeError(f"fused kernels: workspace buffer {name!r} {tuple(shape)} was not made before "
+                                   "the CUDA-graph capture")
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)
+            self.grown = True
+        return buf[:n].view(shape)
+
+    def stage(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        buf = self.empty(name, tuple(t.shape), t.dtype, t.device)
+        buf.copy_(t)
+        return buf
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
 def _row_launch(n_cols: int) -> dict:
     block = triton.next_power_of_2(n_cols)
     return {"BLOCK": block, "num_warps": 4 if block <= 1024 else 8}
 
 
 def residual_ln_quant(h: torch.Tensor, y: torch.Tensor | None, bias: torch.Tensor | None,
-                      ln: torch.nn.LayerNorm | None, inv_scale: torch.Tensor | None
+                      ln: torch.nn.LayerNorm | None, inv_scale: torch.Tensor | None,
+                      out: torch.Tensor | None = None, codes: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(h + (y + bias) if y is given, else h; FP8 codes of LayerNorm of that if `ln` is given), rows of 2-D h."""
+    """(h + (y + bias) if y is given, else h; FP8 codes of LayerNorm of that if `ln` is given), rows of 2-D h.
+    `out` may be `h` itself (each row is read before it is written)."""
     rows, n_cols = h.shape
-    out = torch.empty_like(h) if y is not None else h
-    codes = torch.empty((rows, n_cols), dtype=FP8, device=h.device) if ln is not None else None
+    if y is None:
+        out = h
+    elif out is None:
+        out = torch.empty_like(h)
+    if ln is not None and codes is None:
+        codes = torch.empty((rows, n_cols), dtype=FP8, device=h.device)
     dummy = h  # pointer for arguments a variant does not read
     _residual_ln_quant_kernel[(rows,)](
         h, y if y is not None else dummy, bias if bias is not None else dummy, out,
         ln.weight if ln is not None else dummy, ln.bias if ln is not None else dummy,
-        codes if codes is not None else dummy, inv_scale if inv_scale is not None else dummy,
+        codes if ln is not None else dummy, inv_scale if inv_scale is not None else dummy,
         n_cols, float(ln.eps) if ln is not None else 0.0,
         HAS_Y=y is not None, QUANT=ln is not None, **_row_launch(n_cols))
-    return out, codes
+    return out, codes if ln is not None else None
 
 
-def bias_act_quant(y: torch.Tensor, bias: torch.Tensor, activation: str, inv_scale: torch.Tensor) -> torch.Tensor:
+def bias_act_quant(y: torch.Tensor, bias: torch.Tensor, activation: str, inv_scale: torch.Tensor,
+                   codes: torch.Tensor | None = None) -> torch.Tensor:
     """FP8 codes of activation(y + bias); `activation` a name from quant.activations."""
-    codes = torch.empty(y.shape, dtype=FP8, device=y.device)
+    if codes is None:
+        codes = torch.empty(y.shape, dtype=FP8, device=y.device)
     n = y.numel()
     _bias_act_quant_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
         y, bias, codes, inv_scale, n, y.shape[-1], ACT=_ACT_CODE[activation], BLOCK=_ELEMENTWISE_BLOCK)
     return codes
 
 
-def quantize(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+def quantize(x: torch.Tensor, inv_scale: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
     x = x.reshape(-1, x.shape[-1]).contiguous()
-    codes = torch.empty(x.shape, dtype=FP8, device=x.device)
+    if codes is None:
+        codes = torch.empty(x.shape, dtype=FP8, device=x.device)
     n = x.numel()
     _quant_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](x, codes, inv_scale, n, BLOCK=_ELEMENTWISE_BLOCK)
     return codes
 
 
-def qkv_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, biases: tuple, dtype: torch.dtype
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    outs = (q, k, v) if dtype == q.dtype else tuple(torch.empty(q.shape, dtype=dtype, device=q.device)
-                                                    for _ in range(3))
+def qkv_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, biases: tuple, dtype: torch.dtype,
+             outs: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v plus their biases, in `dtype`: in place if that is their dtype, else in `outs` (or new tensors)."""
+    if dtype == q.dtype:
+        outs = (q, k, v)
+    elif outs is None:
+        outs = tuple(torch.empty(q.shape, dtype=dtype, device=q.device) for _ in range(3))
     n = q.numel()
     _qkv_bias_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK), 3)](q, k, v, *biases, *outs, n, q.shape[-1],
                                                               BLOCK=_ELEMENTWISE_BLOCK)
@@ -223,12 +284,14 @@ def qkv_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, biases: tuple, d
 
 def attention_quant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, biases: tuple, shape: tuple[int, int, int],
                     heads: int, mask: torch.Tensor | None, inv_scale: torch.Tensor, block_m: int = 16,
-                    precision: str = "tf32x3", num_warps: int = 4) -> torch.Tensor:
+                    precision: str = "tf32x3", num_warps: int = 4, codes: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """FP8 codes of softmax(q' k'^T / sqrt(d) + mask) v' with q' = q + bias_q..., for q, k, v [B*T, D]
     (D = heads * d), as [B*T, D]. `mask`: additive, [T, T] or [B, 1, T, T], as ComfyUI's CLIP passes it."""
     b, t, width = shape
     head_dim = width // heads
-    codes = torch.empty((b * t, width), dtype=FP8, device=q.device)
+    if codes is None:
+        codes = torch.empty((b * t, width), dtype=FP8, device=q.device)
     sb = 0
     if mask is not None:
         mask = mask.to(torch.float32).reshape(-1, t, t).contiguous()  # [1 or B, T, T]
@@ -248,41 +311,55 @@ def own_attention(t: int, width: int, heads: int) -> bool:
     return t <= ATTENTION_MAX_TOKENS and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
-def _matmul(codes: torch.Tensor, lin: FP8Linear) -> torch.Tensor:
+def _matmul(codes: torch.Tensor, lin: FP8Linear, out: torch.Tensor | None = None) -> torch.Tensor:
     """FP8 x FP8 -> fp32 without bias: the bias is added by the kernel after it."""
     return torch._scaled_mm(codes, lin.weight.t(), scale_a=lin.input_scale, scale_b=lin.weight_scale,
-                            out_dtype=torch.float32)
+                            out_dtype=torch.float32, out=out)
 
 
 def run_layers(x: torch.Tensor, layers: Any, mask: torch.Tensor | None, inter_idx: int | None,
-               act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+               act_dtype: torch.dtype, buffers: Fresh = FRESH) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The encoder layers on fp32 hidden states `x` [B, T, D]: (hidden states after the last layer, after layer
     `inter_idx`). Up to ATTENTION_MAX_TOKENS tokens the attention is this module's fp32 kernel; beyond, each
-    layer's own (the host's) attention function, in `act_dtype`."""
+    layer's own (the host's) attention function, in `act_dtype`. Every tensor a kernel is given comes from
+    `buffers` (a Workspace while a CUDA graph is captured) or is a weight."""
     b, t, d = x.shape
-    h = x.reshape(b * t, d).contiguous()
+    m, dev = b * t, x.device
+    ffn = layers[0].mlp.fc1.weight.shape[0]
+    h = buffers.empty("hidden", (m, d), torch.float32, dev)  # the residual stream, updated in place
+    h.copy_(x.reshape(m, d))
+    own = own_attention(t, d, layers[0].self_attn.heads)
+    if mask is not None and own:
+        mask = buffers.stage("mask", mask.to(torch.float32).reshape(-1, t, t))
+    # Every matmul's output in one buffer: only one is alive at a time, q, k and v excepted.
+    gemm = buffers.empty("matmul", (m * max(3 * d, ffn),), torch.float32, dev)
+    q_out, k_out, v_out = (gemm[i * m * d:(i + 1) * m * d].view(m, d) for i in range(3))
+    y_d, y_ffn = gemm[:m * d].view(m, d), gemm[:m * ffn].view(m, ffn)
+    codes_d = buffers.empty("codes", (m, d), FP8, dev)  # FP8 inputs of q/k/v, out_proj and fc1, in turn
+    codes_ffn = buffers.empty("codes_ffn", (m, ffn), FP8, dev)
     first = layers[0]
-    _, codes = residual_ln_quant(h, None, None, first.layer_norm1, first.self_attn.q_proj.input_scale_inv)
+    residual_ln_quant(h, None, None, first.layer_norm1, first.self_attn.q_proj.input_scale_inv, codes=codes_d)
     inter = None
     for i, layer in enumerate(layers):
         a, mlp = layer.self_attn, layer.mlp
-        q, k, v = (_matmul(codes, p) for p in (a.q_proj, a.k_proj, a.v_proj))
+        q, k, v = (_matmul(codes_d, p, o) for p, o in ((a.q_proj, q_out), (a.k_proj, k_out), (a.v_proj, v_out)))
         biases = (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
-        if own_attention(t, d, a.heads):
-            codes = attention_quant(q, k, v, biases, (b, t, d), a.heads, mask, a.out_proj.input_scale_inv)
+        if own:
+            attention_quant(q, k, v, biases, (b, t, d), a.heads, mask, a.out_proj.input_scale_inv, codes=codes_d)
         else:
-            q, k, v = qkv_bias(q, k, v, biases, act_dtype)
+            outs = None if act_dtype == torch.float32 else buffers.empty("qkv", (3, m, d), act_dtype, dev).unbind(0)
+            q, k, v = qkv_bias(q, k, v, biases, act_dtype, outs)
             o = a.attention(q.view(b, t, d), k.view(b, t, d), v.view(b, t, d), a.heads,
                             None if mask is None else mask.to(act_dtype))
-            codes = quantize(o, a.out_proj.input_scale_inv)
-        h, codes = residual_ln_quant(h, _matmul(codes, a.out_proj), a.out_proj.bias, layer.layer_norm2,
-                                     mlp.fc1.input_scale_inv)
-        codes = bias_act_quant(_matmul(codes, mlp.fc1), mlp.fc1.bias, mlp.activation_name,
-                               mlp.fc2.input_scale_inv)
+            quantize(buffers.stage("attention", o.reshape(m, d)), a.out_proj.input_scale_inv, codes=codes_d)
+        residual_ln_quant(h, _matmul(codes_d, a.out_proj, y_d), a.out_proj.bias, layer.layer_norm2,
+                          mlp.fc1.input_scale_inv, out=h, codes=codes_d)
+        bias_act_quant(_matmul(codes_d, mlp.fc1, y_ffn), mlp.fc1.bias, mlp.activation_name,
+                       mlp.fc2.input_scale_inv, codes=codes_ffn)
         nxt = layers[i + 1] if i + 1 < len(layers) else None
-        h, codes = residual_ln_quant(h, _matmul(codes, mlp.fc2), mlp.fc2.bias,
-                                     None if nxt is None else nxt.layer_norm1,
-                                     None if nxt is None else nxt.self_attn.q_proj.input_scale_inv)
+        residual_ln_quant(h, _matmul(codes_ffn, mlp.fc2, y_d), mlp.fc2.bias,
+                          None if nxt is None else nxt.layer_norm1,
+                          None if nxt is None else nxt.self_attn.q_proj.input_scale_inv, out=h, codes=codes_d)
         if i == inter_idx:
-            inter = h.view(b, t, d)  # a fresh tensor each layer: never written again
+            inter = h.clone().view(b, t, d)
     return h.view(b, t, d), inter

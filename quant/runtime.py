@@ -41,12 +41,13 @@ class Plan:
     graphs: bool = True  # "cuda_graph" / "compiled": replay CUDA graphs (False: run the compiled code as is)
 
 
-def triton_in_graphs() -> tuple[bool, str]:
-    """Whether Triton kernels (the fused ones, torch.compile's) can be captured in CUDA graphs here, and why not.
+def compiled_in_graphs() -> tuple[bool, str]:
+    """Whether torch.compile's kernels can be captured in CUDA graphs here, and why not.
 
     Not with PyTorch's cudaMallocAsync allocator, ComfyUI's default on NVIDIA GPUs: memory allocated during
     a capture has no address until the graph runs, and Triton's launcher refuses such pointers (seen in
-    ComfyUI v0.29's server on an H100: the capture failed, and freeing its tensors later aborted the process)."""
+    ComfyUI v0.29's server on an H100: the capture failed, and freeing its tensors later aborted the process).
+    The pack's own fused kernels are given only buffers made before the capture (fp8_fused.Workspace)."""
     if torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync":
         return False, "PyTorch's cudaMallocAsync allocator (ComfyUI's default; --disable-cuda-malloc turns it off)"
     return True, ""
@@ -66,14 +67,12 @@ def plan(requested: str, device: torch.device, compile_ok: bool | None = None, k
             compile_ok = requested == "fp8-compiled"
         # CUDA graphs by default: ComfyUI's per-encode overhead dominates CLIP-L, and compiling costs
         # ~20 s on first use for little gain there (bench/results). "compiled" is opt-in.
-        graphs, no_graphs = triton_in_graphs()
         if compile_ok:  # torch.compile fuses the passes itself
+            graphs, no_graphs = compiled_in_graphs()
             how = "compiled" if graphs else f"compiled, no CUDA graphs: {no_graphs}"
             return Plan("fp8", "scaled_mm", "compiled", GPU_ACT_DTYPE[kind], f"FP8 matmuls ({why}), {how}",
                         graphs=graphs)
         fused, no_triton = fp8_fused.available()
-        if fused and not graphs:  # unfused in CUDA graphs beat fused without them (bench/results)
-            fused, no_triton = False, f"the fused kernels do not run in CUDA graphs with {no_graphs}"
         how = "fused Triton kernels between them" if fused else f"unfused quantization passes: {no_triton}"
         return Plan("fp8", "scaled_mm", "cuda_graph", GPU_ACT_DTYPE[kind],
                     f"FP8 matmuls ({why}), {how}, CUDA graphs", kernels="fused" if fused else "torch")

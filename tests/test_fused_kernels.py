@@ -122,3 +122,85 @@ def test_attention_kernel_matches_sdpa_then_quantize(masking):
     ref = ops.quantize_input(o.transpose(1, 2).reshape(b * t, width), inv)
     d = steps_apart(got, ref).abs()
     assert got.shape == ref.shape and d.max() <= 1 and (d > 0).float().mean() < 1e-3, (d > 0).float().mean()
+
+
+def small_fp8_layers(width: int = 64, heads: int = 4, ffn: int = 128, n: int = 2, seed: int = 5):
+    """FP8 encoder layers as fp8_encoder.build_layers makes them, at a size Triton's interpreter runs quickly."""
+    enc = importlib.import_module("quant.fp8_encoder")
+    g = torch.Generator().manual_seed(seed)
+
+    def fp8(i: int, o: int) -> torch.nn.Module:
+        lin = torch.nn.Linear(i, o)
+        with torch.no_grad():
+            lin.weight.normal_(std=i ** -0.5, generator=g)
+            lin.bias.normal_(std=0.1, generator=g)
+            w_amax = float(lin.weight.abs().max())
+        amax = 4.0  # the inputs' calibrated range
+        return ops.FP8Linear.from_linear(lin, w_amax / 448, amax / 448, 448 / amax)
+
+    layers = torch.nn.ModuleList()
+    for _ in range(n):
+        layer = enc._Layer()
+        layer.layer_norm1, layer.layer_norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        layer.self_attn = enc._Attention(heads)
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(layer.self_attn, name, fp8(width, width))
+        layer.self_attn.k_proj.input_scale_inv = layer.self_attn.q_proj.input_scale_inv  # one shared scale
+        layer.mlp = enc._MLP(GELUS["quick_gelu"])
+        layer.mlp.fc1, layer.mlp.fc2 = fp8(width, ffn), fp8(ffn, width)
+        layers.append(layer.requires_grad_(False))
+    assert fused.fusable(layers) == (True, "")
+    return layers
+
+
+# Heads of 24 dimensions take the host's attention, as sequences over 128 tokens (vision) do.
+@pytest.mark.parametrize("width, heads, act_dtype", [(64, 4, torch.float32), (48, 2, torch.float16)],
+                         ids=["own attention (text)", "host attention (vision)"])
+def test_a_capture_gives_the_kernels_only_buffers_made_before_it(monkeypatch, width, heads, act_dtype):
+    """Under cudaMallocAsync, ComfyUI's default allocator, memory allocated during a CUDA-graph capture has no
+    address yet and Triton's launcher refuses it ("Pointer argument cannot be accessed from Triton": the
+    quantize node failed on an H100). So while a graph is captured, every tensor a kernel is given must be a
+    weight or a buffer the warm-up made (fp8_fused.Workspace), and the numbers must not change."""
+    layers = small_fp8_layers(width, heads)
+    tokens = 9
+    assert fused.own_attention(tokens, width, heads) == (width == 64)
+    allowed = {t.untyped_storage().data_ptr() for t in [*layers.parameters(), *layers.buffers()]}
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, tokens, width, generator=g)
+    mask = torch.full((tokens, tokens), -torch.finfo(torch.float32).max).triu_(1)
+    with torch.no_grad():
+        ref_last, ref_inter = fused.run_layers(x, layers, mask, 0, act_dtype)
+
+        ws = fused.Workspace()
+        fused.run_layers(x, layers, mask, 0, act_dtype, ws)  # the warm-up
+        ws.sealed, ws.grown = True, False  # the capture
+        given = []
+        for name in ("_residual_ln_quant_kernel", "_bias_act_quant_kernel", "_quant_kernel", "_qkv_bias_kernel",
+                     "_attention_quant_kernel"):
+            kernel = getattr(fused, name)
+            monkeypatch.setattr(fused, name, _Recording(kernel, name, given))
+        last, inter = fused.run_layers(x.clone(), layers, mask.clone(), 0, act_dtype, ws)
+    assert torch.equal(last, ref_last) and torch.equal(inter, ref_inter)
+    assert not ws.grown and given
+    workspace = {b.untyped_storage().data_ptr() for b in ws._buffers.values()}
+    strays = [(k, i) for k, i, t in given if t.untyped_storage().data_ptr() not in allowed | workspace]
+    assert not strays, f"kernel arguments made during the capture: {strays}"
+    # A smaller batch (one prompt after a pair) is captured in the same buffers; a larger one needs a warm-up.
+    with torch.no_grad():
+        fused.run_layers(x[:1].clone(), layers, mask, None, act_dtype, ws)
+        assert not ws.grown
+        with pytest.raises(RuntimeError, match="not made before the CUDA-graph capture"):
+            fused.run_layers(torch.cat([x, x]), layers, mask, None, act_dtype, ws)
+
+
+class _Recording:
+    """A Triton kernel that notes the tensors it is launched with."""
+
+    def __init__(self, kernel, name: str, given: list) -> None:
+        self.kernel, self.name, self.given = kernel, name, given
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.given += [(self.name, i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+            return self.kernel[grid](*args, **kwargs)
+        return launch
