@@ -27,6 +27,9 @@ def unlist(inputs: Mapping[str, list], join: Mapping[str, Callable[[list], Any]]
 
 
 def prompt_lines(values: list[str]) -> str:
-    """A prompt list as the widget's text, one prompt per line. A prompt's own line breaks become spaces, as
-    ComfyUI's tokenizer reads them, so a multi-line prompt stays one prompt."""
+    """The prompts as the widget's text, one prompt per line. One value is that text (typed into the widget, or
+    a string wired in): as it is. Several are a prompt list, one prompt each: a prompt's own line breaks become
+    spaces, as ComfyUI's tokenizer reads them, so a multi-line prompt stays one prompt."""
+    if len(values) == 1:
+        return str(values[0])
     return "\n".join(" ".join(str(v).splitlines()) for v in values)

@@ -398,3 +398,8 @@ def test_a_prompt_list_wired_in_calibrates_once_on_all_its_prompts(comfy, monkey
               "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}}}
     (report,) = run_graph(comfy, prompt)["4"]["text"]
     assert "Calibration: 3 prompts" in report and "on 2 held-out prompts" in report
+    # Typed into the widgets (or one string wired in): one prompt per line, '#' lines skipped, as before lists.
+    prompt["4"]["inputs"].update(calibration_prompts="# my prompts\na cat\na dog on a beach\n(a red car:1.2)",
+                                 evaluation_prompts="a house by a lake\n# not this one\na portrait")
+    (report,) = run_graph(comfy, prompt)["4"]["text"]
+    assert "Calibration: 3 prompts" in report and "on 2 held-out prompts" in report, report
