@@ -176,8 +176,8 @@ def drop_cuda_graphs(patcher) -> None:
     The towers are found among the patcher's object patches (they are patched out after an unload)."""
     for obj in patcher.object_patches.values():
         impl = getattr(obj, "__dict__", {}).get("impl")
-        if hasattr(impl, "_drop_graphs"):
-            impl._drop_graphs()
+        if hasattr(impl, "free_device_memory"):
+            impl.free_device_memory()
 
 
 def memory(clip, prompts) -> dict:

@@ -319,6 +319,10 @@ class FP8Runner(torch.nn.Module):
             raise _CaptureFailed() from e
         return graph, sx, smask, out
 
+    def free_device_memory(self) -> None:
+        """The proxy's hook for an unload: the captured graphs (and their buffers) are recaptured when needed."""
+        self._drop_graphs()
+
     def _drop_graphs(self) -> None:
         # A fresh memory pool too: the old one belongs to the graphs being released.
         self._graphs.clear()

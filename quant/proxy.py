@@ -38,6 +38,15 @@ class WeightPatchAfterQuantization(RuntimeError):
     pass
 
 
+def _free_device_memory(impl: torch.nn.Module) -> None:
+    """What a tower holds on the GPU besides its weights (captured CUDA graphs, a TensorRT engine): it goes
+    with an unload, and is made again on the next encode. The weights' own moves (host copies swapped back)
+    do not call the tower's .to(), so the tower is told."""
+    free = getattr(impl, "free_device_memory", None)
+    if free is not None:
+        free()
+
+
 class TowerProxy(torch.nn.Module):
     def __init__(self, impl: torch.nn.Module, original: torch.nn.Module, load_device: Any, offload_device: Any,
                  group: object | None = None):
@@ -69,6 +78,8 @@ class TowerProxy(torch.nn.Module):
         p = next(impl.parameters(), None)
         if p is None or p.device == device or (device.type == "cuda" and p.device.type == "cuda"
                                                and device.index is None):
+            if device == self.offload_device != self.load_device:  # an unload: its weights are there already,
+                _free_device_memory(impl)  # not what else it holds on the GPU
             return
         # Moved tensors keep their kind. ComfyUI unloads outside inference mode (/free, "Unload Models"): a
         # tower that came back as normal tensors, indexed with inference ones in the next encode, failed with
@@ -76,9 +87,7 @@ class TowerProxy(torch.nn.Module):
         with torch.inference_mode(p.is_inference()):
             self._move(impl, p, device)
         if device == self.offload_device:
-            drop = getattr(impl, "_drop_graphs", None)  # captured CUDA graphs hold GPU memory of their own
-            if drop is not None:
-                drop()
+            _free_device_memory(impl)
 
     def _move(self, impl: torch.nn.Module, p: torch.Tensor, device: torch.device) -> None:
         host = impl.__dict__.get(_HOST)
@@ -113,9 +122,7 @@ class TowerProxy(torch.nn.Module):
         if self.offload_device != self.load_device:
             self.place(self.offload_device)
         else:  # --gpu-only: the tower stays, but an unload still frees what its CUDA graphs hold
-            drop = getattr(self.impl, "_drop_graphs", None)
-            if drop is not None:
-                drop()
+            _free_device_memory(self.impl)
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """The original tower's state_dict. v0.29's dynamic-VRAM loader sizes the CLIP's modules from their

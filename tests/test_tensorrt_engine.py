@@ -519,6 +519,37 @@ def test_engine_of_a_clip_comfyui_keeps_on_the_cpu_is_loaded_per_encode(comfy, p
     assert len(released) == 2  # layers on the GPU: ComfyUI's unload releases the engine, not each encode
 
 
+def test_comfyuis_unload_releases_the_engine(pack):
+    """ComfyUI unloads a CLIP through the pack's proxy, which puts the tower's host copies back without calling
+    its .to(): the engine's GPU memory stayed allocated for as long as the CLIP lived, while ComfyUI counted it
+    as freed. ('meta' stands in for the GPU; the runner counts its releases.)"""
+    engine_module, proxy = pack_module(pack, "trt_runtime.engine_module"), pack_module(pack, "quant.proxy")
+    artifact = pack_module(pack, "quant.artifact")
+
+    class Runner:
+        device, released = torch.device("cuda", 0), 0
+
+        def release(self):
+            self.released += 1
+
+    src = torch.nn.Module()
+    src.text_model = torch.nn.Module()
+    src.text_model.embeddings = torch.nn.Module()
+    src.text_model.embeddings.token_embedding = torch.nn.Embedding(10, 8)
+    src.text_model.final_layer_norm = torch.nn.LayerNorm(8)
+    src.text_projection, src.num_layers = torch.nn.Linear(8, 8, bias=False), 2
+    artifact.attach(src, object())  # a quantized tower carries its record: the proxy keeps a host copy of it
+    engine = engine_module.EngineTextModel(src, Runner(), max_rows=8)
+    tp = proxy.TowerProxy(engine, src, "meta", "cpu")
+    for cycle in (1, 2):
+        tp._to_load_device()  # an encode
+        assert engine.runner.released == cycle - 1 and engine._probe().device.type == "meta"
+        tp.offload(unpatch_all=True)  # ComfyUI's unload (ON_DETACH)
+        assert engine.runner.released == cycle and engine._probe().device.type == "cpu"
+    tp.offload(unpatch_all=False)  # v0.29 detaches every clone before each load: no unload, nothing released
+    assert engine.runner.released == 2
+
+
 def test_engine_tower_called_with_token_ids_alone_matches_the_fp8_tower(pack, fp8_clip, engine_clip):
     """ComfyUI's CLIPTextModel also takes token ids without embeddings or num_tokens, pooling at the end token
     (custom nodes call it so); the engine's drop-in raised a TypeError there."""

@@ -58,6 +58,11 @@ class EngineTower(torch.nn.Module):
         self._on_cuda = on_cuda
         return out
 
+    def free_device_memory(self) -> None:
+        """The proxy's hook for an unload (its weight moves bypass .to(), so _apply does not see them)."""
+        self.runner.release()
+        self._on_cuda = False
+
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.runner(x)
         # A CLIP ComfyUI keeps on the CPU (--lowvram, --novram, a loader's cpu device) is never moved to the GPU

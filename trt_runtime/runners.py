@@ -106,6 +106,8 @@ class TrtRunner:
 
     def release(self) -> None:
         with self._lock:
+            if self._context is not None:  # work it queued may still run: a context must outlive it
+                torch.cuda.synchronize(self.device)
             self._context = self._engine = self._runtime = self._log = None
 
     def device_bytes(self) -> int:
