@@ -148,6 +148,36 @@ def test_rtx_builder_refuses_fp8_for_ampere_so_availability_must(pack, fp8_clip,
                            rtx.flavour, target="sm86")
 
 
+def test_a_tensorrt_that_cannot_start_or_target_the_gpu_is_a_build_error_the_node_falls_back_on(pack, rtx):
+    """Standard TensorRT whose CUDA runtime cannot start (a driver older than it needs) raises pybind11's
+    "factory function returned nullptr" TypeError from its Builder, and an older TensorRT for RTX may not know
+    a new GPU's compute capability: both crashed the node, whose fallback catches build errors only."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    build, fl = tr(pack, "build"), tr(pack, "flavour")
+    real = rtx.flavour.module
+
+    class NoCuda:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def Builder(self, logger):
+            raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    profile = build.Profile(max_rows=2)
+    with pytest.raises(build.EngineBuildError, match="could not start its builder .*nullptr.*update the driver"):
+        build.build_engine(b"", profile, fl.Flavour(rtx.flavour.name, NoCuda(), rtx.flavour.version))
+    x = helper.make_tensor_value_info(tr(pack, "onnx_export").INPUT, TensorProto.FLOAT, ["rows", 77, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 77, 8])
+    graph = helper.make_graph([helper.make_node("Relu", [x.name], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(build.EngineBuildError, match="cannot build for sm999: update it"):
+        build.build_engine(model, profile, rtx.flavour, target="sm999")
+    assert build.build_engine(onnx.load_from_string(model.SerializeToString()), profile, rtx.flavour,
+                              target="sm89").engine
+
+
 def test_node_on_a_machine_without_cuda_says_why_and_returns_the_pytorch_clip(comfy, fp8_clip):
     q = fp8_clip[1]
     out, status = call(comfy, "FP8CLIPTensorRTEngine", clip=q, max_batch_rows=8)

@@ -140,8 +140,25 @@ def _set_targets(flavour: Flavour, config: Any, target: str) -> None:
     # capability (device-specific engine) or, by default, every GPU it supports (portable).
     if flavour.name != RTX or target in (PORTABLE, ""):
         return
+    capability = getattr(flavour.module.ComputeCapability, target.upper(), None)
+    if capability is None:
+        raise EngineBuildError(f"{flavour.label} cannot build for {target}: update it "
+                               "(pip install -U tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings).")
     config.num_compute_capabilities = 1
-    config.set_compute_capability(getattr(flavour.module.ComputeCapability, target.upper()), 0)
+    config.set_compute_capability(capability, 0)
+
+
+def _start_builder(trt: Any, flavour: Flavour, log: Any) -> tuple[Any, Any, Any]:
+    """Builder, network and parser; a TensorRT whose CUDA runtime cannot start raises what pybind11 makes of
+    a null object (TypeError), which becomes a build error the node falls back on."""
+    try:
+        builder = trt.Builder(log)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        return builder, network, trt.OnnxParser(network, log)
+    except Exception as e:  # noqa: BLE001 - any failure here is TensorRT's set-up, not the model
+        raise EngineBuildError(f"{flavour.label} could not start its builder ({type(e).__name__}: "
+                               f"{e}). Usually the GPU driver is older than this TensorRT needs: update the "
+                               "driver, or install a TensorRT that matches it.") from e
 
 
 def build_engine(onnx_model: Any, profile: Profile, flavour: Flavour, *, target: str = PORTABLE,
@@ -151,9 +168,7 @@ def build_engine(onnx_model: Any, profile: Profile, flavour: Flavour, *, target:
     trt = flavour.module
     data = onnx_model if isinstance(onnx_model, (bytes, bytearray)) else onnx_model.SerializeToString()
     log = _logger(trt)
-    builder = trt.Builder(log)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, log)
+    builder, network, parser = _start_builder(trt, flavour, log)
     t0 = time.perf_counter()
     if not parser.parse(data):
         if log.interrupted is not None:  # Ctrl-C in the logger's callback: that, not the parse error it caused
