@@ -121,8 +121,21 @@ def test_availability_decisions(pack, monkeypatch, rtx):
     assert not s.ok and "not a CUDA GPU" in s.reason
     monkeypatch.setattr(av, "find_tensorrt", lambda prefer=None: (None, "No TensorRT is installed (...). "
                                                                        + fl.INSTALL_HINT))
+    # No TensorRT: the install hint only where an engine could run (it sent CPU and RTX 30xx users to install it)
+    s = av.engine_support(torch.device("cpu"))
+    assert not s.ok and "not a CUDA GPU" in s.reason and "pip install" not in s.reason
+    _fake_gpu(monkeypatch, (8, 6), "NVIDIA GeForce RTX 3090")
+    s = av.engine_support(torch.device("cuda:0"))
+    assert not s.ok and "no FP8 tensor cores" in s.reason and "pip install" not in s.reason
+    _fake_gpu(monkeypatch, (8, 9), "NVIDIA GeForce RTX 4090")
     s = av.engine_support(torch.device("cuda:0"))
     assert not s.ok and "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings" in s.reason
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")  # ROCm reports gfx942 (MI300X) as capability 9.4
+    _fake_gpu(monkeypatch, (9, 4), "AMD Instinct MI300X")
+    for flavour in (rtx.flavour, fl.Flavour(fl.STANDARD, object(), "10.16"), None):
+        s = av.engine_support(torch.device("cuda:0"), flavour)
+        assert not s.ok and "AMD GPU (ROCm)" in s.reason and "pip install" not in s.reason
+    monkeypatch.setattr(torch.version, "hip", None)
 
     _fake_gpu(monkeypatch, (9, 0), "NVIDIA H100")
     s = av.engine_support(torch.device("cuda:0"), rtx.flavour)
@@ -133,7 +146,7 @@ def test_availability_decisions(pack, monkeypatch, rtx):
 
     _fake_gpu(monkeypatch, (8, 6), "NVIDIA GeForce RTX 3090")
     s = av.engine_support(torch.device("cuda:0"), rtx.flavour)
-    assert not s.ok and "8.9 and 12.x only" in s.reason and "no FP8 tensor cores" in s.reason
+    assert not s.ok and "no FP8 tensor cores" in s.reason and "compute capability 8.9+" in s.reason
     _fake_gpu(monkeypatch, (8, 9), "NVIDIA GeForce RTX 4090")
     s = av.engine_support(torch.device("cuda:0"), rtx.flavour)
     assert s.ok and s.target == "sm89"

@@ -26,11 +26,8 @@ class Support:
 
 
 def engine_support(device: torch.device | str | None = None, flavour: Flavour | None = None) -> Support:
-    """Whether an FP8 engine can run on `device` (ComfyUI's torch device) with the installed TensorRT."""
-    if flavour is None:
-        flavour, why = find_tensorrt()
-        if flavour is None:
-            return Support(False, why)
+    """Whether an FP8 engine can run on `device` (ComfyUI's torch device) with the installed TensorRT. The
+    device first: where no engine could run, installing TensorRT would not help, and the reason says so."""
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda":
         where = "no device" if device is None else f"'{device}'"
@@ -39,19 +36,25 @@ def engine_support(device: torch.device | str | None = None, flavour: Flavour | 
     if not torch.cuda.is_available():
         return Support(False, "CUDA is not available to torch (no NVIDIA driver or a CPU-only torch build).",
                        flavour)
+    if torch.version.hip:  # ROCm's torch.cuda is an AMD GPU, whose "capability" is its gfx generation
+        return Support(False, "This is an AMD GPU (ROCm): TensorRT engines run on NVIDIA GPUs only.", flavour,
+                       device=device)
     cc = torch.cuda.get_device_capability(device)
     name = torch.cuda.get_device_name(device)
     gpu = f"{name} (compute capability {cc[0]}.{cc[1]})"
-    if flavour.name == RTX:
-        if cc not in RTX_FP8_CC:
-            alt = (" Standard TensorRT 10.2+ (`pip install tensorrt`) runs FP8 engines on this GPU."
-                   if cc >= STANDARD_MIN_CC else " This GPU has no FP8 tensor cores.")
-            return Support(False, f"{flavour.label} cannot run FP8 engines on {gpu}: it runs FP8 on compute "
-                                  f"capability 8.9 and 12.x only.{alt}", flavour, device=device)
-        return Support(True, f"{flavour.label} on {gpu}", flavour, f"sm{cc[0]}{cc[1]}", device)
     if cc < STANDARD_MIN_CC:
         return Support(False, f"{gpu} has no FP8 tensor cores (FP8 engines need compute capability 8.9+: Ada, "
                               "Hopper, Blackwell).", flavour, device=device)
+    if flavour is None:
+        flavour, why = find_tensorrt()
+        if flavour is None:
+            return Support(False, why, device=device)
+    if flavour.name == RTX:
+        if cc not in RTX_FP8_CC:
+            return Support(False, f"{flavour.label} cannot run FP8 engines on {gpu}: it runs FP8 on compute "
+                                  "capability 8.9 and 12.x only. Standard TensorRT 10.2+ (`pip install "
+                                  "tensorrt`) runs FP8 engines on this GPU.", flavour, device=device)
+        return Support(True, f"{flavour.label} on {gpu}", flavour, f"sm{cc[0]}{cc[1]}", device)
     # Standard TensorRT engines are specific to the GPU model they were built on.
     return Support(True, f"{flavour.label} on {gpu}", flavour, f"sm{cc[0]}{cc[1]}-{name}", device)
 
