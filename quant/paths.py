@@ -101,7 +101,8 @@ def write_set(files: list[tuple[Path, Callable[[str], None]]], overwrite: bool) 
 _OS_FIXES = {errno.ENOSPC: "Free disk space there, or save into another folder. ",
              errno.EACCES: "ComfyUI may not write into that folder: fix its permissions or save elsewhere. ",
              errno.EPERM: "ComfyUI may not write into that folder: fix its permissions or save elsewhere. ",
-             errno.EROFS: "That folder is on a read-only file system: save elsewhere. "}
+             errno.EROFS: "That folder is on a read-only file system: save elsewhere. ",
+             errno.EFBIG: "That file system or account limits file sizes (FAT32: 4 GB): save elsewhere. "}
 
 
 def _write_temp(path: Path, write: Callable[[str], None]) -> str:
@@ -109,7 +110,7 @@ def _write_temp(path: Path, write: Callable[[str], None]) -> str:
     os.close(fd)
     try:
         mode = os.stat(tmp).st_mode & 0o777  # what open() gives here
-        write(tmp)
+        _write_reporting_os_errors(write, tmp)
         os.chmod(tmp, mode)  # safetensors replaces the file with a 0600 one
         fd = os.open(tmp, os.O_RDWR)  # Windows cannot fsync a read-only handle
         try:
@@ -121,6 +122,20 @@ def _write_temp(path: Path, write: Callable[[str], None]) -> str:
             os.unlink(tmp)
         raise
     return tmp
+
+
+def _write_reporting_os_errors(write: Callable[[str], None], tmp: str) -> None:
+    """safetensors reports a failed write (a full disk) as its own SafetensorError, "... (os error 28)": an
+    OSError again, so the caller can say what to fix."""
+    try:
+        write(tmp)
+    except OSError:
+        raise
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
 
 
 def _move_all(moves: list[tuple[str, Path]], overwrite: bool) -> None:

@@ -686,6 +686,34 @@ def test_a_multi_tower_save_that_fails_part_way_leaves_no_half_set(pack, tmp_pat
     assert written == files and [f.read_bytes() for f in files] == [f.name.encode() for f in files]
 
 
+def test_a_write_that_safetensors_cannot_finish_gets_the_fix(tmp_path):
+    """safetensors reports a failed write as its own SafetensorError ("... (os error 28)" on a full disk), not
+    an OSError: the save failed with that raw error, without the fix or "Nothing was changed". A real failed
+    write through the real safetensors: a child process whose file size limit is 4 KB (EFBIG)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import resource, signal, sys, torch
+        from pathlib import Path
+        from safetensors.torch import save_file
+        from quant import paths
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            paths.write_atomic(Path(sys.argv[1]), lambda tmp: save_file({"w": torch.zeros(100000)}, tmp), False)
+        except ValueError as e:
+            print("REFUSED", e)
+    """)
+    target = tmp_path / "clip_l_fp8.safetensors"
+    run = subprocess.run([sys.executable, "-c", child, str(target)], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (f"REFUSED Could not save clip_l_fp8.safetensors in {tmp_path}: File too large. That file system or "
+            "account limits file sizes" in run.stdout and "Nothing was changed there." in run.stdout), run
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_overwriting_a_multi_tower_set_that_fails_part_way_keeps_the_old_set(pack, tmp_path, monkeypatch):
     """Overwriting SDXL's pair with another model's: a full disk at the second file, or a failed move into
     place, must leave the old pair whole, never a new clip_l beside the old clip_g."""
