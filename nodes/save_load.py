@@ -39,6 +39,17 @@ def full_path(name: str, folder: str = FOLDER, where: str = "models/text_encoder
     return path
 
 
+def files_changed_token(names: list[str], folder: str = FOLDER) -> str:
+    """IS_CHANGED of the Load nodes: size and modification time of each selected file, so that a file saved
+    again under its name ('overwrite') is loaded again; ComfyUI would keep handing out the old model."""
+    import folder_paths
+
+    from ..trt_runtime.watch import file_states
+
+    paths = [folder_paths.get_full_path(folder, n) or f"missing:{n}" for n in names if n and n != "none"]
+    return repr(sorted(file_states(paths).items()))
+
+
 class SaveFP8CLIP:
     NODE_ID = "FP8CLIPSave"
     DISPLAY_NAME = "Save FP8 CLIP"
@@ -116,6 +127,10 @@ class LoadFP8CLIP:
                                                "tooltip": "The other tower's file (SDXL), or a stock T5 file."}),
             "clip_name3": (["none", *files], {"default": "none", "tooltip": "SD3: the third file (T5)."}),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, clip_name, clip_name2="none", clip_name3="none", **_):
+        return files_changed_token([clip_name, clip_name2, clip_name3])
 
     def load(self, clip_name, type="auto", runtime="auto", clip_name2="none", clip_name3="none"):
         import folder_paths

@@ -1,7 +1,7 @@
 """Save FP8 CLIP Vision / Load FP8 CLIP Vision: widgets -> quant.serialize_vision (models/clip_vision)."""
 from __future__ import annotations
 
-from .save_load import full_path, runtime_widget, safetensors_files
+from .save_load import files_changed_token, full_path, runtime_widget, safetensors_files
 
 FOLDER = "clip_vision"
 
@@ -54,6 +54,10 @@ class LoadFP8CLIPVision:
             "clip_name": (safetensors_files(FOLDER), {"tooltip": "A file written by 'Save FP8 CLIP Vision'."}),
             "runtime": runtime_widget(),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, clip_name, **_):
+        return files_changed_token([clip_name], FOLDER)
 
     def load(self, clip_name, runtime="auto"):
         from ..quant.serialize_vision import load_fp8_clip_vision, summary_text

@@ -237,6 +237,31 @@ def test_saving_never_overwrites_unless_asked_and_is_atomic(comfy, qclip, saved,
     assert not [p for p in (te_dir / "fp8test").iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
 
 
+def test_load_runs_again_when_its_file_is_saved_again(comfy, saved, te_dir, scratch, monkeypatch):
+    """'Save FP8 CLIP' with overwrite, then the same workflow queued again: ComfyUI reused the Load node's
+    output, the model from before the file was replaced."""
+    import copy
+
+    from harness.host import new_executor, run_graph
+
+    path = scratch(te_dir / "fp8test" / "reloaded.safetensors")
+    path.write_bytes(saved.read_bytes())
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["FP8CLIPLoad"]
+    loads, load = [], node.load
+    monkeypatch.setattr(node, "load", lambda self, *a, **k: loads.append(1) or load(self, *a, **k))
+    prompt = {"1": {"class_type": "FP8CLIPLoad", "inputs": {"clip_name": "fp8test/reloaded.safetensors",
+                                                            "type": "auto", "runtime": "auto"}},
+              "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+    ex = new_executor(comfy)
+    run_graph(comfy, copy.deepcopy(prompt), ex)  # a copy each time: the executor writes into the prompt
+    run_graph(comfy, copy.deepcopy(prompt), ex)
+    assert len(loads) == 1  # unchanged: ComfyUI's cached output
+    time.sleep(0.01)
+    path.write_bytes(saved.read_bytes())  # saved again under its name
+    run_graph(comfy, copy.deepcopy(prompt), ex)
+    assert len(loads) == 2
+
+
 def test_saving_the_fake_quant_preview_writes_the_same_file(comfy, quantized, saved, te_dir, scratch):
     path = scratch(te_dir / "fp8test" / "from_fake.safetensors")
     call(comfy, "FP8CLIPSave", clip=quantized[0], filename="fp8test/from_fake", format="fp8 + scales (Load FP8 CLIP)",

@@ -119,6 +119,20 @@ def test_load_node_runs_in_a_workflow(comfy, saved):
     assert "image_embeds" in json.dumps(run_graph(comfy, prompt))
 
 
+def test_load_runs_again_when_its_file_is_saved_again(comfy, saved, cv_dir, scratch):
+    """As Load FP8 CLIP (test_save_load.py): a file saved again under its name is loaded again."""
+    import time
+
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["FP8CLIPVisionLoad"]
+    path = scratch(cv_dir / "fp8test" / "vit_l_again.safetensors")
+    path.write_bytes(saved.read_bytes())
+    before = node.IS_CHANGED("fp8test/vit_l_again.safetensors", runtime="auto")
+    assert node.IS_CHANGED("fp8test/vit_l_again.safetensors", runtime="auto") == before
+    time.sleep(0.01)
+    path.write_bytes(saved.read_bytes())
+    assert node.IS_CHANGED("fp8test/vit_l_again.safetensors", runtime="auto") != before
+
+
 def test_saving_never_overwrites_unless_asked(comfy, quantized, saved, cv_dir, scratch):
     before = saved.read_bytes()[:4096], saved.stat().st_mtime_ns
     with pytest.raises(ValueError, match="vit_l_fp8.safetensors already exists.*set 'overwrite'"):
