@@ -23,6 +23,8 @@ def check_name(name: str) -> str:
         raise FP8ClipError(f"File name {name!r} ends with a folder separator: add the file's name, such as "
                            "'fp8/clip_l_fp8'.")
     parts = PurePosixPath(raw.replace("\\", "/")).parts
+    if not parts:  # "." (an IndexError below)
+        raise FP8ClipError(f"File name {name!r} names no file. Enter a name such as 'fp8/clip_l_fp8'.")
     # '~' alone is the shell's home folder; '~old_clip' is a file ComfyUI lists like any other
     if raw.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", raw) or ".." in parts or parts[0] == "~":
         raise FP8ClipError(f"File name {name!r} points outside the models folder. Use a plain name, optionally "

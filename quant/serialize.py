@@ -74,6 +74,7 @@ def bundle_info(clip: Any, towers: Sequence[str]) -> dict[str, Any]:
 
 def tower_file_names(name: str, towers: Sequence[str]) -> list[str]:
     """One tower: `name`; several (SDXL...): `name_clip_l`, `name_clip_g`, as ComfyUI's CLIPSave names them."""
+    name = (name or "").strip()  # " name " was saved as "name .safetensors"
     stem = name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
     if not stem.strip() or stem.endswith(("/", "\\")):  # "" would become "_clip_l.safetensors"
         raise FP8ClipError("The file name is empty. Enter a name such as 'fp8/sdxl_clip_fp8'.")

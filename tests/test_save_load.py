@@ -836,3 +836,13 @@ def test_a_name_ending_in_a_folder_separator_is_refused_and_a_listed_tilde_name_
     assert paths.check_name("fp8/~old_clip_fp8.safetensors") == "fp8/~old_clip_fp8.safetensors"
     with pytest.raises(ValueError, match="outside the models folder"):
         paths.check_name("~/clip_fp8.safetensors")
+
+
+def test_a_name_of_only_a_dot_or_with_spaces_around_it(pack, tmp_path):
+    """'.' raised an IndexError (the command line reaches it), and ' name ' was saved as 'name .safetensors'."""
+    paths, serialize = mod(pack, "paths"), mod(pack, "serialize")
+    with pytest.raises(ValueError, match="names no file"):
+        paths.check_name(".")
+    assert serialize.tower_file_names(" fp8/clip_l_fp8 ", ["clip_l"]) == ["fp8/clip_l_fp8.safetensors"]
+    assert serialize.tower_file_names(" sdxl ", ["clip_l", "clip_g"]) == ["sdxl_clip_l.safetensors",
+                                                                           "sdxl_clip_g.safetensors"]
