@@ -242,7 +242,8 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     for t in towers:
         prefix = t.name + "."
         summaries.append(TowerSummary(t.name, sum(n.startswith(prefix) for n in scales),
-                                      [n[len(prefix):] for n in kept if n.startswith(prefix)]))
+                                      [n[len(prefix):] for n in kept if n.startswith(prefix)],
+                                      pooled_used=family.pooled_towers is None or t.name in family.pooled_towers))
 
     t0 = time.perf_counter()
     probe = LayerErrorProbe(container, reference, keep=(qclip.patcher,))

@@ -123,7 +123,13 @@ class TowerCapture:
 
     def _hook(self, name: str) -> Callable:
         def hook(mod, args, kwargs, out):
-            hidden = out[1] if isinstance(kwargs.get("intermediate_output"), int) and out[1] is not None else out[0]
+            # The output ComfyUI takes: its encoder's `layer` decides, as in SDClipModel.forward ("last" also when
+            # clip skip is beyond this tower's depth, SDXL's CLIP-L at -13..-24, though an index is still passed).
+            layer = getattr(self._owners.get(name), "layer", None)
+            if layer is None:  # no ComfyUI encoder known
+                hidden = out[1] if isinstance(kwargs.get("intermediate_output"), int) and out[1] is not None else out[0]
+            else:
+                hidden = out[0] if layer == "last" or out[1] is None else out[1]
             projected = getattr(self._owners.get(name), "return_projected_pooled", True)
             pooled = out[2] if len(out) > 2 else None
             if not projected and len(out) > 3 and out[3] is not None:
@@ -143,6 +149,7 @@ class TowerSummary:
     kept: list[str]
     cond: list[float] = field(default_factory=list)  # per held-out prompt
     pooled: list[float] = field(default_factory=list)
+    pooled_used: bool = True  # False: the bundle passes another tower's pooled output on (SDXL's CLIP-L)
 
 
 @dataclass
@@ -203,7 +210,7 @@ class QualityReport:
         for t in self.towers if self.per_tower else ():
             if t.cond:
                 out.append((f"{t.name} hidden", min(t.cond)))
-            if t.pooled and self.pooled_used:
+            if t.pooled and self.pooled_used and t.pooled_used:
                 out.append((f"{t.name} pooled", min(t.pooled)))
         return out
 
@@ -255,7 +262,8 @@ class QualityReport:
             for t in self.towers:
                 lines.append(f"  {t.name} alone: hidden {f(min(t.cond, default=None))} / "
                              f"{f(sum(t.cond) / len(t.cond) if t.cond else None)}, pooled "
-                             f"{f(min(t.pooled, default=None))}")
+                             + (f"{f(min(t.pooled, default=None))}" if t.pooled_used else
+                                f"not used ({self.family.split(' (')[0]} models read another tower's)"))
         lines += [
             f"Calibration: {self.calibration_prompts} prompts, method '{self.method}', "
             f"{self.calibration_seconds:.1f} s (evaluation {self.evaluation_seconds:.1f} s)",

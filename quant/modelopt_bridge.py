@@ -114,7 +114,10 @@ def linear_layer_names(module: torch.nn.Module) -> list[str]:
 def nonfinite_weight_layers(module: torch.nn.Module, names: list[str]) -> list[str]:
     """Layers among `names` whose weight holds NaN or inf (ModelOpt's calibration asserts on them). A checkpoint
     without a tower's projection (SDXL's CLIP-L) leaves ComfyUI's uninitialized: NaN on a GPU, seen on an H100."""
-    return [n for n in names if not bool(torch.isfinite(module.get_submodule(n).weight).all())]
+    def finite(w: torch.Tensor) -> bool:  # float8 (--fp8_e4m3fn-text-enc) has no isfinite: widen it
+        return bool(torch.isfinite(w.float() if w.element_size() == 1 else w).all())
+
+    return [n for n in names if not finite(module.get_submodule(n).weight)]
 
 
 def quantize(module: torch.nn.Module, config: dict, forward_loop: Callable[[torch.nn.Module], None]) -> None:

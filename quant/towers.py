@@ -29,6 +29,10 @@ FAMILY_NAMES: dict[str, str] = {
     "FluxClipModel": "Flux",
     "SD1ClipModel": "SD1.5",
 }
+# Bundles whose pooled output is one tower's (first class in the MRO found here): SDXL returns CLIP-G's and
+# Flux CLIP-L's; the other tower's pooled output is read by no model (SDXL checkpoints do not even hold CLIP-L's
+# projection: ComfyUI leaves it uninitialized). Others (SD3: both concatenated) read every tower's.
+POOLED_FROM: dict[str, tuple[str, ...]] = {"SDXLClipModel": ("clip_g",), "FluxClipModel": ("clip_l",)}
 TOWER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "clip_h": "CLIP-H", "t5xxl": "T5", "t5xl": "T5-XL",
                 "t5base": "T5-base", "umt5xxl": "UMT5-XXL"}
 TESTED = "SD1.5 CLIP-L, SDXL CLIP-L + CLIP-G, SD3 CLIP-L/CLIP-G, Flux CLIP-L"
@@ -54,6 +58,7 @@ class Family:
     towers: tuple[TextTower, ...]
     passed_through: tuple[str, ...]  # other towers of the bundle, left as they are
     pooled_used: bool = True  # False: the diffusion models of this bundle ignore its pooled output
+    pooled_towers: tuple[str, ...] | None = None  # the towers whose pooled output it passes on (None: all)
 
 
 def require_clip(clip: Any) -> None:
@@ -98,4 +103,5 @@ def text_family(clip: Any) -> tuple[Family, list[TextTower]]:
     if name is None or name == "SD1.5" and [t.name for t in towers] != ["clip_l"]:
         name = type(csm).__name__  # SD1ClipModel is also the base of other families' bundles
     label = f"{name} ({' + '.join(TOWER_LABELS.get(n, n) for n in [t.name for t in towers] + others)})"
-    return Family(label, tuple(towers), tuple(others), type(csm).__name__ not in POOLED_UNUSED), towers
+    pooled_from = next((POOLED_FROM[c.__name__] for c in type(csm).__mro__ if c.__name__ in POOLED_FROM), None)
+    return Family(label, tuple(towers), tuple(others), type(csm).__name__ not in POOLED_UNUSED, pooled_from), towers

@@ -43,6 +43,9 @@ def test_sdxl_both_towers_quantized_with_shapes_and_report(comfy, sdxl):
     assert "clip_l: 72 Linear layers in FP8" in report and "clip_g: 192 Linear layers in FP8" in report
     assert "on 2 held-out prompts" in report
     assert re.search(r"clip_l alone: hidden 0\.99\d+", report) and re.search(r"clip_g alone: hidden 0\.99\d+", report)
+    # SDXL passes CLIP-G's pooled output on; CLIP-L's is read by nothing (and uninitialized in SDXL checkpoints)
+    assert re.search(r"clip_l alone: .*, pooled not used \(SDXL models read another tower's\)", report)
+    assert re.search(r"clip_g alone: .*, pooled 0\.99\d+", report)
     rc, rp = encode(comfy, clip, PROMPT)
     gc, gp = encode(comfy, q, PROMPT)
     assert rc.shape == gc.shape == (1, 77, 2048) and rp.shape == gp.shape == (1, 1280)

@@ -37,6 +37,25 @@ def test_calibrated_fp8_at_least_as_good_as_stock_fp8_text_enc(comfy, pack):
     assert sum(our_cos) >= sum(stock_cos)
 
 
+def test_a_clip_comfyui_loaded_in_fp8_is_quantized(comfy):
+    """--fp8_e4m3fn-text-enc (or --fp8_e5m2-text-enc) loads the CLIP's weights as float8: the node failed on
+    them before calibrating ("isfinite" not implemented for 'Float8_e4m3fn')."""
+    import comfy.cli_args as cli
+
+    from conftest import CALIBRATION_SMALL
+
+    cli.args.fp8_e4m3fn_text_enc = True
+    try:
+        (clip,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
+    finally:
+        cli.args.fp8_e4m3fn_text_enc = False
+    assert any(p.dtype == torch.float8_e4m3fn for p in clip.cond_stage_model.parameters())
+    qclip, report = quantize(comfy, clip, calibration_prompts=CALIBRATION_SMALL)["result"]
+    worst = float(re.search(r"conditioning\s+([\d.]+)", report).group(1))
+    prompt = "a lighthouse on a cliff at dusk"
+    assert worst > 0.98 and cosine(encode(comfy, clip, prompt)[0], encode(comfy, qclip, prompt)[0]) > 0.98, report
+
+
 def worst_layers(text: str) -> list[str]:
     m = re.search(r"Worst layers by output error: (.*?)\. Try", text)
     return re.findall(r"(clip_l\.[\w.]+) \(", m.group(1)) if m else []
@@ -138,6 +157,45 @@ def test_sd15_pooled_output_is_shown_but_not_held_to_the_threshold(comfy, pack):
     from test_families import flux_clip
 
     assert towers.text_family(flux_clip(comfy))[0].pooled_used and not towers.text_family(clip)[0].pooled_used
+    assert towers.text_family(flux_clip(comfy))[0].pooled_towers == ("clip_l",)
+
+
+def test_a_towers_pooled_output_the_bundle_does_not_pass_on_is_not_held_to_the_threshold(pack):
+    """SDXL's conditioning carries CLIP-G's pooled output only; SDXL checkpoints hold no CLIP-L projection and
+    ComfyUI leaves it uninitialized: a CLIP-L pooled score of 0 (zeroed memory) warned and advised keeping
+    layers, for an output no model reads."""
+    f = pack_module(pack, "quant.fidelity")
+    prompts = [f.PromptScore("a house", 0.995, 0.99, 0.993)]
+    towers = [f.TowerSummary("clip_l", 72, [], cond=[0.995], pooled=[0.0], pooled_used=False),
+              f.TowerSummary("clip_g", 192, [], cond=[0.995], pooled=[0.993])]
+    report = f.QualityReport("SDXL (CLIP-L + CLIP-G)", "weights+activations", "max", towers, prompts,
+                             {"clip_l.layer": 0.01}, 4, 1.0, 1.0, min_cosine=0.99)
+    assert report.warnings() == [] and ("clip_l pooled", 0.0) not in report.checks()
+    assert "clip_l alone: hidden 0.9950 / 0.9950, pooled not used (SDXL models read another tower's)" in report.text()
+    towers[0].pooled_used = True  # a bundle that reads it (SD3): held to the threshold
+    assert "worst prompt: clip_l pooled 0.00000" in report.warnings()[0]
+
+
+def test_the_report_scores_the_hidden_state_comfyui_takes(pack):
+    """ComfyUI takes the last layer when clip skip is beyond a tower's depth (SDXL's 12-layer CLIP-L at -13 to
+    -24) while still passing the index; the report scored the intermediate output there."""
+    from types import SimpleNamespace
+
+    f = pack_module(pack, "quant.fidelity")
+    last, inter = torch.ones(1, 77, 4), torch.zeros(1, 77, 4)
+
+    class Tower(torch.nn.Module):
+        def forward(self, *a, **k):
+            return last, inter, None, None
+
+    tower, owner = Tower(), SimpleNamespace(layer="last", return_projected_pooled=True)
+    capture = f.TowerCapture({"clip_l": tower}, {"clip_l": owner})
+    tower(None, intermediate_output=-13)
+    assert torch.equal(capture.last["clip_l"][0], last)
+    owner.layer = "hidden"
+    tower(None, intermediate_output=-2)
+    assert torch.equal(capture.last["clip_l"][0], inter)
+    capture.close()
 
 
 def test_evaluation_prompts_that_tokenize_like_calibration_prompts_are_named(comfy):
