@@ -153,8 +153,13 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
                          held_out: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None,
                          check_interrupt: Callable[[], None] = lambda: None) -> tuple[Any, VisionReport]:
     """Calibrate FP8 scales for the vision transformer of `cv`; return the quantized copy and its report."""
-    # Before the model check: a CLIP_VISION on a TensorRT engine has no encoder left to recognise.
-    if hasattr(cv, "patcher") and artifact.record_of(cv.patcher.get_model_object(PATH)) is not None:
+    # Before the model check: a CLIP_VISION on a TensorRT engine has no encoder left to recognise. Other image
+    # encoders (DINOv2, DINOv3) have no vision_model at all: require_clip_vision names them.
+    try:
+        tower = cv.patcher.get_model_object(PATH) if hasattr(cv, "patcher") else None
+    except AttributeError:
+        tower = None
+    if tower is not None and artifact.record_of(tower) is not None:
         raise FP8ClipError("This CLIP_VISION is already quantized to FP8 by this pack ('Quantize CLIP Vision to FP8' "
                            "or 'Load FP8 CLIP Vision'). Connect the original one from Load CLIP Vision instead.")
     model = require_clip_vision(cv)

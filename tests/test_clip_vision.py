@@ -147,12 +147,15 @@ def test_grayscale_and_rgba_calibration_images_are_accepted(pack):
     assert check(torch.rand(2, 40, 50, 4)).shape == (2, 40, 50, 3)
 
 
-def test_unknown_image_encoder_is_refused(comfy, tmp_path):
+@pytest.mark.parametrize("config", ["clip_vision_siglip_384.json", "image_encoders/dino2_large.json"])
+def test_unknown_image_encoder_is_refused(comfy, tmp_path, config):
+    """SigLIP (Flux Redux) and DINOv2 (Hunyuan3D), which Load CLIP Vision loads too; DINOv2, which has no
+    vision_model, raised a bare AttributeError."""
     from comfy.clip_vision import ClipVisionModel
 
-    cfg = json.loads((comfy.host / "comfy" / "clip_vision_siglip_384.json").read_text())
+    cfg = json.loads((comfy.host / "comfy" / config).read_text())
     cfg["num_hidden_layers"] = 1
-    p = tmp_path / "siglip.json"
+    p = tmp_path / "encoder.json"
     p.write_text(json.dumps(cfg))
     cv = ClipVisionModel(str(p))
     with pytest.raises(ValueError, match=r"not a CLIP vision transformer the pack knows\. Supported: CLIP vision.*"
