@@ -13,7 +13,6 @@ from typing import Any
 from .errors import FP8ClipError, UnsupportedModelError
 
 CLIP_TOWERS = ("clip_l", "clip_g", "clip_h")
-OTHER_TOWERS = ("t5xxl", "t5xl", "t5base", "llama", "qwen", "gemma", "umt5xxl")
 
 # Bundles whose diffusion models read no pooled text output (ComfyUI's SD1.5 and SD2 models take none; only the
 # GLIGEN text-box node passes it on, to its GLIGEN model); exact class names: other families subclass these.
@@ -88,20 +87,19 @@ def text_family(clip: Any) -> tuple[Family, list[TextTower]]:
     """The family of a CLIP and its CLIP text towers; a clear error when it has none."""
     require_clip(clip)
     csm = clip.cond_stage_model
-    towers, others = [], []
+    towers = []
     for name in CLIP_TOWERS:
         if getattr(csm, name, None) is not None and _is_clip_text_tower(clip, name):
             towers.append(TextTower(name))
-    for name in OTHER_TOWERS:
-        if getattr(csm, name, None) is not None:
-            others.append(name)
+    # Every other encoder of the bundle (T5, Llama, Qwen...) is passed through: named so, whatever it is called.
+    others = [n for n, _ in csm.named_children() if n not in {t.name for t in towers}]
     if not towers:
         raise UnsupportedModelError(
             f"This text encoder ({type(csm).__name__}) has no CLIP text tower, so there is nothing for this node "
             f"to quantize. Supported: {supported_families_text()}. Pass this CLIP to CLIPTextEncode directly.")
     name = next((FAMILY_NAMES[c.__name__] for c in type(csm).__mro__ if c.__name__ in FAMILY_NAMES), None)
-    if name is None or name == "SD1.5" and [t.name for t in towers] != ["clip_l"]:
-        name = type(csm).__name__  # SD1ClipModel is also the base of other families' bundles
+    if name is None or name == "SD1.5" and (type(csm).__name__ != "SD1ClipModel" or others):
+        name = type(csm).__name__  # SD1ClipModel is also the base of other families' bundles (Kandinsky 5...)
     label = f"{name} ({' + '.join(TOWER_LABELS.get(n, n) for n in [t.name for t in towers] + others)})"
     pooled_from = next((POOLED_FROM[c.__name__] for c in type(csm).__mro__ if c.__name__ in POOLED_FROM), None)
     return Family(label, tuple(towers), tuple(others), type(csm).__name__ not in POOLED_UNUSED, pooled_from), towers

@@ -266,3 +266,29 @@ def test_sdxl_on_tensorrt_engines_encodes_like_its_fp8_towers(comfy, pack, sdxl,
     # graph is as close to the original encoder as the PyTorch FP8 towers are.
     assert cosine(gc, rc) > 0.998 and cosine(gp, rp) > 0.997
     assert cosine(gc, oc) > cosine(rc, oc) - 0.002
+
+
+def test_a_bundle_built_on_sd1s_class_is_not_called_sd15_and_its_other_encoders_are_named(pack):
+    """ComfyUI v0.29's Kandinsky 5 text encoder derives from SD1ClipModel (through Qwen-Image's) and holds
+    clip_l beside a Qwen encoder: the report called it "SD1.5 (CLIP-L)" and did not say the Qwen output, which is
+    its conditioning, passed through."""
+    from types import SimpleNamespace
+
+    towers = pack_module(pack, "quant.towers")
+
+    def bundle(cls_name: str, **others) -> SimpleNamespace:
+        sd1 = type("SD1ClipModel", (torch.nn.Module,), {})
+        csm = (sd1 if cls_name == "SD1ClipModel" else type(cls_name, (sd1,), {}))()
+        csm.clip_l = torch.nn.Module()
+        csm.clip_l.transformer = torch.nn.Module()
+        csm.clip_l.transformer.text_model = torch.nn.Module()
+        csm.clip_l.transformer.text_model.encoder = torch.nn.Module()
+        for name, module in others.items():
+            setattr(csm, name, module)
+        patcher = SimpleNamespace(get_model_object=lambda path: csm.get_submodule(path))
+        return SimpleNamespace(patcher=patcher, cond_stage_model=csm, tokenize=None, encode_from_tokens=None)
+
+    family, _ = towers.text_family(bundle("SD1ClipModel"))
+    assert family.label == "SD1.5 (CLIP-L)" and family.passed_through == () and not family.pooled_used
+    family, _ = towers.text_family(bundle("Kandinsky5TEModel_", qwen25_7b=torch.nn.Linear(2, 2)))
+    assert family.label == "Kandinsky5TEModel_ (CLIP-L + qwen25_7b)" and family.passed_through == ("qwen25_7b",)
