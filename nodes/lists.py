@@ -26,10 +26,7 @@ def unlist(inputs: Mapping[str, list], join: Mapping[str, Callable[[list], Any]]
     return out
 
 
-def prompt_lines(values: list[str]) -> str:
-    """The prompts as the widget's text, one prompt per line. One value is that text (typed into the widget, or
-    a string wired in): as it is. Several are a prompt list, one prompt each: a prompt's own line breaks become
-    spaces, as ComfyUI's tokenizer reads them, so a multi-line prompt stays one prompt."""
-    if len(values) == 1:
-        return str(values[0])
-    return "\n".join(" ".join(str(v).splitlines()) for v in values)
+def prompts_of(values: list[str]) -> str | list[str]:
+    """A prompts input: one value is text (typed into the widget, or a string wired in), one prompt per line;
+    several are a prompt list, one prompt per item (quant.prompts.parse_prompts reads both)."""
+    return str(values[0]) if len(values) == 1 else [str(v) for v in values]

@@ -4,7 +4,7 @@ import logging
 
 from ..quant.prompts import DEFAULT_CALIBRATION_TEXT, parse_prompts
 from ..quant.recipe import DEFAULT_KEEP, METHODS, SCOPES, Recipe, parse_patterns
-from .lists import prompt_lines, unlist
+from .lists import prompts_of, unlist
 from .tensorrt_engine import run_on_engine
 from .ui import interrupt_check, progress_bar
 
@@ -68,8 +68,7 @@ class QuantizeCLIP:
         }}
 
     def quantize_lists(self, **inputs):
-        return self.quantize(**unlist(inputs, {"calibration_prompts": prompt_lines,
-                                               "evaluation_prompts": prompt_lines}))
+        return self.quantize(**unlist(inputs, {"calibration_prompts": prompts_of, "evaluation_prompts": prompts_of}))
 
     def quantize(self, clip, calibration_prompts, keep_high_precision, method, quantize, min_cosine,
                  runtime="auto", fp8_token_embedding=True, evaluation_prompts=""):

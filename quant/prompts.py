@@ -6,6 +6,8 @@ The two sets share no prompt, so the report measures prompts the scales were not
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 CALIBRATION_PROMPTS: tuple[str, ...] = (
     "a photo of a cat sitting on a windowsill",
     "portrait of an old fisherman, weathered skin, dramatic lighting, 85mm lens",
@@ -115,19 +117,23 @@ HELD_OUT_PROMPTS: tuple[str, ...] = (
 )
 
 
-def parse_prompts(text: str) -> list[str]:
-    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+def parse_prompts(text: str | Sequence[str]) -> list[str]:
+    """Text: one prompt per line; blank lines and lines starting with '#' are skipped. A list (a prompt list
+    wired into the node): one prompt per item, whatever it starts with ('#1 best quality' is a prompt); an
+    item's line breaks become spaces, as ComfyUI's tokenizer reads them."""
+    if not isinstance(text, str):
+        return [p for p in (" ".join(str(v).splitlines()).strip() for v in text) if p]
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
-def evaluation_prompts(text: str) -> tuple[list[str], str]:
+def evaluation_prompts(text: str | Sequence[str]) -> tuple[list[str], str]:
     """The held-out prompts of an optional widget (empty: the built-in ones) and a note for the report when the
     widget holds text but no prompt (only # lines), so that the built-in ones were used."""
     own = parse_prompts(text or "")
     if own:
         return own, ""
     note = (f"Note: evaluation_prompts holds no prompt, only # lines: the {len(HELD_OUT_PROMPTS)} built-in "
-            "held-out prompts were used.") if (text or "").strip() else ""
+            "held-out prompts were used.") if isinstance(text, str) and text.strip() else ""
     return list(HELD_OUT_PROMPTS), note
 
 

@@ -383,13 +383,15 @@ class PromptList:
 
 def test_a_prompt_list_wired_in_calibrates_once_on_all_its_prompts(comfy, monkeypatch):
     """ComfyUI runs a node once per item of a list input: a prompt list would have calibrated once per prompt
-    and handed out as many CLIPs. A multi-line item is one prompt, as CLIPTextEncode reads it."""
+    and handed out as many CLIPs. A multi-line item is one prompt, as CLIPTextEncode reads it, and an item
+    starting with '#' too (it was dropped as a comment line)."""
     from harness.host import run_graph
 
     monkeypatch.setitem(comfy.nodes.NODE_CLASS_MAPPINGS, "TestPromptList", PromptList)
     prompt = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": comfy.files["clip_l"],
                                                            "type": "stable_diffusion"}},
-              "2": {"class_type": "TestPromptList", "inputs": {"text": "a cat|a dog\non a beach|(a red car:1.2)"}},
+              "2": {"class_type": "TestPromptList", "inputs": {"text": "a cat|a dog\non a beach|(a red car:1.2)|"
+                                                                       "#1 best quality, a fox"}},
               "3": {"class_type": "TestPromptList", "inputs": {"text": "a house by a lake|a portrait"}},
               "4": {"class_type": "FP8CLIPQuantize", "inputs": {
                   "clip": ["1", 0], "calibration_prompts": ["2", 0], "evaluation_prompts": ["3", 0],
@@ -397,7 +399,7 @@ def test_a_prompt_list_wired_in_calibrates_once_on_all_its_prompts(comfy, monkey
                   "min_cosine": 0.9, "runtime": "fake-quant", "fp8_token_embedding": True}},
               "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}}}
     (report,) = run_graph(comfy, prompt)["4"]["text"]
-    assert "Calibration: 3 prompts" in report and "on 2 held-out prompts" in report
+    assert "Calibration: 4 prompts" in report and "on 2 held-out prompts" in report
     # Typed into the widgets (or one string wired in): one prompt per line, '#' lines skipped, as before lists.
     prompt["4"]["inputs"].update(calibration_prompts="# my prompts\na cat\na dog on a beach\n(a red car:1.2)",
                                  evaluation_prompts="a house by a lake\n# not this one\na portrait")
