@@ -127,7 +127,7 @@ def unclip_image_variation() -> dict:
     img = g.node("LoadImage", (40, 380), ["example.png", "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
                  size=(320, 320))
     qv = g.node("FP8CLIPVisionQuantize", (400, 40), ["*patch_embedding*", "max", "weights+activations", 0.99, "auto"],
-                inputs=[("clip_vision", "CLIP_VISION"), ("images", "IMAGE")],
+                inputs=[("clip_vision", "CLIP_VISION"), ("images", "IMAGE"), ("evaluation_images", "IMAGE")],
                 outputs=[("clip_vision", "CLIP_VISION"), ("report", "STRING")], size=(400, 260))
     enc = g.node("CLIPVisionEncode", (860, 40), ["center"], inputs=[("clip_vision", "CLIP_VISION"),
                                                                      ("image", "IMAGE")],

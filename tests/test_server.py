@@ -56,6 +56,12 @@ def test_example_workflows_open_without_missing_nodes(server):
         for n in wf["nodes"]:
             assert n["type"] in info, f"{path.name}: node type {n['type']} is not in this ComfyUI"
             assert len(n["widgets_values"]) == len(widget_names(info[n["type"]]["input"])), (path.name, n["type"])
+            # Every socket, optional ones too, as ComfyUI saves a node: the frontend takes a loaded node's inputs
+            # from the file (the vision node's evaluation_images socket was missing).
+            spec = info[n["type"]]["input"]
+            sockets = [k for sec in ("required", "optional") for k, v in spec.get(sec, {}).items()
+                       if not (isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"))]
+            assert [i["name"] for i in n["inputs"]] == sockets, (path.name, n["type"])
         for lid, src, src_slot, dst, dst_slot, typ in wf["links"]:
             out_type = info[nodes[src]["type"]]["output"][src_slot]
             assert typ == out_type, f"{path.name}: link {lid} says {typ}, {nodes[src]['type']} gives {out_type}"
