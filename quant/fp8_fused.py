@@ -217,9 +217,6 @@ class Workspace(Fresh):
         buf.copy_(t)
         return buf
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
 
 def _row_launch(n_cols: int) -> dict:
     block = triton.next_power_of_2(n_cols)
