@@ -26,6 +26,7 @@ FAMILY_NAMES: dict[str, str] = {
     "SDXLClipModel": "SDXL",
     "SD3ClipModel": "SD3",
     "FluxClipModel": "Flux",
+    "SD2ClipModel": "SD2",
     "SD1ClipModel": "SD1.5",
 }
 # Bundles whose pooled output is one tower's (first class in the MRO found here): SDXL returns CLIP-G's and
@@ -34,11 +35,11 @@ FAMILY_NAMES: dict[str, str] = {
 POOLED_FROM: dict[str, tuple[str, ...]] = {"SDXLClipModel": ("clip_g",), "FluxClipModel": ("clip_l",)}
 TOWER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "clip_h": "CLIP-H", "t5xxl": "T5", "t5xl": "T5-XL",
                 "t5base": "T5-base", "umt5xxl": "UMT5-XXL"}
-TESTED = "SD1.5 CLIP-L, SDXL CLIP-L + CLIP-G, SD3 CLIP-L/CLIP-G, Flux CLIP-L"
+TESTED = "SD1.5 CLIP-L, SD2 CLIP-H, SDXL CLIP-L + CLIP-G, SD3 CLIP-L/CLIP-G, Flux CLIP-L"
 
 
 def supported_families_text() -> str:
-    return f"text encoders with CLIP-L or CLIP-G towers ({TESTED})"
+    return f"text encoders with CLIP-L, CLIP-G or CLIP-H towers ({TESTED})"
 
 
 @dataclass(frozen=True)

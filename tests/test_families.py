@@ -292,3 +292,37 @@ def test_a_bundle_built_on_sd1s_class_is_not_called_sd15_and_its_other_encoders_
     assert family.label == "SD1.5 (CLIP-L)" and family.passed_through == () and not family.pooled_used
     family, _ = towers.text_family(bundle("Kandinsky5TEModel_", qwen25_7b=torch.nn.Linear(2, 2)))
     assert family.label == "Kandinsky5TEModel_ (CLIP-L + qwen25_7b)" and family.passed_through == ("qwen25_7b",)
+
+
+def sd2_clip(comfy, layers: int = 4):
+    """ComfyUI's own SD2.x text-encoder bundle (OpenCLIP ViT-H/14 text tower, penultimate layer) at 4 of its 24
+    layers, seeded; a file would need all 24 for ComfyUI's loaders to recognise it as CLIP-H."""
+    from comfy.sd import CLIP
+    from comfy.supported_models_base import ClipTarget
+    from comfy.text_encoders import sd2_clip as sd2
+    from harness import fixtures
+
+    target = ClipTarget(sd2.SD2Tokenizer, sd2.SD2ClipModel)
+    clip = CLIP(target, embedding_directory=comfy.folder_paths.get_folder_paths("embeddings"),
+                model_options={"clip_h_model_config": {"num_hidden_layers": layers}})
+    sd = fixtures.clip_text_state_dict(fixtures.CLIP_H_TEXT, seed=40, num_hidden_layers=layers)
+    missing, unexpected = clip.load_sd(sd)
+    assert not [k for k in missing if "position_ids" not in k] and not unexpected
+    return clip
+
+
+def test_sd2_clip_h_quantized_with_its_penultimate_layer_kept(comfy):
+    clip = sd2_clip(comfy)
+    out = quantize(comfy, clip, calibration_prompts=CAL_FEW, evaluation_prompts=EVAL_ONE)
+    q, report = out["result"]
+    assert report.startswith("FP8 E4M3 CLIP quality report: SD2 (CLIP-H), ")
+    assert "clip_h: 24 Linear layers in FP8" in report  # 4 layers x 6; the projection kept by default
+    rc, rp = encode(comfy, clip, PROMPT)
+    gc, gp = encode(comfy, q, PROMPT)
+    assert rc.shape == gc.shape == (1, 77, 1024) and rp.shape == gp.shape == (1, 1024)
+    # SD2 conditions on the penultimate layer: the FP8 clone must take that one, not the last
+    last = call(comfy, "CLIPSetLastLayer", clip=clip, stop_at_clip_layer=-1)[0]
+    lc = encode(comfy, last, PROMPT)[0]
+    print(f"\nSD2 CLIP-H, 4 layers: FP8 vs original {cosine(gc, rc):.5f}, vs the original's last layer "
+          f"{cosine(gc, lc):.5f}")
+    assert cosine(gc, rc) > 0.99 and cosine(gc, lc) < cosine(gc, rc) - 0.01
