@@ -7,6 +7,7 @@ part, recaptured whenever a weight moves.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from typing import Any, Callable
@@ -208,8 +209,11 @@ class FP8Runner(torch.nn.Module):
             if isinstance(mod, _Attention):
                 mod.attention = host_attention(device)
                 mod.share_input()
-        self.fused = (getattr(p, "kernels", "torch") == "fused" and matmul == "scaled_mm"
-                      and fp8_fused.fusable(self.encoder_layers())[0])
+        self.fused = getattr(p, "kernels", "torch") == "fused" and matmul == "scaled_mm"
+        if self.fused:
+            self.fused, why = fp8_fused.fusable(self.encoder_layers())
+            if not self.fused:  # a loaded file's plan does not show this: the speed cost gets a reason in the log
+                log.warning("FP8 CLIP: running the unfused FP8 path on %s (%s)", device, why)
         self._drop_graphs()
         self._compiled = None
         self._device = device
@@ -223,8 +227,11 @@ class FP8Runner(torch.nn.Module):
         layers = self.encoder_layers()
         if self.fused:
             try:
-                return fp8_fused.run_layers(x, layers, mask, inter_idx, self.act_dtype,
-                                            self.__dict__.get("_kernel_buffers", fp8_fused.FRESH))
+                # Triton launches on the current device: a tower on another GPU than the current one (multi-GPU
+                # node packs) would get its kernels on the wrong one when no graph capture sets it.
+                with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+                    return fp8_fused.run_layers(x, layers, mask, inter_idx, self.act_dtype,
+                                                self.__dict__.get("_kernel_buffers", fp8_fused.FRESH))
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # noqa: BLE001 - a Triton that cannot build its kernels here: stay usable
@@ -288,6 +295,8 @@ class FP8Runner(torch.nn.Module):
         finally:
             ws.sealed = False
             self.__dict__.pop("_kernel_buffers", None)
+            if ws.grown:  # also when the warm-up failed (out of memory) after replacing a buffer
+                self._graphs.clear()
 
     def _capture_with(self, fn, x, mask, inter_idx, ln_inter, ws):
         sx = x.clone()
@@ -324,7 +333,13 @@ class FP8Runner(torch.nn.Module):
         self._drop_graphs()
 
     def _drop_graphs(self) -> None:
-        # A fresh memory pool too: the old one belongs to the graphs being released.
+        # A fresh memory pool too: the old one belongs to the graphs being released. Replays queued on the
+        # caller's stream may still use the workspace, which was allocated on a warm-up stream whose next
+        # allocations could take it once freed: let the queued work finish first (an unload, a re-plan: rare).
+        ws = self.__dict__.get("_workspace")
+        if ws is not None and ws.device is not None and ws.device.type == "cuda" \
+                and not torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize(ws.device)
         self._graphs.clear()
         self.__dict__.pop("_pool", None)
         self.__dict__.pop("_workspace", None)

@@ -64,7 +64,9 @@ if triton is not None:
     def _fp8_codes(v, inv):
         """v * inv -> float8_e4m3fn codes as ModelOpt's quantizer computes them (clamp to +-448, round to
         nearest even)."""
-        v = tl.clamp(v * inv, -448.0, 448.0)
+        v = v * inv
+        nan = v != v  # NaN stays NaN, as in PyTorch's cast (clamp would make it -448: finite garbage downstream)
+        v = tl.clamp(v, -448.0, 448.0)
         # Normal range (|v| >= 2^-6): keep 3 of fp32's 23 mantissa bits, rounding to nearest even; a carry into
         # the exponent is the right result. Subnormal range: multiples of 2^-9, by an fp32 add at a magnitude
         # whose ulp is 2^-9 (1.5 * 2^14), with v's sign put back (-0 stays -0, as in PyTorch's cast).
@@ -72,7 +74,8 @@ if triton is not None:
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
         sub = (tl.abs(v) + 24576.0) - 24576.0
         sub = (sub.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
-        return tl.where(tl.abs(v) >= 0.015625, normal, sub).to(tl.float8e4nv)
+        q = tl.where(tl.abs(v) >= 0.015625, normal, sub).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        return tl.where(nan, 0x7F, q).to(tl.float8e4nv, bitcast=True)
 
     @triton.jit
     def _residual_ln_quant_kernel(res_ptr, y_ptr, bias_ptr, out_res_ptr, w_ptr, b_ptr, codes_ptr, inv_ptr,
@@ -198,6 +201,7 @@ class Workspace(Fresh):
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self.device: torch.device | None = None  # of the buffers
         self.grown = False  # set when a buffer was (re)allocated: graphs captured before read the old one
         self.sealed = False  # during the capture: allocating then is a bug
 
@@ -209,7 +213,7 @@ class Workspace(Fresh):
                 raise RuntimeError(f"fused kernels: workspace buffer {name!r} {tuple(shape)} was not made before "
                                    "the CUDA-graph capture")
             buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)
-            self.grown = True
+            self.grown, self.device = True, buf.device
         return buf[:n].view(shape)
 
     def stage(self, name: str, t: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,21 @@ class TowerProxy(torch.nn.Module):
         else:  # --gpu-only: the tower stays, but an unload still frees what its CUDA graphs hold
             _free_device_memory(self.impl)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "TowerProxy":
+        """Module.to() of the model holding this proxy (which has no tensors of its own). ComfyUI moves the whole
+        model to the offload device, with this proxy still patched in, when a clone with other weights (the
+        original CLIP this one was quantized from) loads in its place: the only sign that ComfyUI dropped this
+        clone without a full unload, after which nothing else, "Unload Models" included, would send the tower
+        back. The same clone running again moves nothing."""
+        if self in _RESIDENT and self.load_device != self.offload_device:
+            try:
+                target = fn(torch.empty(0)).device
+            except Exception:  # noqa: BLE001 - not a move (a dtype cast...): nothing to follow
+                target = None
+            if target == self.offload_device:
+                self.offload_now()
+        return self
+
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """The original tower's state_dict. v0.29's dynamic-VRAM loader sizes the CLIP's modules from their
         state_dicts on every encode (comfy.model_management.module_size), and torch's recursive walk of

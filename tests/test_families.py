@@ -326,3 +326,34 @@ def test_sd2_clip_h_quantized_with_its_penultimate_layer_kept(comfy):
     print(f"\nSD2 CLIP-H, 4 layers: FP8 vs original {cosine(gc, rc):.5f}, vs the original's last layer "
           f"{cosine(gc, lc):.5f}")
     assert cosine(gc, rc) > 0.99 and cosine(gc, lc) < cosine(gc, rc) - 0.01
+
+
+def test_a_quantized_tower_goes_back_when_the_original_clip_loads_in_its_place(comfy, pack, fp8_clip, monkeypatch):
+    """Encoding with the original CLIP after its FP8 clone (the Compare workflow does) makes ComfyUI drop the
+    FP8 clone without unloading it; its tower stayed on the GPU, where "Unload Models" could not reach it, until
+    another quantized model ran (bench/results/residency_h100.md). ComfyUI moves the model to the offload device
+    with the tower still patched in at that moment: the tower now follows. The same clone encoding again moves
+    nothing. No GPU here: the tower's load device is made to differ, and moves are recorded instead of made."""
+    proxy = pack_module(pack, "quant.proxy")
+    original, q = fp8_clip[0], fp8_clip[1]
+    tower = q.patcher.object_patches["clip_l.transformer"]
+    sent_back: list[int] = []
+
+    def record(self):
+        if self in proxy._RESIDENT:
+            sent_back.append(id(self))
+        proxy._RESIDENT.discard(self)
+
+    monkeypatch.setattr(proxy.TowerProxy, "offload_now", record)
+    monkeypatch.setattr(proxy.TowerProxy, "place", lambda self, device: None)
+    saved = tower.load_device
+    object.__setattr__(tower, "load_device", torch.device("meta"))
+    try:
+        for _ in range(2):
+            encode(comfy, q, PROMPT)
+        assert tower in proxy._RESIDENT and sent_back == [], "the FP8 clone running again sent its tower back"
+        encode(comfy, original, PROMPT)
+        assert sent_back == [id(tower)], "the tower stayed resident after the original CLIP loaded in its place"
+    finally:
+        object.__setattr__(tower, "load_device", saved)
+        proxy._RESIDENT.discard(tower)

@@ -29,11 +29,15 @@ def test_fp8_rounding_is_pytorchs_cast_bit_for_bit():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(20000, generator=g) * s for s in (1e-4, 3e-3, 0.5, 30.0, 600.0)] +
                   [torch.tensor([0.0, -0.0, 448.0, 449.0, -1e9, 2.0 ** -10, 3 * 2.0 ** -10, -(2.0 ** -6),
-                                 2.0 ** -6 - 2.0 ** -12, 464.0, 15.5, 17.0])])
+                                 2.0 ** -6 - 2.0 ** -12, 464.0, 15.5, 17.0, float("inf"), -float("inf")])])
     for inv in (1.0, 0.37, 448 / 7.3):
         inv_t = torch.tensor(inv, dtype=torch.float32)
         got = fused.quantize(x[None], inv_t)
         assert torch.equal(codes(got), codes(ops.quantize_input(x[None], inv_t))), inv
+    # NaN (an fp16 overflow upstream) stays NaN, as in the unfused path, instead of becoming finite codes
+    nan = fused.quantize(torch.tensor([[float("nan"), 1.0]]), torch.tensor(1.0))
+    assert torch.isnan(nan.float()[0, 0]) and nan.float()[0, 1] == 1.0
+    assert torch.isnan(ops.quantize_input(torch.tensor([[float("nan")]]), torch.tensor(1.0)).float()).all()
 
 
 def test_residual_layernorm_quantize_matches_the_unfused_ops():
@@ -204,3 +208,50 @@ class _Recording:
             self.given += [(self.name, i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
             return self.kernel[grid](*args, **kwargs)
         return launch
+
+
+def test_a_warm_up_that_runs_out_of_memory_drops_the_graphs_it_made_stale(monkeypatch):
+    """A larger input than before grows the workspace in the warm-up before its graph is captured, and the graphs
+    captured earlier hold the old buffers' addresses. When that warm-up ran out of memory after a buffer had grown,
+    those graphs were kept, and the next encode of an earlier shape replayed them on freed memory (wrong
+    embeddings, or another tensor overwritten). CUDA's capture is a stand-in here: the kernels run in Triton's
+    interpreter."""
+    import contextlib
+
+    enc = importlib.import_module("quant.fp8_encoder")
+    for name, value in {"Stream": lambda device=None: _Stream(), "current_stream": lambda d=None: _Stream(),
+                        "stream": lambda s: contextlib.nullcontext(), "device": lambda d: contextlib.nullcontext(),
+                        "CUDAGraph": object, "graph_pool_handle": lambda: (0, 0),
+                        "graph": lambda g, pool=None, stream=None: contextlib.nullcontext()}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    layers = small_fp8_layers()
+
+    class Runner(enc.FP8Runner):
+        def encoder_layers(self):
+            return layers
+
+        def _core(self, x, mask, inter_idx, ln_inter):
+            return self.run_layers(x, mask, inter_idx)
+
+    r = Runner()
+    r.fused = True
+    mask = torch.full((9, 9), -torch.finfo(torch.float32).max).triu_(1)
+    with torch.no_grad():
+        r._graphs["one row"] = r._capture(r._core, torch.randn(1, 9, 64), mask, None, False)
+        big = 4 * 9 * 3 * 64  # the q/k/v matmul output of 4 rows: asked for after the hidden states' buffer grew
+        real_empty = torch.empty
+
+        def empty(*shape, **kw):
+            if shape and isinstance(shape[0], int) and shape[0] >= big:
+                raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+            return real_empty(*shape, **kw)
+
+        monkeypatch.setattr(torch, "empty", empty)
+        with pytest.raises(torch.OutOfMemoryError):
+            r._capture(r._core, torch.randn(4, 9, 64), mask, None, False)
+    assert r._workspace.grown and not r._graphs, "graphs reading replaced workspace buffers were kept"
+
+
+class _Stream:
+    def wait_stream(self, other) -> None:
+        pass
