@@ -122,6 +122,8 @@ def check_text_encoder_input(p: Path) -> str | None:
     from .quant.fileformat import H_STOCK, H_TOWER, read_header
     from .quant.serialize import stock_kind
 
+    if p.is_dir():
+        raise CLIError(f"{p} is a folder: give the text encoder's .safetensors file.")
     if not p.is_file():
         raise CLIError(f"{p}: no such file.")
     entries, meta = read_header(p)  # safetensors only: never unpickle; clear message for damaged files
@@ -162,13 +164,45 @@ def output_paths(out: Path, towers: list[str]) -> list[Path]:
     return [out.parent / n for n in tower_file_names(out.name, towers)]
 
 
+def check_outputs(out: Path, towers: list[str], inputs: list[Path], overwrite: bool) -> None:
+    """What the save would refuse, refused before the minutes of calibration (the save checks again)."""
+    from .quant.paths import resolve_in_folder
+
+    sources = {p.resolve() for p in inputs}
+    for p in output_paths(out, towers):
+        path = resolve_in_folder(out.parent, p.name)  # names Windows cannot store, links out of the folder...
+        if path in sources:
+            raise CLIError(f"{p} is an input of this command: writing it would replace the original encoder. "
+                           "Choose another output name.")
+        if path.is_dir():
+            raise CLIError(f"{p} is a folder: choose another output name.")
+        if path.exists() and not overwrite:
+            raise CLIError(f"{p} exists; pass --overwrite to replace it.")
+
+
+def check_towers_loaded(clip, inputs: list[Path], kinds: list[str | None], ctype: str) -> None:
+    """ComfyUI builds the CLIP --type names and fills what the files hold: a tower in none of them stays
+    uninitialized (NaN or zero conditioning, and a stock-compatible file of garbage that loaders accept)."""
+    from .quant.towers import TOWER_LABELS, text_family
+
+    family, towers = text_family(clip)
+    unknown = kinds.count("clip")  # a CLIP tower of another size (SD2's CLIP-H): cannot say which slot it fills
+    missing = [t.name for t in towers if t.name not in kinds]
+    if len(missing) > unknown:
+        held = ", ".join(f"{p.name}: {TOWER_LABELS.get(k, 'a CLIP') if k else 'not a CLIP'}"
+                         for p, k in zip(inputs, kinds))
+        raise CLIError(f"--type {ctype} with these files makes a {family.label} CLIP whose "
+                       f"{' and '.join(missing)} is in none of them ({held}). Give the files that CLIP type takes, "
+                       "or the --type they make (as DualCLIPLoader's type).")
+
+
 def cmd_quantize(a: argparse.Namespace) -> int:
     boot_comfyui(find_comfyui(a.comfyui), a.cpu, comfy_args(a))
     import comfy.sd
     import folder_paths
 
     from .quant.prompts import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS
-    from .quant.recipe import DEFAULT_KEEP, Recipe
+    from .quant.recipe import DEFAULT_KEEP, SCOPES, Recipe
     from .quant.serialize import clip_type_enum
     from .quant.towers import text_family
 
@@ -179,6 +213,14 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     if a.input2 and a.type is None:  # stable_diffusion + two files: ComfyUI builds SDXL, a tower left unloaded
         raise CLIError("Two text-encoder files: give the CLIP they make with --type (sdxl, flux, sd3...), as "
                        "DualCLIPLoader's type.")
+    calibration_only = [o for o, v in (("--prompts", a.prompts), ("--method", a.method), ("--scope", a.scope),
+                                       ("--min-cosine", a.min_cosine)) if v is not None]
+    if a.format == "stock-compatible" and calibration_only:
+        raise CLIError(f"{', '.join(calibration_only)}: the stock-compatible format casts the weights without "
+                       "calibrating; leave these out, or use the default format (fp8clip).")
+    min_cosine = 0.99 if a.min_cosine is None else a.min_cosine
+    if not 0.0 <= min_cosine <= 1.0:
+        raise CLIError(f"--min-cosine {a.min_cosine}: give a cosine from 0 to 1 (default 0.99).")
     out = Path(a.output)
     if out.suffix.lower() != ".safetensors":
         raise CLIError(f"{out}: the output must be a .safetensors file.")
@@ -191,38 +233,43 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     try:
         clip = comfy.sd.load_clip(ckpt_paths=[str(p) for p in inputs],
                                   embedding_directory=folder_paths.get_folder_paths("embeddings"), clip_type=ctype)
-    except RuntimeError as e:  # ComfyUI's size mismatches: files that do not make a CLIP of this type together
+    except Exception as e:  # noqa: BLE001 - size mismatches, a bundle class missing its slot: files that do
+        # not make a CLIP of this type together
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        detail = next((ln.strip() for ln in lines if "size mismatch" in ln or "Missing key" in ln), lines[0])
         raise CLIError(f"ComfyUI could not build a {ctype.name.lower()} CLIP from {', '.join(p.name for p in inputs)}"
-                       f": {str(e).splitlines()[0]}. Check --type and the files.") from None
+                       f" ({type(e).__name__}: {detail}). Check --type and the files.") from None
     print(f"Loaded {', '.join(p.name for p in inputs)} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    check_towers_loaded(clip, inputs, kinds, ctype.name.lower())
     _, towers = text_family(clip)
-    taken = [p for p in output_paths(out, [t.name for t in towers]) if p.exists()]
-    if taken and not a.overwrite:  # before the minutes of calibration (the save checks again, without a race)
-        raise CLIError(f"{taken[0]} exists; pass --overwrite to replace it.")
+    check_outputs(out, [t.name for t in towers], inputs, a.overwrite)
     import torch
 
+    warned = False
     if a.format == "stock-compatible":
         from .quant.stock_export import export_stock_compatible, quality_text
 
         with torch.inference_mode():
             paths, quality = export_stock_compatible(clip, out.parent, out.name, a.overwrite, held_out=held_out,
                                                      keep=tuple(a.keep) if a.keep is not None else DEFAULT_KEEP,
+                                                     fp8_embedding=not a.no_fp8_embedding,
                                                      progress=progress_printer("measuring"))
         print(quality_text(quality))
     else:
         from .quant.calibrate import quantize_clip
         from .quant.serialize import save_fp8_clip
 
-        recipe = Recipe(keep=tuple(a.keep) if a.keep is not None else DEFAULT_KEEP, method=a.method,
-                        scope=a.scope, fp8_embedding=not a.no_fp8_embedding)
+        recipe = Recipe(keep=tuple(a.keep) if a.keep is not None else DEFAULT_KEEP, method=a.method or "max",
+                        scope=a.scope or SCOPES[0], fp8_embedding=not a.no_fp8_embedding)
         with torch.inference_mode():
-            qclip, report = quantize_clip(clip, prompts, recipe, held_out=held_out, min_cosine=a.min_cosine,
+            qclip, report = quantize_clip(clip, prompts, recipe, held_out=held_out, min_cosine=min_cosine,
                                           progress=progress_printer("calibrating + evaluating"))
             paths = save_fp8_clip(qclip, out.parent, out.name, a.overwrite)
         print(report.text())
+        warned = report.below_threshold
     for p in paths:
         print(f"Saved {p} ({p.stat().st_size / 2**20:.0f} MiB)")
-    return 0
+    return 1 if warned else 0
 
 
 def cmd_info(a: argparse.Namespace) -> int:
@@ -261,22 +308,32 @@ def comfy_args(a: argparse.Namespace) -> list[str]:
     return out
 
 
+def add_common_options(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("--comfyui", default=default,
+                   help="ComfyUI folder (default: COMFYUI_PATH, else the ComfyUI holding this pack)")
+    p.add_argument("--cpu", action="store_true", default=default or False,
+                   help="run on the CPU even if a GPU is present")
+    p.add_argument("--base-directory", metavar="PATH", default=default,
+                   help="as ComfyUI's option (ComfyUI Desktop sets it)")
+    p.add_argument("--extra-model-paths-config", metavar="PATH", action="append", default=default,
+                   help="as ComfyUI's option, one file each time (extra_model_paths.yaml beside main.py is "
+                        "read anyway)")
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """The options every command takes after its name too; unset ones are left out of the result."""
+    common = argparse.ArgumentParser(add_help=False)
+    add_common_options(common, argparse.SUPPRESS)
+    return common
+
+
 def parser() -> argparse.ArgumentParser:
     from .quant.recipe import METHODS, SCOPES
 
     ap = argparse.ArgumentParser(prog="python -m fp8clip", description="Calibrated FP8 CLIP text encoders for "
                                  "ComfyUI, without the UI.")
-    common = argparse.ArgumentParser(add_help=False)  # accepted before or after the command
-    for p, default in ((ap, None), (common, argparse.SUPPRESS)):
-        p.add_argument("--comfyui", default=default,
-                       help="ComfyUI folder (default: COMFYUI_PATH, else the ComfyUI holding this pack)")
-        p.add_argument("--cpu", action="store_true", default=default or False,
-                       help="run on the CPU even if a GPU is present")
-        p.add_argument("--base-directory", metavar="PATH", default=default,
-                       help="as ComfyUI's option (ComfyUI Desktop sets it)")
-        p.add_argument("--extra-model-paths-config", metavar="PATH", action="append", default=default,
-                       help="as ComfyUI's option, one file each time (extra_model_paths.yaml beside main.py is "
-                            "read anyway)")
+    add_common_options(ap, None)
+    common = common_parser()  # accepted before or after the command
     sub = ap.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", parents=[common],
                        help="calibrate a CLIP file to FP8 and save it with its quality report")
@@ -289,10 +346,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-prompts", help="held-out prompts for the report (default: the 24 built-in)")
     q.add_argument("--keep", nargs="*", metavar="PATTERN", help="layers kept in high precision (default: "
                                                                 "*text_projection)")
-    q.add_argument("--method", choices=METHODS, default="max")
-    q.add_argument("--scope", choices=SCOPES, default=SCOPES[0])
+    q.add_argument("--method", choices=METHODS, default=None, help="calibration method (default: max)")
+    q.add_argument("--scope", choices=SCOPES, default=None, help=f"what is quantized (default: {SCOPES[0]})")
     q.add_argument("--no-fp8-embedding", action="store_true", help="keep the token embedding in fp16")
-    q.add_argument("--min-cosine", type=float, default=0.99)
+    q.add_argument("--min-cosine", type=float, default=None,
+                   help="the report warns below this worst held-out cosine, and the command then exits with "
+                        "status 1 (the file is saved; default 0.99)")
     q.add_argument("--format", choices=("fp8clip", "stock-compatible"), default="fp8clip",
                    help="fp8clip: calibrated FP8 + scales for 'Load FP8 CLIP'; stock-compatible: weights-only FP8 "
                         "that stock loaders read")
@@ -314,7 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         if "build-engine" in argv:
             k = argv.index("build-engine")
             a = ap.parse_args(argv[: k + 1])
-            return cmd_build_engine(a, argv[k + 1:])
+            after, rest = common_parser().parse_known_args(argv[k + 1:])  # accepted after the command too
+            for name, value in vars(after).items():
+                if name == "extra_model_paths_config":
+                    value = (a.extra_model_paths_config or []) + value
+                setattr(a, name, value)
+            return cmd_build_engine(a, rest)
         a = ap.parse_args(argv)
         return {"quantize": cmd_quantize, "info": cmd_info}[a.command](a)
     except (CLIError, FP8ClipError, OSError) as e:  # OSError: a file or folder given cannot be read or written

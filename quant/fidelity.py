@@ -226,7 +226,7 @@ class QualityReport:
                        "prompts that are not in the calibration text.")
         if self.below_threshold:
             low = ", ".join(f"{n} {v:.5f}" for n, v in self.checks() if v < self.min_cosine)
-            out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst prompt: {low}). "
+            out.append(f"Quality below your threshold {self.min_cosine:.6g} (worst prompt: {low}). "
                        + keep_advice(self.layer_errors, self.keep, self.unmatched_patterns, self.fp8_embedding))
         return out
 

@@ -8,6 +8,7 @@ casting costs for this model, so it is measured on the held-out prompts and writ
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,12 +27,14 @@ FP8_MAX = 448.0
 TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 
 
-def cast_tower(module: torch.nn.Module, tower: str, keep: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def cast_tower(module: torch.nn.Module, tower: str, keep: Sequence[str], fp8_embedding: bool = True
+               ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(file tensors, FP8 keys) for one tower; `module` is changed in place to hold exactly what a stock loader
     will compute with (FP8 values and fp16-rounded values, in the model's own dtype)."""
     linear = {f"{n}.weight" for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)
               and not any(fnmatch.fnmatchcase(f"{tower}.{n}", p) for p in keep)}
-    linear.add(TOKEN_EMBEDDING)
+    if fp8_embedding:
+        linear.add(TOKEN_EMBEDDING)
     tensors, fp8 = {}, []
     with torch.no_grad():
         for name, p in module.state_dict(keep_vars=True).items():
@@ -50,7 +53,8 @@ def cast_tower(module: torch.nn.Module, tower: str, keep: Sequence[str]) -> tupl
 
 def export_stock_compatible(clip: Any, folder: str | os.PathLike, name: str, overwrite: bool = False,
                             held_out: Sequence[str] = HELD_OUT_PROMPTS, keep: Sequence[str] = DEFAULT_KEEP,
-                            progress: Callable[[int, int], None] | None = None) -> tuple[list[Path], dict[str, Any]]:
+                            progress: Callable[[int, int], None] | None = None, fp8_embedding: bool = True
+                            ) -> tuple[list[Path], dict[str, Any]]:
     """Write weights-only FP8 files for the CLIP towers of an original (not yet quantized) CLIP; returns the
     paths and the measured quality (cosine vs `clip` on `held_out`), which is also in each file's header."""
     from safetensors.torch import save_file
@@ -69,7 +73,7 @@ def export_stock_compatible(clip: Any, folder: str | os.PathLike, name: str, ove
         raise FP8ClipError(f"{', '.join(taken)} already exists in {paths[0].parent}. Choose another file name, or "
                            "set 'overwrite' to replace it.")
     modules = {t.name: patched_copy(clip, t.path) for t in towers}
-    payload = {t.name: cast_tower(modules[t.name], t.name, keep) for t in towers}
+    payload = {t.name: cast_tower(modules[t.name], t.name, keep, fp8_embedding) for t in towers}
     stock = clone_with(clip, {t.path: modules[t.name] for t in towers})  # computes exactly as stock will
     if not held_out:
         raise FP8ClipError("No prompts to measure the stock-compatible quality on.")
@@ -91,6 +95,11 @@ def export_stock_compatible(clip: Any, folder: str | os.PathLike, name: str, ove
                "pooled_mean": sum(pooled) / len(pooled) if pooled else None,
                "reference": "the CLIP it was exported from, through ComfyUI's encode path",
                "held_out": "built-in" if tuple(held_out) == tuple(HELD_OUT_PROMPTS) else "custom"}
+    if not all(math.isfinite(v) for v in (quality["cond_min"], quality["pooled_min"] or 0.0)):
+        # stock loaders would take such a file without a word
+        raise FP8ClipError(f"The {family.label} CLIP gives NaN or infinite outputs (before or after the FP8 "
+                           "cast); nothing was written. A tower of it may not have been loaded: check the files "
+                           "and the CLIP type.")
     bundle = bundle_info(clip, [t.name for t in towers])
     from .paths import write_set
     files = []

@@ -105,7 +105,7 @@ class VisionReport:
                        "images to evaluation_images.")
         if self.below_threshold:
             low = ", ".join(f"{n} {v:.5f}" for n, v in self.checks() if v < self.min_cosine)
-            out.append(f"Quality below your threshold {self.min_cosine:.4f} (worst image: {low}). "
+            out.append(f"Quality below your threshold {self.min_cosine:.6g} (worst image: {low}). "
                        + keep_advice(self.layer_errors, self.keep, self.unmatched_patterns))
         return out
 

@@ -212,6 +212,19 @@ def test_stock_compatible_export_says_when_its_evaluation_prompts_hold_none(comf
         in info
 
 
+def test_a_stock_compatible_export_of_a_clip_giving_nan_writes_nothing(pack, clip, tmp_path, monkeypatch):
+    """A tower ComfyUI never filled (files that do not make the CLIP type asked for) gives NaN outputs; its
+    stock-compatible file loaded in stock ComfyUI without a word (found by review through the command line, which
+    now refuses that input earlier). The export refuses whatever gives NaN. The scores are made NaN here."""
+    from types import SimpleNamespace
+
+    stock_export = mod(pack, "stock_export")
+    monkeypatch.setattr(stock_export, "score", lambda *a: SimpleNamespace(cond_cosine=float("nan"), pooled_cosine=None))
+    with torch.inference_mode(), pytest.raises(ValueError, match="NaN or infinite outputs.*nothing was written"):
+        stock_export.export_stock_compatible(clip, tmp_path, "nan_clip", held_out=["a cat"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stock_compatible_export_needs_the_original_clip(comfy, qclip):
     with pytest.raises(ValueError, match="casts the original weights: connect the CLIP from your loader"):
         call(comfy, "FP8CLIPSave", clip=qclip, filename="fp8test/x", format="stock-compatible (weights-only FP8)",
@@ -516,8 +529,10 @@ def test_command_line_quantize_gives_the_nodes_result(comfy, pack, qclip, tmp_pa
     src = comfy.base / "models" / "text_encoders" / comfy.files["clip_l"]
     out = tmp_path / "out" / "clip_l_fp8.safetensors"
     r = cli(comfy, "quantize", src, out, "--prompts", tmp_path / "cal.txt", "--eval-prompts", tmp_path / "eval.txt",
-            "--keep", "*text_projection", cwd=PACK_DIR, module=True)
-    assert r.returncode == 0, r.stderr[-4000:]
+            "--keep", "*text_projection", "--min-cosine", "0.99999", cwd=PACK_DIR, module=True)
+    # a report below --min-cosine: the file is saved and the exit status tells a script (it was 0)
+    assert r.returncode == 1, r.stderr[-4000:]
+    assert "Quality below your threshold 0.99999 " in r.stdout  # not "1.0000"
     assert "FP8 E4M3 CLIP quality report: SD1.5 (CLIP-L)" in r.stdout and "on 2 held-out prompts" in r.stdout
     assert f"Saved {out}" in r.stdout and "calibrating + evaluating" in r.stderr  # the progress bar
     # Same prompts and recipe as the node's fixture: the same FP8 CLIP, bit for bit.
@@ -609,8 +624,26 @@ def test_command_line_refuses_what_it_cannot_quantize_before_calibrating(comfy, 
         (["build-engine", saved, "--vision", "--portable", "--cache", tmp_path / "engines"], 2,
          "leave out --vision"),
         (["info", saved, "--comfyui", comfy.host], 0, ""),
+        # found by the second review: a --type whose CLIP has a tower in none of the files (an SDXL CLIP-G never
+        # loaded: NaN conditioning, and a stock-compatible file of garbage that stock loaders take)
+        (["quantize", clip_l, out, "--input2", t5, "--type", "sdxl"], 2, "clip_g is in none of them"),
+        (["quantize", clip_l, out, "--input2", clip_l, "--type", "sdxl"], 2, "clip_g is in none of them"),
+        (["quantize", clip_l, out, "--input2", t5, "--type", "sd3"], 2, "could not build a sd3 CLIP"),
+        (["quantize", clip_l, clip_l, "--overwrite"], 2, "is an input of this command"),
+        (["quantize", clip_l, tmp_path / "folder.safetensors", "--overwrite"], 2, "is a folder"),
+        (["quantize", clip_l, tmp_path / "clip:l.safetensors"], 2, "File name 'clip:l.safetensors'"),
+        (["quantize", clip_l, out, "--format", "stock-compatible", "--method", "mse"], 2,
+         "--method: the stock-compatible format casts the weights without calibrating"),
+        (["quantize", clip_l, out, "--min-cosine", "2"], 2, "give a cosine from 0 to 1"),
+        (["quantize", tmp_path / "folder.safetensors", out], 2, "is a folder"),
+        (["build-engine", vision_header, "--portable", "--cache", tmp_path / "engines", "--base-directory",
+          comfy.base], 2, "add --vision"),  # ComfyUI's options after the command, as the README says
+        (["quantize", clip_l, tmp_path / "stock.safetensors", "--format", "stock-compatible", "--no-fp8-embedding",
+          "--eval-prompts", tmp_path / "one.txt"], 0, ""),
         (["quantize", clip_l, out], 3, "CALIBRATION STARTED: SD1ClipModel"),  # the probe: a good input gets there
     ]
+    (tmp_path / "folder.safetensors").mkdir()
+    (tmp_path / "one.txt").write_text("a cat\n")
     (tmp_path / "probe.py").write_text(CLI_PROBE)
     env = dict(os.environ, COMFYUI_PATH=str(comfy.host), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     r = subprocess.run([sys.executable, str(tmp_path / "probe.py"), str(PACK_DIR),
@@ -620,6 +653,12 @@ def test_command_line_refuses_what_it_cannot_quantize_before_calibrating(comfy, 
     for (argv, rc, text), (got_rc, err) in zip(cases, json.loads(r.stdout.strip().splitlines()[-1])):
         assert (got_rc, text in err, "Traceback" in err) == (rc, True, False), (argv[0], argv[-1], got_rc, err[-1500:])
     assert not (tmp_path / "engines").exists()  # refused before the cache folder was made
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["cv_fp8.safetensors", "folder.safetensors",
+                                                                       "stock.safetensors"]
+    assert clip_l.stat().st_size > 200e6  # not replaced by its own output
+    with safe_open(str(tmp_path / "stock.safetensors"), "pt") as f:  # --no-fp8-embedding was ignored there
+        assert f.get_tensor("text_model.embeddings.token_embedding.weight").dtype == torch.float16
+        assert f.get_tensor("text_model.encoder.layers.0.mlp.fc1.weight").dtype == torch.float8_e4m3fn
 
 
 def test_command_line_finds_the_comfyui_holding_a_symlinked_pack(comfy, tmp_path):
