@@ -35,7 +35,7 @@ def main() -> int:
             fixtures.link_into(args.clip.resolve(), base / "models" / "text_encoders" / name)
             print(f"CLIP-L: {args.clip}")
         else:
-            name = fixtures.populate(base)["clip_l"]
+            name = fixtures.populate(base, only=("clip_l",))["clip_l"]
             print("CLIP-L: seeded RANDOM-WEIGHT fixture at the real ViT-L/14 text config (not a trained model)")
         prompt = {
             "1": {"class_type": "CLIPLoader", "inputs": {"clip_name": name, "type": "stable_diffusion"}},
