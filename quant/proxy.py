@@ -66,6 +66,9 @@ class TowerProxy(torch.nn.Module):
         return self.impl(*args, **kwargs)
 
     def _to_load_device(self) -> None:
+        held = holders(self)  # the clone ComfyUI loaded to run now: its devices
+        if held:
+            self.retarget(held[0].load_device, held[0].offload_device)
         if self.load_device != self.offload_device and self not in _RESIDENT:
             for other in list(_RESIDENT):  # a tower another model left on the GPU (see offload)
                 if other.group is not self.group and other.impl is not self.impl and not _comfy_unloads(other):
@@ -109,6 +112,19 @@ class TowerProxy(torch.nn.Module):
             impl.to(device, non_blocking=True)  # ordered before the kernels that use it (same stream)
             return
         impl.to(device)
+
+    def retarget(self, load_device: Any, offload_device: Any) -> None:
+        """Follow the devices of the clone ComfyUI loaded: a clone made to run elsewhere (v0.29's Select CLIP
+        Device: the CPU, another GPU) shares this proxy, which kept the devices of the clone it was made for,
+        so the tower ran and stayed on the old GPU, where no loaded model accounted for it. (ComfyUI does not
+        call a load callback for it when the model is loaded already: the clone's devices are read at the run.)"""
+        load, offload = torch.device(load_device), torch.device(offload_device)
+        if (load, offload) == (self.load_device, self.offload_device):
+            return
+        if self in _RESIDENT:  # leave the old load device first
+            self.offload_now()
+        object.__setattr__(self, "load_device", load)
+        object.__setattr__(self, "offload_device", offload)
 
     def offload(self, patcher: Any = None, unpatch_all: bool = True, *args: Any, **kwargs: Any) -> None:
         """ON_DETACH callback. Only a full unload frees the tower: v0.29 detaches (unpatch_all=False) every

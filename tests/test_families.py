@@ -135,6 +135,7 @@ def test_quantized_towers_stay_on_the_gpu_while_comfyui_keeps_their_model_loaded
         proxy._RESIDENT.discard(self)
 
     monkeypatch.setattr(proxy.TowerProxy, "offload_now", record)
+    monkeypatch.setattr(proxy.TowerProxy, "retarget", lambda self, *devices: None)  # keep the stand-in devices
     saved = {n: t.offload_device for n, t in towers.items()}
     try:
         for t in towers.values():
@@ -346,6 +347,7 @@ def test_a_quantized_tower_goes_back_when_the_original_clip_loads_in_its_place(c
 
     monkeypatch.setattr(proxy.TowerProxy, "offload_now", record)
     monkeypatch.setattr(proxy.TowerProxy, "place", lambda self, device: None)
+    monkeypatch.setattr(proxy.TowerProxy, "retarget", lambda self, *devices: None)  # keep the stand-in device
     saved = tower.load_device
     object.__setattr__(tower, "load_device", torch.device("meta"))
     try:
@@ -356,4 +358,35 @@ def test_a_quantized_tower_goes_back_when_the_original_clip_loads_in_its_place(c
         assert sent_back == [id(tower)], "the tower stayed resident after the original CLIP loaded in its place"
     finally:
         object.__setattr__(tower, "load_device", saved)
+        proxy._RESIDENT.discard(tower)
+
+
+def test_a_clone_set_to_run_elsewhere_takes_the_tower_with_it(comfy, pack, fp8_clip, monkeypatch):
+    """v0.29's Select CLIP Device retargets a clone of the quantized CLIP (the CPU, another GPU). The clone shares
+    the tower's proxy, which kept the devices it was made with: the tower ran and stayed on the old GPU, where no
+    loaded model accounted for it (found by review in ComfyUI's model management with a stand-in GPU). Here the
+    tower's GPU is 'meta' and the clone is set to the CPU, as that node does; moves are recorded."""
+    proxy = pack_module(pack, "quant.proxy")
+    q = fp8_clip[1]
+    tower = q.patcher.object_patches["clip_l.transformer"]
+    sent_back: list[str] = []
+
+    def record(self):
+        if self in proxy._RESIDENT:
+            sent_back.append(str(self.load_device))
+        proxy._RESIDENT.discard(self)
+
+    monkeypatch.setattr(proxy.TowerProxy, "offload_now", record)
+    monkeypatch.setattr(proxy.TowerProxy, "place", lambda self, device: None)
+    saved = tower.load_device, tower.offload_device
+    object.__setattr__(tower, "load_device", torch.device("meta"))
+    try:
+        proxy._RESIDENT.add(tower)  # as after an encode on its GPU
+        moved = q.clone()
+        moved.patcher.load_device = moved.patcher.offload_device = torch.device("cpu")
+        encode(comfy, moved, PROMPT)
+        assert tower.load_device == torch.device("cpu") and sent_back == ["meta"]
+    finally:
+        object.__setattr__(tower, "load_device", saved[0])
+        object.__setattr__(tower, "offload_device", saved[1])
         proxy._RESIDENT.discard(tower)
