@@ -209,7 +209,9 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     inputs = [Path(a.input), *([Path(a.input2)] if a.input2 else [])]
     kinds = [check_text_encoder_input(p) for p in inputs]
     if not any(kinds):
-        raise CLIError(f"{', '.join(map(str, inputs))}: no CLIP text encoder in it (CLIP-L, CLIP-G...).")
+        raise CLIError(f"{', '.join(map(str, inputs))}: no CLIP text encoder in it (CLIP-L, CLIP-G...). Give a "
+                       "text-encoder file, as Load CLIP takes (models/text_encoders); a checkpoint's CLIP is "
+                       "quantized by the node, after Load Checkpoint.")
     if a.input2 and a.type is None:  # stable_diffusion + two files: ComfyUI builds SDXL, a tower left unloaded
         raise CLIError("Two text-encoder files: give the CLIP they make with --type (sdxl, flux, sd3...), as "
                        "DualCLIPLoader's type.")

@@ -636,6 +636,8 @@ def test_command_line_refuses_what_it_cannot_quantize_before_calibrating(comfy, 
          "--method: the stock-compatible format casts the weights without calibrating"),
         (["quantize", clip_l, out, "--min-cosine", "2"], 2, "give a cosine from 0 to 1"),
         (["quantize", tmp_path / "folder.safetensors", out], 2, "is a folder"),
+        (["quantize", comfy.base / "models" / "checkpoints" / comfy.files["sd15_ckpt"], out], 2,
+         "a checkpoint's CLIP is quantized by the node"),
         (["build-engine", vision_header, "--portable", "--cache", tmp_path / "engines", "--base-directory",
           comfy.base], 2, "add --vision"),  # ComfyUI's options after the command, as the README says
         (["quantize", clip_l, tmp_path / "stock.safetensors", "--format", "stock-compatible", "--no-fp8-embedding",
