@@ -1,4 +1,11 @@
-"""Fused kernels without CUDA graphs on cuda:1 while cuda:0 is current (the path after a capture failure)."""
+"""Fused kernels without CUDA graphs on cuda:1 while cuda:0 is current (the path after a failed capture).
+
+On a machine with two GPUs, from the repository root (torch and Triton only):
+    python3 bench/probe_fused_other_gpu.py runner   # through FP8Runner.run_layers: equal to a run with cuda:1
+                                                    # current, and still fused
+    python3 bench/probe_fused_other_gpu.py before   # the kernels called as the runner did before 0c6f891
+Small seeded layers (tests/test_fused_kernels.py: small_fp8_layers). Result: cuda_malloc_async_fused_h200.md.
+"""
 import importlib, sys
 import torch
 sys.path[:0] = ["tests", "."]
