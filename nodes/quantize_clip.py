@@ -17,7 +17,7 @@ class QuantizeCLIP:
     DISPLAY_NAME = "Quantize CLIP to FP8 (calibrated)"
     CATEGORY = "advanced/fp8 clip"
     DESCRIPTION = ("Calibrates the CLIP text encoder on prompts with NVIDIA Model Optimizer and returns an FP8 "
-                   "E4M3 (per-tensor, static scales) copy that drops into CLIPTextEncode, plus a report of the "
+                   "E4M3 (static scales: per tensor, per row for the token table) copy that drops into CLIPTextEncode, plus a report of the "
                    "quality cost against the original. The input CLIP is not changed.")
     RETURN_TYPES = ("CLIP", "STRING")
     RETURN_NAMES = ("clip", "report")

@@ -16,6 +16,9 @@ class QuantizeCLIPVision:
                    "the quality cost. The patch embedding stays in high precision. The input is not changed.")
     RETURN_TYPES = ("CLIP_VISION", "STRING")
     RETURN_NAMES = ("clip_vision", "report")
+    OUTPUT_TOOLTIPS = ("The FP8 CLIP vision model on the chosen runtime (the report's last lines say which, and why).",
+                       "Quality report: cosine of image embeddings vs the original on held-out images, label "
+                       "agreement, kept layers, timing.")
     FUNCTION = "quantize_lists"
     INPUT_IS_LIST = True  # an image list calibrates once on all its images (see lists.py)
 
@@ -29,11 +32,22 @@ class QuantizeCLIPVision:
                 "default": ", ".join(DEFAULT_VISION_KEEP),
                 "tooltip": "Layers to leave unquantized (wildcards, comma separated), matched against the layer "
                            "names in the report. The patch embedding is never quantized."}),
-            "method": (list(METHODS), {"default": "max"}),
-            "quantize": (list(SCOPES), {"default": SCOPES[0]}),
+            "method": (list(METHODS), {"default": "max",
+                                       "tooltip": "max: NVIDIA's recipe (amax of the calibration data). "
+                                                  "mse: searches weight scales that minimise the error."}),
+            "quantize": (list(SCOPES), {"default": SCOPES[0],
+                                        "tooltip": "weights+activations gives FP8 matmuls; weights only "
+                                                   "keeps activations in high precision (FP8 storage only)."}),
             "min_cosine": ("FLOAT", {"default": 0.99, "min": 0.0, "max": 1.0, "step": 0.001,
                                      "tooltip": "Warn when the worst held-out image falls below this."}),
-            "runtime": (list(RUNTIME_CHOICES), {"default": "auto"}),
+            "runtime": (list(RUNTIME_CHOICES), {
+                "default": "auto",
+                "tooltip": "fp8: FP8 weights in memory, FP8 matmuls with fused kernels on GPUs that have them "
+                           "(RTX 40xx, H100...), dequantized on the fly elsewhere, with CUDA graphs. fp8-compiled: "
+                           "torch.compile instead of the fused kernels. fake-quant: simulation only (original "
+                           "memory and speed), to judge quality. tensorrt: fp8, then a TensorRT engine for up to 4 "
+                           "images per encode (built once, cached in models/tensorrt; falls back to fp8 where it "
+                           "cannot run, and says so). auto: fp8."}),
         }, "optional": {
             "images": ("IMAGE", {"tooltip": "Calibration images like the ones you will encode (any size; a "
                                              "batch or an image list). Empty: a built-in synthetic set of 32."}),

@@ -76,7 +76,7 @@ def test_a_layer_with_nan_weights_is_kept_as_it_is_and_named(comfy):
 
 def test_unsupported_clip_type_names_the_supported_ones(comfy):
     (t5,) = call(comfy, "CLIPLoader", clip_name=comfy.files["t5_stub"], type="stable_audio")
-    with pytest.raises(ValueError, match=r"has no CLIP text tower.*Supported: text encoders with CLIP-L or CLIP-G"):
+    with pytest.raises(ValueError, match=r"has no CLIP text tower.*Supported: text encoders with CLIP-L, CLIP-G or CLIP-H"):
         quantize(comfy, t5)
 
 

@@ -37,9 +37,14 @@ const prompt = () => Object.fromEntries(node.widgets.filter((w) => w.name && w.o
 const workflow = () => node.widgets.filter((w) => w.serialize !== false).map((w) => w.value);
 const before = prompt();
 node.onExecuted({ text: ["FP8 E4M3 CLIP quality report", "Calibration: 64 prompts, 8.1 s"] });
+const report = () => node.widgets.find((w) => w.name === "fp8clip_report");
+node.onExecutionStart();  // the next queue; this one fails in the node: no report comes
+const failed = { shown: report().value, opacity: report().element.style.opacity };
+node.onExecutionStart();
 node.onExecuted({ text: ["FP8 E4M3 CLIP quality report", "Calibration: 64 prompts, 7.9 s"] });
-console.log(JSON.stringify({ before, after: prompt(), workflow: workflow(),
-                             shown: node.widgets.find((w) => w.name === "fp8clip_report")?.value }));
+console.log(JSON.stringify({ before, after: prompt(), workflow: workflow(), failed,
+                             shown: report().value, opacity: report().element.style.opacity,
+                             min_height: report().options.getMinHeight?.(), css: report().element.style.cssText }));
 """
 
 
@@ -59,6 +64,11 @@ def test_report_widget_shows_the_report_but_is_not_an_input_or_saved(tmp_path):
     assert out["shown"] == "FP8 E4M3 CLIP quality report\nCalibration: 64 prompts, 7.9 s"
     assert out["after"] == out["before"] == {"calibration_prompts": "a cat"}  # same inputs: ComfyUI's cache hits
     assert out["workflow"] == ["a cat"]
+    # A failed run leaves the last report dimmed, not looking like this run's; the next report is shown plainly.
+    assert out["failed"] == {"shown": "FP8 E4M3 CLIP quality report\nCalibration: 64 prompts, 8.1 s", "opacity": "0.45"}
+    assert out["opacity"] == ""
+    # The frontend lays the node out for the box (getMinHeight); a CSS min-height drew it over the node below.
+    assert out["min_height"] == 140 and "min-height" not in out["css"]
 
 
 def test_the_frontend_still_skips_widgets_marked_so_when_it_builds_the_prompt():

@@ -1,6 +1,9 @@
 // Shows the quality report of the FP8 CLIP nodes inside the node, after each run.
 import { app } from "../../scripts/app.js";  // served at /extensions/<pack>/ (WEB_DIRECTORY)
 
+const REPORT = "fp8clip_report";
+const HEIGHT = 140;  // px: a few lines of the report; the node grows to hold it
+
 app.registerExtension({
   name: "comfyui-fp8-clip.report",
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -9,23 +12,38 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const text = (message?.text ?? []).join("\n");
-      let widget = this.widgets?.find((w) => w.name === "fp8clip_report");
+      let widget = this.widgets?.find((w) => w.name === REPORT);
       if (!widget) {
         // An output, not a setting. options.serialize: false keeps it out of the prompt sent to the server (as
         // an input it would change the node's cache key after every run, so each queue would recalibrate);
-        // widget.serialize = false keeps it out of saved workflows.
-        widget = this.addDOMWidget?.("fp8clip_report", "fp8clip_report", document.createElement("textarea"), {
+        // widget.serialize = false keeps it out of saved workflows. getMinHeight: the frontend lays the node
+        // out for it (a CSS min-height instead drew the box over the node below).
+        widget = this.addDOMWidget?.(REPORT, REPORT, document.createElement("textarea"), {
           getValue: () => widget.element.value,
           setValue: (v) => { widget.element.value = v; },
+          getMinHeight: () => HEIGHT,
           serialize: false,
         });
         if (!widget) return;
         widget.element.readOnly = true;
-        widget.element.style.cssText = "width:100%;min-height:140px;font:11px monospace;white-space:pre;";
+        widget.element.className = "comfy-multiline-input";  // the theme's colours, as ComfyUI's text boxes
+        widget.element.style.cssText = "font:11px monospace;white-space:pre;";
         widget.serialize = false;
       }
       widget.element.value = text;
+      widget.element.style.opacity = "";
+      widget.element.title = "";
       this.setDirtyCanvas?.(true, true);
+    };
+    // A run that fails sends no report: the last one stays, dimmed, so that it is not read as this run's.
+    const onExecutionStart = nodeType.prototype.onExecutionStart;
+    nodeType.prototype.onExecutionStart = function () {
+      onExecutionStart?.apply(this, arguments);
+      const widget = this.widgets?.find((w) => w.name === REPORT);
+      if (widget?.element) {
+        widget.element.style.opacity = "0.45";
+        widget.element.title = "From the previous run; the report of this run replaces it when the node has run.";
+      }
     };
   },
 });
