@@ -143,7 +143,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     """
     family, towers = text_family(clip)
     require_fp8_storage(clip.patcher.load_device)
-    modelopt_bridge.require_modelopt()  # before the minutes of encodes that come first
+    modelopt_bridge.load_modelopt()  # before the minutes of encodes that come first
     for t in towers:
         if artifact.record_of(clip.patcher.get_model_object(t.path)) is not None:
             raise FP8ClipError(f"The {t.name} tower of this CLIP is already quantized to FP8 by this pack ('Quantize "

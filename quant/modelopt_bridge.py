@@ -51,6 +51,20 @@ def require_modelopt() -> str:
     return version
 
 
+def load_modelopt() -> None:
+    """ModelOpt imported now, before the minutes of encodes that come first: an install that cannot be imported
+    (a dependency missing, a torch it does not work with) fails here with the fix, not after them as a bare
+    ImportError."""
+    try:
+        _mtq()
+    except FP8ClipError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever its import raises
+        raise FP8ClipError(f"NVIDIA Model Optimizer (nvidia-modelopt {require_modelopt()}) is installed but cannot "
+                           f"be imported ({type(e).__name__}: {e}). Reinstall it and its dependencies: "
+                           f"{INSTALL}.") from None
+
+
 def _mtq():
     require_modelopt()
     # Imported on first use: ModelOpt takes seconds to import and ComfyUI's start-up should not pay for it.

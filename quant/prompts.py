@@ -6,6 +6,7 @@ The two sets share no prompt, so the report measures prompts the scales were not
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 CALIBRATION_PROMPTS: tuple[str, ...] = (
@@ -122,8 +123,15 @@ def parse_prompts(text: str | Sequence[str]) -> list[str]:
     wired into the node): one prompt per item, whatever it starts with ('#1 best quality' is a prompt); an
     item's line breaks become spaces, as ComfyUI's tokenizer reads them."""
     if not isinstance(text, str):
-        return [p for p in (" ".join(str(v).splitlines()).strip() for v in text) if p]
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+        return [p for p in (" ".join(_lines(str(v))).strip() for v in text) if p]
+    return [line.strip() for line in _lines(text.lstrip("\ufeff"))  # a byte-order mark would hide a first '#'
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def _lines(text: str) -> list[str]:
+    # Only line breaks: str.splitlines() also splits at form feeds, \x1c-\x1e, \x85 and U+2028/2029, which a
+    # pasted prompt may hold.
+    return re.split(r"\r\n|\r|\n", text)
 
 
 def evaluation_prompts(text: str | Sequence[str]) -> tuple[list[str], str]:

@@ -164,7 +164,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
                            "or 'Load FP8 CLIP Vision'). Connect the original one from Load CLIP Vision instead.")
     model = require_clip_vision(cv)
     require_fp8_storage(cv.patcher.load_device, "CLIP vision model")
-    modelopt_bridge.require_modelopt()
+    modelopt_bridge.load_modelopt()  # before the minutes of encodes that come first
     images = calibration_images() if images is None else check_images(images)
     test = held_out_images()[0] if held_out is None else check_images(held_out, "evaluation images")
     batches = [images[i:i + 8] for i in range(0, images.shape[0], 8)]

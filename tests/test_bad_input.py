@@ -127,6 +127,22 @@ def test_a_missing_or_unsupported_modelopt_is_named_with_the_fix(comfy, pack, cl
         bridge.require_modelopt.cache_clear()
 
 
+def test_a_modelopt_that_cannot_be_imported_is_named_with_the_fix_before_any_encode(comfy, pack, clip, monkeypatch):
+    """An install whose import fails (a dependency missing, a torch it does not work with) surfaced as a bare
+    ImportError after the reference encodes (minutes for SDXL on a CPU): found by review."""
+    bridge = importlib.import_module(f"{pack.__name__}.quant.modelopt_bridge")
+    calibrate = importlib.import_module(f"{pack.__name__}.quant.calibrate")
+    encodes = []
+    monkeypatch.setattr(bridge, "_mtq", lambda: (_ for _ in ()).throw(ImportError("No module named 'pulp'")))
+    for name in ("encode_all", "encode_together"):  # the report's reference encodes, then calibration's
+        monkeypatch.setattr(calibrate, name, lambda *a, **k: encodes.append(1))
+    with pytest.raises(ValueError, match=r"nvidia-modelopt .* is installed but cannot be imported \(ImportError: No "
+                                         r"module named 'pulp'\)\. Reinstall it and its dependencies: install it "
+                                         r"into ComfyUI's own Python"):
+        quantize(comfy, clip, calibration_prompts="a cat")
+    assert encodes == []
+
+
 def test_comparing_empty_conditionings_names_the_fix(comfy):
     with pytest.raises(ValueError, match="The conditionings are empty: connect the outputs of two CLIPTextEncode"):
         call(comfy, "FP8CLIPCompareConditioning", reference=[], candidate=[])

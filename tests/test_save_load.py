@@ -608,6 +608,7 @@ def test_command_line_refuses_what_it_cannot_quantize_before_calibrating(comfy, 
     clip_l, t5 = te / comfy.files["clip_l"], te / comfy.files["t5_stub"]
     vit = comfy.base / "models" / "clip_vision" / comfy.files["vit_l"]
     (tmp_path / "comments.txt").write_text("# my prompts, to be filled in\n\n")
+    (tmp_path / "bom.txt").write_text("# my prompts, to be filled in\r\n", encoding="utf-8-sig")
     (tmp_path / "blocker").write_text("a file where the output folder should be")
     out = tmp_path / "out.safetensors"
     vision_header = tmp_path / "cv_fp8.safetensors"
@@ -616,6 +617,8 @@ def test_command_line_refuses_what_it_cannot_quantize_before_calibrating(comfy, 
     cases = [
         (["quantize", clip_l, out, "--prompts", tmp_path / "comments.txt"], 2, "no prompt in it"),
         (["quantize", clip_l, out, "--eval-prompts", tmp_path / "comments.txt"], 2, "no prompt in it"),
+        # saved by Windows Notepad: a byte-order mark made the comment line a prompt (found by review)
+        (["quantize", clip_l, out, "--prompts", tmp_path / "bom.txt"], 2, "no prompt in it"),
         (["quantize", clip_l, tmp_path / "blocker" / "out.safetensors"], 2, "cannot write there"),
         (["quantize", vit, out], 2, "is a CLIP vision model"),
         (["quantize", clip_l, out, "--input2", t5], 2, "give the CLIP they make with --type"),
