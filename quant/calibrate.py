@@ -19,7 +19,8 @@ from . import artifact, calibration_memo, modelopt_bridge
 from .errors import FP8ClipError
 from .fidelity import LayerErrorProbe, QualityReport, TowerSummary, encode_all, evaluate
 from .fp8_ops import require_fp8_storage
-from .patching import checkpoint_dtype, clone_with, fake_quant_embedding, patched_copy, to_float32, weight_bytes
+from .patching import (checkpoint_dtype, clone_with, fake_quant_embedding, patched_copy, to_float32, weight_bytes,
+                       weights_fingerprint)
 from .prompts import HELD_OUT_PROMPTS
 from .proxy import HOOKS_FIX, hooked_weights, load_towers
 from .recipe import Recipe, fingerprint
@@ -164,7 +165,8 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
         prompt_keys, held_out_keys = ([token_key(clip, p) for p in ps] for ps in (prompts, held_out))
     memo_key = calibration_memo.key("text", getattr(clip.patcher, "patches_uuid", ""), prompt_keys, recipe.to_json(),
                                     held_out_keys, getattr(clip, "layer_idx", None),
-                                    sorted(getattr(clip, "tokenizer_options", {}).items()))
+                                    sorted(getattr(clip, "tokenizer_options", {}).items()),
+                                    weights_fingerprint(clip.patcher, [t.path for t in towers]))
     earlier = calibration_memo.recall(clip, memo_key)
     total = len(prompts) + 2 * len(held_out)  # the original's encodes, calibration, the FP8 model's encodes
     done = 0

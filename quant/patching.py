@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -76,6 +76,38 @@ def patched_copy(clip: Any, path: str) -> torch.nn.Module:
                 w = comfy.lora.calculate_weight(own, w, key)
             target.copy_(w.to(target.dtype))
     return module
+
+
+def weights_fingerprint(patcher: Any, paths: Sequence[str], samples: int = 16) -> str:
+    """A digest of the weights `patched_copy` would start from at `paths` (ComfyUI's backup where a clone's
+    patches are in place, else the live tensor), from `samples` evenly spaced values of each tensor: a remembered
+    calibration must not be reused once a node has changed the model's weights in place (load_sd, a merge
+    written into it), which keeps the CLIP object and its patches_uuid. One copy to the CPU per call."""
+    import hashlib
+
+    from .proxy import unwrap
+
+    backup = getattr(patcher, "backup", {})
+    picks = []
+    for path in paths:
+        module = unwrap(patcher.get_model_object(path))
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            key = f"{path}.{name}"
+            t = backup[key].weight if key in backup else t
+            if t.is_floating_point() and t.numel() and t.device.type != "meta":
+                flat = t.detach().reshape(-1)
+                picks.append(flat[:: max(1, flat.numel() // samples)][:samples].float())
+    # One copy per device, put back in the model's order: the digest must not depend on where ComfyUI placed
+    # each weight (a partial load splits them).
+    groups: dict[torch.device, list[int]] = {}
+    for i, x in enumerate(picks):
+        groups.setdefault(x.device, []).append(i)
+    on_cpu: list[torch.Tensor] = [torch.empty(0)] * len(picks)
+    for idx in groups.values():
+        joined = torch.cat([picks[i] for i in idx]).cpu()
+        for i, part in zip(idx, joined.split([picks[i].numel() for i in idx])):
+            on_cpu[i] = part
+    return hashlib.sha256(torch.cat(on_cpu).numpy().tobytes() if on_cpu else b"").hexdigest()
 
 
 def weight_bytes(module: torch.nn.Module) -> int:

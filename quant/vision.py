@@ -19,7 +19,7 @@ from .errors import FP8ClipError, UnsupportedModelError
 from .fidelity import LayerErrorProbe, keep_advice, unmatched_warning
 from .fp8_ops import require_fp8_storage
 from .images import calibration_images, check_images, held_out_images, synthetic_images
-from .patching import checkpoint_dtype, clone_with, patched_copy, to_float32, weight_bytes
+from .patching import checkpoint_dtype, clone_with, patched_copy, to_float32, weight_bytes, weights_fingerprint
 from .proxy import load_towers
 from .recipe import Recipe, fingerprint
 
@@ -169,7 +169,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     test = held_out_images()[0] if held_out is None else check_images(held_out, "evaluation images")
     batches = [images[i:i + 8] for i in range(0, images.shape[0], 8)]
     memo_key = calibration_memo.key("vision", getattr(cv.patcher, "patches_uuid", ""), image_digest(images),
-                                    image_digest(test), recipe.to_json())
+                                    image_digest(test), recipe.to_json(), weights_fingerprint(cv.patcher, [PATH]))
     earlier = calibration_memo.recall(cv, memo_key)
     total, done = len(batches) + 2, 0
 

@@ -405,3 +405,22 @@ def test_a_prompt_list_wired_in_calibrates_once_on_all_its_prompts(comfy, monkey
                                  evaluation_prompts="a house by a lake\n# not this one\na portrait")
     (report,) = run_graph(comfy, prompt)["4"]["text"]
     assert "Calibration: 3 prompts" in report and "on 2 held-out prompts" in report, report
+
+
+def test_a_calibration_is_not_reused_once_the_models_weights_changed_in_place(comfy, pack):
+    """A node that writes into the model's weights (load_sd, a merge written in place) keeps the CLIP object and
+    its patches_uuid: the remembered calibration was reused, with the old scales and the old report's scores
+    (cosine 0.898 against the original where the report said 0.9957; found by review). A fresh CLIP here."""
+    clip = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")[0]
+    kw = dict(calibration_prompts="a cat\na castle at night", evaluation_prompts="a house by a lake",
+              runtime="fake-quant")
+    quantize(comfy, clip, **kw)
+    assert "reused" in quantize(comfy, clip, min_cosine=0.5, **kw)["result"][1]  # unchanged: reused
+    fc1 = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].mlp.fc1
+    with torch.inference_mode():  # as a node does, in ComfyUI's executor
+        fc1.weight.mul_(4)
+        fc1.bias.mul_(4)
+    again = quantize(comfy, clip, min_cosine=0.6, **kw)["result"]
+    assert "reused" not in again[1]
+    # scales fitted to the weights as they are now: as close to this CLIP as quantization gets
+    assert cosine(encode(comfy, again[0], PROMPT)[0], encode(comfy, clip, PROMPT)[0]) > 0.99
