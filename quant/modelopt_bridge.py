@@ -140,7 +140,17 @@ def quantize(module: torch.nn.Module, config: dict, forward_loop: Callable[[torc
     register_linear_classes(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mtq.quantize(module, config, forward_loop)
+        try:
+            mtq.quantize(module, config, forward_loop)
+        except AssertionError as e:
+            if "nan" not in str(e).lower() and "inf" not in str(e).lower():
+                raise
+            # ModelOpt's calibrator asserts on a non-finite amax, naming neither a layer nor a cause
+            raise FP8ClipError(
+                "The model's activations hold NaN or infinite values on the calibration prompts, so no FP8 scale "
+                "can be calibrated (the original CLIP gives NaN for them too). Usual causes: an `embedding:` "
+                "(textual inversion) file or a LoRA / merge with NaN or inf in it. Remove it from the prompts or "
+                f"the model, or check the original's output for these prompts. (ModelOpt: {e})") from None
 
 
 def calibration_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

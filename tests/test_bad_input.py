@@ -222,3 +222,17 @@ def test_a_list_of_clips_or_settings_is_refused_with_the_fix(comfy, clip):
     # scripts that call the node's FUNCTION with plain values, as before it took lists, still work
     with pytest.raises(ValueError, match="calibration prompts are empty"):
         node.quantize_lists(clip=clip, **{**{k: v[0] for k, v in widgets.items()}, "calibration_prompts": "  "})
+
+
+def test_an_embedding_with_inf_in_it_gets_the_cause_not_modelopts_assertion(comfy, clip, scratch):
+    """NaN or inf reaching the activations (here from a textual-inversion file) failed calibration with ModelOpt's
+    bare "detected nan values in amax", naming no layer, cause or fix (found by review)."""
+    from safetensors.torch import save_file
+
+    path = scratch(comfy.base / "models" / "embeddings" / "fp8clip-inf.safetensors")
+    emb = torch.zeros(1, 768)
+    emb[0, 3] = float("inf")
+    save_file({"emb_params": emb}, str(path))
+    with pytest.raises(ValueError, match=r"activations hold NaN or infinite values on the calibration prompts.*"
+                                         r"an `embedding:` \(textual inversion\) file"):
+        quantize(comfy, clip, calibration_prompts="embedding:fp8clip-inf a cat", evaluation_prompts="a dog")
