@@ -31,6 +31,9 @@ Progress = Callable[[int, int], None]
 
 CLIP_TOKEN_KEYS = ("l", "g", "h")  # the tokenizer's keys for the clip_l / clip_g / clip_h towers
 PROMPTS_PER_CALIBRATION_ENCODE = 16
+# And at most this many rows of 77 tokens per call: sixteen long prompts made one batch of hundreds of rows, whose
+# activations (SDXL's CLIP-G in fp32, beside its calibration copy) could exceed a card that encodes each prompt.
+ROWS_PER_CALIBRATION_ENCODE = 32
 
 
 def encode(clip: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -115,6 +118,22 @@ def report_notes(unusable: Sequence[str], missing: Sequence[str]) -> list[str]:
         out.append(f"Not found, so left out of the prompts as CLIPTextEncode leaves them out: "
                    f"{', '.join('embedding:' + n for n in missing)}. Put the file in models/embeddings, or fix the name.")
     return out
+
+
+def calibration_groups(clip: Any, prompts: Sequence[str]) -> list[list[str]]:
+    """The prompts in groups for `encode_together`: in order, at most PROMPTS_PER_CALIBRATION_ENCODE prompts and
+    ROWS_PER_CALIBRATION_ENCODE rows each (a prompt longer than that alone)."""
+    groups: list[list[str]] = []
+    rows = 0
+    for p in prompts:
+        # its rows in the widest CLIP tower, plus the empty row ComfyUI adds to a weighted prompt
+        n = 1 + max((len(r) for k, r in clip.tokenize(p).items() if k in CLIP_TOKEN_KEYS), default=1)
+        if not groups or len(groups[-1]) >= PROMPTS_PER_CALIBRATION_ENCODE or rows + n > ROWS_PER_CALIBRATION_ENCODE:
+            groups.append([])
+            rows = 0
+        groups[-1].append(p)
+        rows += n
+    return groups
 
 
 def encode_together(clip: Any, prompts: Sequence[str]) -> None:
@@ -226,10 +245,8 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                                       source_bytes, dtypes)
 
     def forward_loop(_: torch.nn.Module) -> None:
-        n = PROMPTS_PER_CALIBRATION_ENCODE
-        for i in range(0, len(prompts), n):
+        for group in calibration_groups(qclip, prompts):
             check_interrupt()
-            group = prompts[i:i + n]
             encode_together(qclip, group)
             step(len(group))
 

@@ -152,13 +152,20 @@ def test_calibrating_prompts_together_gives_the_scales_of_one_by_one(comfy, clip
     cal = "\n".join(["a cat", "(a castle:1.3) at (night:0.8)", ", ".join(f"detail {i}" for i in range(40)),
                      "embedding:fp8clip-fixture-emb a portrait", "a red car", "blurry, lowres"])
     calibrate = pack_module(pack, "quant.calibrate")
-    out = {}
-    for n in (1, calibrate.PROMPTS_PER_CALIBRATION_ENCODE):
+    out, rows = {}, {}
+    real = calibrate.encode_together
+    monkeypatch.setattr(calibrate, "encode_together", lambda c, ps: (rows[key].append(
+        sum(1 + max(len(r) for k, r in c.tokenize(p).items() if k == "l") for p in ps)), real(c, ps))[1])
+    # prompt by prompt; 16 prompts a call; at most 4 rows a call (the 40-detail prompt's 2 rows + 1 go alone)
+    for key, (n, max_rows) in {"one by one": (1, 64), "together": (16, 64), "row cap": (16, 4)}.items():
         monkeypatch.setattr(calibrate, "PROMPTS_PER_CALIBRATION_ENCODE", n)
+        monkeypatch.setattr(calibrate, "ROWS_PER_CALIBRATION_ENCODE", max_rows)
+        rows[key] = []
         pack_module(pack, "quant.calibration_memo").forget_all()  # same inputs: calibrate, do not recall
         q = quantize(comfy, clip, calibration_prompts=cal, evaluation_prompts="a house", runtime="fake-quant")
-        out[n] = [encode(comfy, q["result"][0], p)[0] for p in (PROMPT, "(a castle:1.3) at night")]
-    assert all(torch.equal(a, b) for a, b in zip(*out.values()))
+        out[key] = [encode(comfy, q["result"][0], p)[0] for p in (PROMPT, "(a castle:1.3) at night")]
+    assert len(rows["one by one"]) == 6 and len(rows["together"]) == 1 and max(rows["row cap"]) <= 4
+    assert all(torch.equal(a, b) for v in out.values() for a, b in zip(out["one by one"], v))
 
 
 def test_quantizing_again_while_a_quantized_clone_is_loaded(comfy, clip, pack):
