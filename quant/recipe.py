@@ -65,7 +65,8 @@ class Recipe:
         quantized = [n for n in names if n not in set(kept)]
         return quantized, kept, unmatched
 
-    def require_layers(self, to_quantize: list[str], layers: int, unusable: list[str] = ()) -> None:
+    def require_layers(self, to_quantize: list[str], layers: int, unusable: list[str] = (), vision: bool = False
+                       ) -> None:
         """A clear error where nothing is left to quantize (ModelOpt's own speaks of MoE layouts and pipeline
         parallelism)."""
         if to_quantize:
@@ -73,6 +74,10 @@ class Recipe:
         why = f"the keep_high_precision patterns ({', '.join(self.keep)}) match all {layers} of its Linear layers"
         if unusable:
             why += f", or their weights are not finite ({len(unusable)} layers)"
+        if vision:
+            raise FP8ClipError(f"Nothing to quantize in this model: {why}. Remove the pattern that matches every "
+                               "layer (such as '*' or 'vision_model.*'); the default keeps only the patch "
+                               "embedding: '*patch_embedding*'.")
         raise FP8ClipError(f"Nothing to quantize in this model: {why}. Remove the pattern that matches every "
                            "layer (such as 'clip_l.*' on an SD1.5 CLIP, or '*'); to leave one tower of SDXL in "
                            "high precision, 'clip_g.*' keeps CLIP-G and quantizes CLIP-L.")

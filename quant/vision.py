@@ -201,7 +201,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     kept = kept + [c for c in convs if c not in kept]  # convolutions are never quantized
     unusable = modelopt_bridge.nonfinite_weight_layers(container, to_quantize)
     to_quantize, kept = [n for n in to_quantize if n not in unusable], kept + unusable
-    recipe.require_layers(to_quantize, len(linears), unusable)
+    recipe.require_layers(to_quantize, len(linears), unusable, vision=True)
     # Original weights (checkpoint dtype, CPU) for the per-layer errors; taken before the fp32 cast.
     reference = {} if earlier else {n: container.get_submodule(n).weight.detach().to("cpu", copy=True)
                                     for n in to_quantize}
