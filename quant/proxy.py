@@ -147,10 +147,15 @@ class TowerProxy(torch.nn.Module):
         clone without a full unload, after which nothing else, "Unload Models" included, would send the tower
         back. The same clone running again moves nothing."""
         if self in _RESIDENT and self.load_device != self.offload_device:
-            try:
-                target = fn(torch.empty(0)).device
-            except Exception:  # noqa: BLE001 - not a move (a dtype cast...): nothing to follow
-                target = None
+            target = None
+            # where a tensor on the load device would go (a dtype cast, .half(), leaves it there); a 'meta'
+            # stand-in cannot be copied out, so a CPU tensor answers for it
+            for probe in (self.load_device, torch.device("cpu")):
+                try:
+                    target = fn(torch.empty(0, device=probe)).device
+                    break
+                except Exception:  # noqa: BLE001 - not a tensor function: nothing to follow
+                    continue
             if target == self.offload_device:
                 self.offload_now()
         return self
