@@ -48,7 +48,7 @@ def main() -> None:
     q = N["FP8CLIPVisionQuantize"]()
     req = q.INPUT_TYPES()["required"]
     inputs = {k: v[1]["default"] for k, v in req.items() if len(v) > 1 and "default" in v[1]}
-    run = getattr(q, q.FUNCTION)
+    run = q.quantize  # the node's function for plain inputs (its FUNCTION takes ComfyUI's input lists)
     args.out.mkdir(parents=True, exist_ok=True)
     out: dict = {"device": torch.cuda.get_device_name() if cuda else "CPU", "dynamic_vram": args.dynamic_vram}
 
