@@ -12,6 +12,18 @@ RUNTIME_CHOICES = ("auto", "fp8", "fp8-compiled", "tensorrt", "fake-quant")
 log = logging.getLogger("comfyui-fp8-clip")
 
 
+def method_widget() -> tuple:
+    """The calibration-method widget of both quantize nodes."""
+    return (list(METHODS), {"default": "max", "tooltip": "max: NVIDIA's recipe (amax of the calibration data). "
+                                                         "mse: searches weight scales that minimise the error."})
+
+
+def scope_widget() -> tuple:
+    """The what-to-quantize widget of both quantize nodes."""
+    return (list(SCOPES), {"default": SCOPES[0], "tooltip": "weights+activations gives FP8 matmuls; weights only "
+                                                            "keeps activations in high precision (FP8 storage only)."})
+
+
 class QuantizeCLIP:
     NODE_ID = "FP8CLIPQuantize"
     DISPLAY_NAME = "Quantize CLIP to FP8 (calibrated)"
@@ -39,12 +51,8 @@ class QuantizeCLIP:
                 "multiline": False, "default": ", ".join(DEFAULT_KEEP),
                 "tooltip": "Layers to leave unquantized: wildcard patterns separated by commas, matched "
                            "against layer names as the report prints them (e.g. *mlp.fc2, *layers.11.*)."}),
-            "method": (list(METHODS), {"default": "max",
-                                       "tooltip": "max: NVIDIA's recipe (amax of the calibration data). "
-                                                  "mse: searches weight scales that minimise the error."}),
-            "quantize": (list(SCOPES), {"default": SCOPES[0],
-                                        "tooltip": "weights+activations gives FP8 matmuls; weights only "
-                                                   "keeps activations in high precision (FP8 storage only)."}),
+            "method": method_widget(),
+            "quantize": scope_widget(),
             "min_cosine": ("FLOAT", {"default": 0.99, "min": 0.0, "max": 1.0, "step": 0.001,
                                      "tooltip": "Warn when the worst held-out prompt falls below this."}),
             "runtime": (list(RUNTIME_CHOICES), {

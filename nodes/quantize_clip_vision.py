@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from ..quant.recipe import METHODS, SCOPES, Recipe, parse_patterns
+from ..quant.recipe import Recipe, parse_patterns
 from .lists import unlist
-from .quantize_clip import RUNTIME_CHOICES
+from .quantize_clip import RUNTIME_CHOICES, method_widget, scope_widget
 from .tensorrt_engine import run_on_engine
 from .ui import interrupt_check, progress_bar
 
@@ -32,12 +32,8 @@ class QuantizeCLIPVision:
                 "default": ", ".join(DEFAULT_VISION_KEEP),
                 "tooltip": "Layers to leave unquantized (wildcards, comma separated), matched against the layer "
                            "names in the report. The patch embedding is never quantized."}),
-            "method": (list(METHODS), {"default": "max",
-                                       "tooltip": "max: NVIDIA's recipe (amax of the calibration data). "
-                                                  "mse: searches weight scales that minimise the error."}),
-            "quantize": (list(SCOPES), {"default": SCOPES[0],
-                                        "tooltip": "weights+activations gives FP8 matmuls; weights only "
-                                                   "keeps activations in high precision (FP8 storage only)."}),
+            "method": method_widget(),
+            "quantize": scope_widget(),
             "min_cosine": ("FLOAT", {"default": 0.99, "min": 0.0, "max": 1.0, "step": 0.001,
                                      "tooltip": "Warn when the worst held-out image falls below this."}),
             "runtime": (list(RUNTIME_CHOICES), {
