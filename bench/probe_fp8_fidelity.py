@@ -6,7 +6,8 @@ with itself: a diagnosis of the fidelity target (cosine >= 0.999), written to OU
 On the held-out prompts, at the transformer (same input embeddings for every variant), mean per-token cosine
 of the last hidden state against the Q->DQ model on the GPU at batch 1:
 - the Q->DQ model itself at batch 2 (another cuBLAS kernel, same math) and on the CPU: its own reproducibility;
-- the FP8 runtime: scaled_mm with the fused Triton kernels between the matmuls (the default), and unfused
+- the FP8 runtime: the fused Triton kernels between the matmuls and quant/fp8_gemm.py's exactly accumulating
+  matmul (the default), the same on cuBLAS's FP8 GEMM, and unfused
   (CUDA graph and eager; and with the input multiplier of file format 1), scaled_mm with fast accumulation,
   dequantized fp32 GEMMs.
 And for single GEMMs, the error of each arithmetic against an fp64 reference of the same FP8 operands.
@@ -103,7 +104,7 @@ def main() -> None:
                 orig = torch._scaled_mm
                 torch._scaled_mm = lambda *a, **k: orig(*a, use_fast_accum=True, **k)
             try:
-                variants[f"FP8 runtime: {matmul}, {executor}, {'fused' if impl.fused else 'unfused'} kernels"
+                variants[f"FP8 runtime: {matmul}, {executor}, {'fused kernels, exact matmul' if impl.fused else 'unfused kernels'}"
                          f"{', fast accumulation' if fast else ''}"
                          f"{', 1/input_scale as in format 1' if derived_inv else ''}"] = [
                     run(impl, e, n) for e, n in data]
@@ -113,6 +114,18 @@ def main() -> None:
             if matmul == "scaled_mm" and executor == "eager" and not fast:
                 gemm_errors(impl, fq, data[0], lines, quantize_input, FP8Linear)
             del fp8, impl
+        from comfyui_fp8_clip.quant import fp8_gemm
+        exact_for = fp8_gemm.exact_for
+        fp8_gemm.exact_for = lambda *a: False  # the fused plan on cuBLAS's FP8 GEMM, as before fp8_gemm.py
+        try:
+            fp8, _ = runtime.to_fp8_runtime(fake, "fp8")
+            impl = unwrap(fp8.patcher.get_model_object("clip_l.transformer"))
+            impl.configure(lambda d: runtime.Plan("fp8", "scaled_mm", "cuda_graph", "float32", "probe", "fused"))
+            variants["FP8 runtime: scaled_mm, cuda_graph, fused kernels, cuBLAS FP8 GEMM in them"] = [
+                run(impl, e, n) for e, n in data]
+            del fp8, impl
+        finally:
+            fp8_gemm.exact_for = exact_for
         lines.append("\nMean per-token cosine of the last hidden state vs the Q->DQ model on the GPU, batch 1 "
                      f"({len(held)} held-out prompts): worst / mean")
         for name, outs in variants.items():
@@ -128,6 +141,7 @@ def gemm_errors(impl, fq, sample, lines, quantize_input, FP8Linear) -> None:
     """Each FP8 GEMM of layers 0 and 11 on its real input: error vs fp64 on the same FP8 operands."""
     import torch
     import torch.nn.functional as F
+    from comfyui_fp8_clip.quant import fp8_gemm
 
     captured = {}
 
@@ -156,6 +170,7 @@ def gemm_errors(impl, fq, sample, lines, quantize_input, FP8Linear) -> None:
             "scaled_mm fast accum": torch._scaled_mm(qx, m.weight.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32,
                                                      use_fast_accum=True) + m.bias,
             "fp32 GEMM of dequantized": F.linear(qx.float() * sa, m.weight.float() * sb, m.bias),
+            "Triton, FP8 codes on fp16 tensor cores": fp8_gemm.matmul(qx, m.weight, sa, sb) + m.bias,
         }
         scale = exact.abs().max()
         # how often a downstream static FP8 quantization (scale ~ amax/448) would round differently

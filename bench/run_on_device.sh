@@ -10,7 +10,7 @@
 #   small-vram-dynamic http text-default unload unload-async unload-old unload-v03 unload-v03-old capture-failure
 #   text-sdxl-default text-gpu-only profile-gpu-only
 #   vision-profile vision-gpu-only vision-async multi-gpu memo memo-sdxl sampler reuse reuse-dynamic reuse-async
-#   multi-gpu-async (two GPUs) capture-async
+#   multi-gpu-async (two GPUs) capture-async gemm
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
 # Sets up the carried wheels (ModelOpt, comfy-kitchen, ...) and ComfyUI v0.29 once per machine, then runs
 # each step under its own time limit, logging to OUT/<step>.log, so one slow step does not lose the others.
@@ -31,6 +31,7 @@ for step in "${@:-probe text profile vision}"; do
   for s in $step; do
     t0=$(date +%s)
     case $s in
+      gemm*) timeout 400 python3 bench/probe_gemm_accumulation.py --out "$out" ;;
       probe-stress*) timeout 300 python3 bench/probe_fp8_fidelity.py --comfy /tmp/c29 --out "$out" --stress ;;
       probe*) timeout 300 python3 bench/probe_fp8_fidelity.py --comfy /tmp/c29 --out "$out" ;;
       text-default*) PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 400 python3 bench/bench_text_encode.py \

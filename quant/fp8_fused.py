@@ -31,6 +31,7 @@ except Exception as e:  # noqa: BLE001 - any import failure means: no fused kern
 else:
     _IMPORT_ERROR = ""
 
+from . import fp8_gemm
 from .fp8_ops import FP8, FP8Linear
 
 _ACT_CODE = {"quick_gelu": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
@@ -313,7 +314,10 @@ def own_attention(t: int, width: int, heads: int) -> bool:
 
 
 def _matmul(codes: torch.Tensor, lin: FP8Linear, out: torch.Tensor | None = None) -> torch.Tensor:
-    """FP8 x FP8 -> fp32 without bias: the bias is added by the kernel after it."""
+    """FP8 x FP8 -> fp32 without bias: the bias is added by the kernel after it. Exactly accumulated on the GPU
+    up to fp8_gemm.MAX_ROWS rows (the Q->DQ model's arithmetic), on FP8 tensor cores beyond."""
+    if fp8_gemm.exact_for(codes, lin.weight):
+        return fp8_gemm.matmul(codes, lin.weight, lin.input_scale, lin.weight_scale, out)
     return torch._scaled_mm(codes, lin.weight.t(), scale_a=lin.input_scale, scale_b=lin.weight_scale,
                             out_dtype=torch.float32, out=out)
 

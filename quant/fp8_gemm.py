@@ -1,0 +1,86 @@
+"""The FP8 matmul of the fused encoder on the GPU: FP8 x FP8 -> fp32 in Triton, accumulated exactly.
+
+Hopper's FP8 tensor-core instructions sum their products with about 14 bits of precision before the fp32
+accumulator sees them: `torch._scaled_mm` errs by 2e-4 to 8e-4 of a CLIP matmul's output range against fp64 on
+the same FP8 operands, and moves 6,000-9,000 elements per million across the next layer's FP8 rounding
+boundary (bench/results/gemm_accumulation_h200.md). Here the FP8 codes are read from memory as they are (FP8
+weights, FP8 activations with the calibrated static scales) and widened to fp16 in registers, which is exact
+(every E4M3 value is an fp16), then multiplied on fp16 tensor cores with fp32 accumulation: 2e-7 to 9e-7, 0-4
+flips per million, as exact as an fp32 GEMM of the dequantized operands. At CLIP's text shapes the matmuls are
+bound by latency, not by multiply rate: against cuBLAS's FP8 GEMM a CLIP-L layer's six matmuls take 23.5 vs
+21.8 us at 77 rows, 28.5 vs 24.0 us at 154 and 48.6 vs 30.6 us at 616 (+0.02, +0.05 and +0.22 ms per encode).
+Beyond MAX_ROWS (vision batches) the FP8 instructions' double rate wins, and `torch._scaled_mm` runs.
+
+Modes "fp8" (the FP8 instruction accumulating in place, as cuBLAS does) and "fp8-promoted" (each K block's FP8
+product added in fp32, as DeepSeek-V3 promotes) are kept for bench/probe_gemm_accumulation.py's comparison.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - no Triton: scaled_mm everywhere
+    triton = None
+
+MODES = {"fp8": 0, "fp8-promoted": 1, "fp16": 2}
+MAX_ROWS = 640  # 8 prompts of 77 tokens; above, the FP8 instructions' rate beats exact accumulation
+BLOCK_K = 128
+
+if triton is not None:
+
+    @triton.jit
+    def _matmul_kernel(a_ptr, w_ptr, out_ptr, sa_ptr, sb_ptr, m, n, k, MODE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rm[:, None] * k + rk[None, :]
+        w_ptrs = w_ptr + rn[None, :] * k + rk[:, None]  # [BLOCK_K, BLOCK_N] of the [n, k] weight: K-major
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, k, BLOCK_K):
+            a = tl.load(a_ptrs, mask=rm[:, None] < m, other=0.0)
+            w = tl.load(w_ptrs, mask=rn[None, :] < n, other=0.0)
+            if MODE == 0:
+                acc = tl.dot(a, w, acc)
+            elif MODE == 1:
+                acc += tl.dot(a, w, max_num_imprecise_acc=BLOCK_K)
+            else:
+                acc = tl.dot(a.to(tl.float16), w.to(tl.float16), acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
+        tl.store(out_ptr + rm[:, None] * n + rn[None, :], acc, mask=(rm[:, None] < m) & (rn[None, :] < n))
+
+
+def block_for(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the fastest of the probe's configurations for this shape."""
+    if m > 160:
+        return 32, 64, BLOCK_K, 4, 3
+    if k >= 2048 and k % 256 == 0:  # fc2: fewer, longer steps along K
+        return 16, 32, 256, 4, 3
+    return (16, 32, BLOCK_K, 4, 4) if n <= 1024 else (16, 64, BLOCK_K, 4, 3)
+
+
+def exact_for(codes: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `matmul` takes this product (else `torch._scaled_mm` does)."""
+    return (triton is not None and codes.is_cuda and codes.shape[0] <= MAX_ROWS and codes.shape[1] % BLOCK_K == 0
+            and codes.is_contiguous() and weight.is_contiguous())
+
+
+def matmul(codes: torch.Tensor, weight: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+           out: torch.Tensor | None = None, mode: str = "fp16",
+           block: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """codes [m, k] FP8 @ weight [n, k].T FP8, times the two per-tensor scales -> fp32 [m, n]."""
+    m, k = codes.shape
+    n = weight.shape[0]
+    bm, bn, bk, warps, stages = block or block_for(m, n, k)
+    if k % bk:
+        raise ValueError(f"k={k} is not a multiple of the block's {bk}")
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.float32, device=codes.device)
+    _matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        codes, weight, out, scale_a, scale_b, m, n, k, MODE=MODES[mode], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages)
+    return out
