@@ -13,17 +13,20 @@ a CUDA graph of 20 calls (launch cost as inside the pack's captured encoder).
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import statistics
+import sys
+import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("fp8_gemm", ROOT / "quant" / "fp8_gemm.py")
-fp8_gemm = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fp8_gemm)
+pack = types.ModuleType("comfyui_fp8_clip")  # the package without its ComfyUI entry: quant/ needs only torch
+pack.__path__ = [str(ROOT)]
+sys.modules["comfyui_fp8_clip"] = pack
+fp8_gemm = importlib.import_module("comfyui_fp8_clip.quant.fp8_gemm")
 
 FP8 = torch.float8_e4m3fn
 TEXT = [(768, 768), (2304, 768), (3072, 768), (768, 3072)]  # CLIP-L: q/k/v as one, out_proj, fc1, fc2
@@ -118,8 +121,45 @@ def main() -> None:
             row.append(f"the pack's choice {cfg} {err:.1e} {flips:.0f}/M {t * 1e3:.1f}us")
         lines.append(f"{m}x{n}x{k}: " + "; ".join(row))
         print(lines[-1], flush=True)
+    fusions(dev, lines)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gemm_accumulation.txt").write_text("\n".join(lines) + "\n")
+
+
+def fusions(dev: torch.device, lines: list) -> None:
+    """The launches the fused encoder makes on the GPU vs what it made before: q, k and v in one launch vs three
+    cuBLAS FP8 GEMMs; fc1 with its bias, GELU and fc2's quantizer vs a cuBLAS FP8 GEMM and the fused kernel."""
+    from types import SimpleNamespace
+
+    fused = importlib.import_module("comfyui_fp8_clip.quant.fp8_fused")
+    lines.append("\nCLIP-L's fused launches, us per call (GPU time in a CUDA graph): before (cuBLAS) / now")
+    for m in (77, 154, 231, 616):
+        lins = []
+        for i in range(3):
+            a, w, sa, sb = operands(m, 768 if i < 2 else 3072, 768, dev, 100 + i)
+            lins.append(SimpleNamespace(weight=w, input_scale=sa, weight_scale=sb,
+                                        bias=torch.randn(w.shape[0], device=dev) * 0.1))
+        qkv_out = torch.empty(3, m, 768, device=dev)
+        y = torch.empty(m, 3072, device=dev)
+        codes = torch.empty(m, 3072, device=dev, dtype=FP8)
+        inv = torch.tensor(448 / 3.0, device=dev)
+
+        def qkv_before():
+            for i in range(3):
+                torch._scaled_mm(a, lins[0].weight.t(), scale_a=sa, scale_b=lins[0].weight_scale,
+                                 out_dtype=torch.float32, out=qkv_out[i])
+
+        def fc1_before():
+            torch._scaled_mm(a, lins[2].weight.t(), scale_a=sa, scale_b=lins[2].weight_scale, out_dtype=torch.float32,
+                             out=y)
+            fused.bias_act_quant(y, lins[2].bias, "quick_gelu", inv, codes=codes)
+
+        t = [gpu_ms(f) * 1e3 for f in (
+            qkv_before, lambda: fp8_gemm.matmul_projections(a, (lins[0], lins[0], lins[1]), qkv_out),
+            fc1_before, lambda: fp8_gemm.matmul_act_quant(a, lins[2], "quick_gelu", inv, codes))]
+        lines.append(f"  {m} rows: q/k/v {t[0]:.1f} / {t[1]:.1f}; fc1 + bias + GELU + quantize {t[2]:.1f} / "
+                     f"{t[3]:.1f}")
+        print(lines[-1], flush=True)
 
 
 if __name__ == "__main__":

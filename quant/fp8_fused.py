@@ -9,8 +9,10 @@ kernel:
     y + bias; GELU; -> FP8 codes                        (between fc1 and fc2)
     q, k, v + biases; attention; -> FP8 codes           (before out_proj: up to 128 tokens, CLIP text)
 
-For longer sequences (vision: 257 tokens) the host's attention runs between a q/k/v-bias kernel and a
-quantizing kernel. The arithmetic is the unfused path's (fp32, the bias and residual adds in the same order);
+On the GPU, up to fp8_gemm.MAX_ROWS rows, the matmuls are fp8_gemm's exactly accumulating kernel: q, k and v
+in one launch, and fc1 with its bias, GELU and fc2's quantizer in its epilogue (the second line above, then,
+is not a kernel of its own). For longer sequences (vision: 257 tokens) the host's attention runs between a
+q/k/v-bias kernel and a quantizing kernel. The arithmetic is the unfused path's (fp32, the bias and residual adds in the same order);
 reductions, `exp` and the attention's sums round differently in the last bit. FP8 rounding is done in fp32 bit
 arithmetic (round to nearest even), so the final cast is exact: the same codes as PyTorch's cast, also in
 Triton's CPU interpreter (whose own FP8 cast rounds wrongly at binade edges), where CI runs these kernels.
@@ -22,24 +24,19 @@ from typing import Any
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except Exception as e:  # noqa: BLE001 - any import failure means: no fused kernels
-    triton = None
-    _IMPORT_ERROR = f"Triton is not importable ({type(e).__name__}: {e})"
-else:
-    _IMPORT_ERROR = ""
-
 from . import fp8_gemm
 from .fp8_ops import FP8, FP8Linear
+from .fp8_triton import ACT_CODE, IMPORT_ERROR, triton
 
-_ACT_CODE = {"quick_gelu": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
+if triton is not None:
+    import triton.language as tl
+
+    from .fp8_triton import activation, fp8_codes
 
 
 def available() -> tuple[bool, str]:
     """Whether the fused kernels can run here, and why not."""
-    return (triton is not None), _IMPORT_ERROR
+    return (triton is not None), IMPORT_ERROR
 
 
 def fusable(layers: Any) -> tuple[bool, str]:
@@ -54,29 +51,12 @@ def fusable(layers: Any) -> tuple[bool, str]:
             return False, f"layer {i} has matmuls kept in high precision"
         if len({float(p.input_scale_inv) for p in projs[:3]}) != 1:
             return False, f"layer {i}: q, k and v have different input scales"
-        if layer.mlp.activation_name not in _ACT_CODE:
+        if layer.mlp.activation_name not in ACT_CODE:
             return False, f"layer {i}: unknown MLP activation"
     return True, ""
 
 
 if triton is not None:
-
-    @triton.jit
-    def _fp8_codes(v, inv):
-        """v * inv -> float8_e4m3fn codes as ModelOpt's quantizer computes them (clamp to +-448, round to
-        nearest even)."""
-        v = v * inv
-        nan = v != v  # NaN stays NaN, as in PyTorch's cast (clamp would make it -448: finite garbage downstream)
-        v = tl.clamp(v, -448.0, 448.0)
-        # Normal range (|v| >= 2^-6): keep 3 of fp32's 23 mantissa bits, rounding to nearest even; a carry into
-        # the exponent is the right result. Subnormal range: multiples of 2^-9, by an fp32 add at a magnitude
-        # whose ulp is 2^-9 (1.5 * 2^14), with v's sign put back (-0 stays -0, as in PyTorch's cast).
-        bits = v.to(tl.int32, bitcast=True)
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
-        sub = (tl.abs(v) + 24576.0) - 24576.0
-        sub = (sub.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
-        q = tl.where(tl.abs(v) >= 0.015625, normal, sub).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        return tl.where(nan, 0x7F, q).to(tl.float8e4nv, bitcast=True)
 
     @triton.jit
     def _residual_ln_quant_kernel(res_ptr, y_ptr, bias_ptr, out_res_ptr, w_ptr, b_ptr, codes_ptr, inv_ptr,
@@ -97,7 +77,7 @@ if triton is not None:
             w = tl.load(w_ptr + cols, mask=m, other=0.0)
             b = tl.load(b_ptr + cols, mask=m, other=0.0)
             z = d * rstd * w + b
-            tl.store(codes_ptr + row * n_cols + cols, _fp8_codes(z, tl.load(inv_ptr)), mask=m)
+            tl.store(codes_ptr + row * n_cols + cols, fp8_codes(z, tl.load(inv_ptr)), mask=m)
 
     @triton.jit
     def _bias_act_quant_kernel(y_ptr, bias_ptr, codes_ptr, inv_ptr, n, n_cols, ACT: tl.constexpr,
@@ -106,21 +86,14 @@ if triton is not None:
         m = offs < n
         x = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
         x = x + tl.load(bias_ptr + offs % n_cols, mask=m, other=0.0).to(tl.float32)
-        if ACT == 0:  # quick_gelu, as CLIP-L computes it
-            x = x * (1.0 / (1.0 + tl.exp(-1.702 * x)))
-        elif ACT == 1:
-            x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-        else:
-            u = tl.clamp(0.7978845608028654 * (x + 0.044715 * x * x * x), -20.0, 20.0)  # tanh(20) is 1 in fp32
-            x = 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0))
-        tl.store(codes_ptr + offs, _fp8_codes(x, tl.load(inv_ptr)), mask=m)
+        tl.store(codes_ptr + offs, fp8_codes(activation(x, ACT), tl.load(inv_ptr)), mask=m)
 
     @triton.jit
     def _quant_kernel(x_ptr, codes_ptr, inv_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < n
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(codes_ptr + offs, _fp8_codes(x, tl.load(inv_ptr)), mask=m)
+        tl.store(codes_ptr + offs, fp8_codes(x, tl.load(inv_ptr)), mask=m)
 
     @triton.jit
     def _qkv_bias_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, oq_ptr, ok_ptr, ov_ptr, n, n_cols,
@@ -167,7 +140,7 @@ if triton is not None:
         s = tl.where(keys[None, :] < n_tokens, s, float("-inf"))
         p = tl.exp(s - tl.max(s, axis=1)[:, None])
         o = tl.dot(p, v, input_precision=PRECISION) / tl.sum(p, axis=1)[:, None]
-        tl.store(codes_ptr + base + rows[:, None] * width + dims[None, :], _fp8_codes(o, tl.load(inv_ptr)),
+        tl.store(codes_ptr + base + rows[:, None] * width + dims[None, :], fp8_codes(o, tl.load(inv_ptr)),
                  mask=rows[:, None] < n_tokens)
 
 
@@ -258,7 +231,7 @@ def bias_act_quant(y: torch.Tensor, bias: torch.Tensor, activation: str, inv_sca
         codes = torch.empty(y.shape, dtype=FP8, device=y.device)
     n = y.numel()
     _bias_act_quant_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
-        y, bias, codes, inv_scale, n, y.shape[-1], ACT=_ACT_CODE[activation], BLOCK=_ELEMENTWISE_BLOCK)
+        y, bias, codes, inv_scale, n, y.shape[-1], ACT=ACT_CODE[activation], BLOCK=_ELEMENTWISE_BLOCK)
     return codes
 
 
@@ -347,7 +320,11 @@ def run_layers(x: torch.Tensor, layers: Any, mask: torch.Tensor | None, inter_id
     inter = None
     for i, layer in enumerate(layers):
         a, mlp = layer.self_attn, layer.mlp
-        q, k, v = (_matmul(codes_d, p, o) for p, o in ((a.q_proj, q_out), (a.k_proj, k_out), (a.v_proj, v_out)))
+        projs = (a.q_proj, a.k_proj, a.v_proj)
+        if fp8_gemm.exact_for(codes_d, *(p.weight for p in projs)):  # one launch, q, k and v in turn
+            q, k, v = fp8_gemm.matmul_projections(codes_d, projs, gemm[:3 * m * d].view(3, m, d)).unbind(0)
+        else:
+            q, k, v = (_matmul(codes_d, p, o) for p, o in zip(projs, (q_out, k_out, v_out)))
         biases = (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
         if own:
             attention_quant(q, k, v, biases, (b, t, d), a.heads, mask, a.out_proj.input_scale_inv, codes=codes_d)
@@ -359,8 +336,11 @@ def run_layers(x: torch.Tensor, layers: Any, mask: torch.Tensor | None, inter_id
             quantize(buffers.stage("attention", o.reshape(m, d)), a.out_proj.input_scale_inv, codes=codes_d)
         residual_ln_quant(h, _matmul(codes_d, a.out_proj, y_d), a.out_proj.bias, layer.layer_norm2,
                           mlp.fc1.input_scale_inv, out=h, codes=codes_d)
-        bias_act_quant(_matmul(codes_d, mlp.fc1, y_ffn), mlp.fc1.bias, mlp.activation_name,
-                       mlp.fc2.input_scale_inv, codes=codes_ffn)
+        if fp8_gemm.exact_for(codes_d, mlp.fc1.weight):  # bias, GELU and fc2's quantizer in fc1's launch
+            fp8_gemm.matmul_act_quant(codes_d, mlp.fc1, mlp.activation_name, mlp.fc2.input_scale_inv, codes_ffn)
+        else:
+            bias_act_quant(_matmul(codes_d, mlp.fc1, y_ffn), mlp.fc1.bias, mlp.activation_name,
+                           mlp.fc2.input_scale_inv, codes=codes_ffn)
         nxt = layers[i + 1] if i + 1 < len(layers) else None
         residual_ln_quant(h, _matmul(codes_ffn, mlp.fc2, y_d), mlp.fc2.bias,
                           None if nxt is None else nxt.layer_norm1,

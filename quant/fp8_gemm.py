@@ -11,6 +11,10 @@ bound by latency, not by multiply rate: against cuBLAS's FP8 GEMM a CLIP-L layer
 21.8 us at 77 rows, 28.5 vs 24.0 us at 154 and 48.6 vs 30.6 us at 616 (+0.02, +0.05 and +0.22 ms per encode).
 Beyond MAX_ROWS (vision batches) the FP8 instructions' double rate wins, and `torch._scaled_mm` runs.
 
+Two launches of the fused encoder (fp8_fused.run_layers) carry more than a matmul: q, k and v, which read the
+same FP8 input, in one launch (a third grid axis picks the weight and its scales), and fc1 with its bias,
+activation and fc2's input quantizer in the epilogue, writing FP8 codes instead of fp32.
+
 Modes "fp8" (the FP8 instruction accumulating in place, as cuBLAS does) and "fp8-promoted" (each K block's FP8
 product added in fp32, as DeepSeek-V3 promotes) are kept for bench/probe_gemm_accumulation.py's comparison.
 """
@@ -18,11 +22,13 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
+from .fp8_ops import FP8
+from .fp8_triton import ACT_CODE, triton
+
+if triton is not None:
     import triton.language as tl
-except Exception:  # noqa: BLE001 - no Triton: scaled_mm everywhere
-    triton = None
+
+    from .fp8_triton import activation, fp8_codes
 
 MODES = {"fp8": 0, "fp8-promoted": 1, "fp16": 2}
 MAX_ROWS = 640  # 8 prompts of 77 tokens; above, the FP8 instructions' rate beats exact accumulation
@@ -31,8 +37,23 @@ BLOCK_K = 128
 if triton is not None:
 
     @triton.jit
-    def _matmul_kernel(a_ptr, w_ptr, out_ptr, sa_ptr, sb_ptr, m, n, k, MODE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _matmul_kernel(a_ptr, w0_ptr, w1_ptr, w2_ptr, sa0_ptr, sa1_ptr, sa2_ptr, sb0_ptr, sb1_ptr, sb2_ptr,
+                       out_ptr, bias_ptr, inv_ptr, m, n, k, MODE: tl.constexpr, CODES: tl.constexpr,
+                       ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[g] = (a @ w_g.T) * sa_g * sb_g for the g-th weight (program_id 2: q, k and v in one launch), or
+        with CODES the FP8 codes of activation(that + bias) * inv (fc1: its bias, GELU and fc2's quantizer)."""
+        g = tl.program_id(2)
+        w_ptr = w0_ptr
+        sa_ptr = sa0_ptr
+        sb_ptr = sb0_ptr
+        if g == 1:
+            w_ptr = w1_ptr
+            sa_ptr = sa1_ptr
+            sb_ptr = sb1_ptr
+        elif g == 2:
+            w_ptr = w2_ptr
+            sa_ptr = sa2_ptr
+            sb_ptr = sb2_ptr
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -51,7 +72,13 @@ if triton is not None:
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
-        tl.store(out_ptr + rm[:, None] * n + rn[None, :], acc, mask=(rm[:, None] < m) & (rn[None, :] < n))
+        ok = (rm[:, None] < m) & (rn[None, :] < n)
+        offs = g.to(tl.int64) * m * n + rm[:, None] * n + rn[None, :]
+        if CODES:
+            y = acc + tl.load(bias_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs, fp8_codes(activation(y, ACT), tl.load(inv_ptr)), mask=ok)
+        else:
+            tl.store(out_ptr + offs, acc, mask=ok)
 
 
 def block_for(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
@@ -63,24 +90,52 @@ def block_for(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     return (16, 32, BLOCK_K, 4, 4) if n <= 1024 else (16, 64, BLOCK_K, 4, 3)
 
 
-def exact_for(codes: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `matmul` takes this product (else `torch._scaled_mm` does)."""
+def exact_for(codes: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether this module takes the product of `codes` with each of `weights` (else `torch._scaled_mm` does)."""
     return (triton is not None and codes.is_cuda and codes.shape[0] <= MAX_ROWS and codes.shape[1] % BLOCK_K == 0
-            and codes.is_contiguous() and weight.is_contiguous())
+            and codes.is_contiguous() and all(w.is_contiguous() for w in weights))
+
+
+def _launch(codes: torch.Tensor, lins: tuple, out: torch.Tensor, mode: str = "fp16", block: tuple | None = None,
+            bias: torch.Tensor | None = None, act: str | None = None, inv_scale: torch.Tensor | None = None) -> None:
+    m, k = codes.shape
+    n = lins[0][0].shape[0]
+    bm, bn, bk, warps, stages = block or block_for(m, n, k)
+    if k % bk:
+        raise ValueError(f"k={k} is not a multiple of the block's {bk}")
+    (w0, sa0, sb0), (w1, sa1, sb1), (w2, sa2, sb2) = (lins * 3)[:3]
+    _matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), len(lins))](
+        codes, w0, w1, w2, sa0, sa1, sa2, sb0, sb1, sb2, out, bias if bias is not None else sa0,
+        inv_scale if inv_scale is not None else sa0, m, n, k, MODE=MODES[mode], CODES=act is not None,
+        ACT=ACT_CODE[act] if act is not None else 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        num_stages=stages)
 
 
 def matmul(codes: torch.Tensor, weight: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
            out: torch.Tensor | None = None, mode: str = "fp16",
            block: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """codes [m, k] FP8 @ weight [n, k].T FP8, times the two per-tensor scales -> fp32 [m, n]."""
-    m, k = codes.shape
-    n = weight.shape[0]
-    bm, bn, bk, warps, stages = block or block_for(m, n, k)
-    if k % bk:
-        raise ValueError(f"k={k} is not a multiple of the block's {bk}")
     if out is None:
-        out = torch.empty((m, n), dtype=torch.float32, device=codes.device)
-    _matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        codes, weight, out, scale_a, scale_b, m, n, k, MODE=MODES[mode], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=stages)
+        out = torch.empty((codes.shape[0], weight.shape[0]), dtype=torch.float32, device=codes.device)
+    _launch(codes, ((weight, scale_a, scale_b),), out, mode, block)
+    return out
+
+
+def matmul_projections(codes: torch.Tensor, lins: tuple, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The products of `codes` with each FP8Linear of `lins` (q, k and v: same input, same shape), in one
+    launch -> fp32 [len(lins), m, n], without their biases."""
+    m, n = codes.shape[0], lins[0].weight.shape[0]
+    if out is None:
+        out = torch.empty((len(lins), m, n), dtype=torch.float32, device=codes.device)
+    _launch(codes, tuple((p.weight, p.input_scale, p.weight_scale) for p in lins), out)
+    return out
+
+
+def matmul_act_quant(codes: torch.Tensor, lin, activation_name: str, inv_scale: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """FP8 codes of activation(codes @ lin + lin.bias) * inv_scale (fc1 into fc2's input), in one launch."""
+    if out is None:
+        out = torch.empty((codes.shape[0], lin.weight.shape[0]), dtype=FP8, device=codes.device)
+    _launch(codes, ((lin.weight, lin.input_scale, lin.weight_scale),), out, bias=lin.bias, act=activation_name,
+            inv_scale=inv_scale)
     return out

@@ -274,3 +274,71 @@ def test_the_gpu_matmul_equals_fp64_on_the_same_fp8_operands(m, n, k):
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert float((got.double() - exact).abs().max() / exact.abs().max()) < 2e-6
     assert not gemm.exact_for(a, wq)  # on the CPU the fused encoder keeps torch._scaled_mm, exact there
+
+
+def _fp8_operands(g, m, n, k):
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.02
+    x[:, :3] *= 30
+    sa, sb = x.abs().max() / 448, w.abs().max() / 448
+    return (x / sa).to(ops.FP8), (w / sb).to(ops.FP8), sa, sb
+
+
+def test_q_k_and_v_in_one_launch_are_each_projection_with_its_own_scales():
+    gemm = importlib.import_module("quant.fp8_gemm")
+    g = torch.Generator().manual_seed(6)
+    a, _, sa, _ = _fp8_operands(g, 77, 64, 256)
+    lins = []
+    for spread in (0.02, 0.5, 3.0):  # weight scales far apart: a mixed-up scale would show
+        w = torch.randn(64, 256, generator=g) * spread
+        sb = w.abs().max() / 448
+        lins.append(ops.FP8Linear((w / sb).to(ops.FP8), float(sb), float(sa), torch.zeros(64)))
+    got = gemm.matmul_projections(a, lins)
+    assert got.shape == (3, 77, 64)
+    for i, lin in enumerate(lins):
+        exact = (a.double() * lin.input_scale.double()) @ (lin.weight.double() * lin.weight_scale.double()).t()
+        assert float((got[i].double() - exact).abs().max() / exact.abs().max()) < 2e-6, i
+
+
+@pytest.mark.parametrize("activation", list(GELUS))
+def test_fc1_with_its_bias_activation_and_fc2s_quantizer_in_one_launch(activation):
+    gemm = importlib.import_module("quant.fp8_gemm")
+    g = torch.Generator().manual_seed(7)
+    a, wq, sa, sb = _fp8_operands(g, 77, 96, 256)
+    lin = ops.FP8Linear(wq, float(sb), float(sa), torch.randn(96, generator=g))
+    inv = torch.tensor(448 / 4.0)
+    got = gemm.matmul_act_quant(a, lin, activation, inv)
+    exact = (a.double() * sa.double()) @ (wq.double() * sb.double()).t()
+    ref = ops.quantize_input(GELUS[activation]((exact + lin.bias.double()).float()), inv)
+    d = steps_apart(got, ref).abs()
+    assert got.dtype == ops.FP8 and d.max() <= 1 and (d > 0).float().mean() < 2e-3, (d > 0).float().mean()
+
+
+def test_the_fused_encoder_on_the_gpus_matmuls_gives_the_numbers_of_the_cpu_path(monkeypatch):
+    """On the GPU, up to fp8_gemm.MAX_ROWS rows, the fused encoder runs q, k and v in one launch and fc1 with its
+    bias, GELU and fc2's quantizer (quant/fp8_gemm.py). Forced here on the CPU (Triton's interpreter), under a
+    capture's workspace: the numbers of the CPU's scaled_mm path (which equals the Q->DQ model), and only
+    weights and workspace buffers given to the matmul kernel."""
+    gemm = importlib.import_module("quant.fp8_gemm")
+    layers = small_fp8_layers(width=128, heads=4, ffn=256)
+    for layer in layers:  # fc2's quantizer its own: fc1's launch must take it, not fc1's
+        layer.mlp.fc2.input_scale.fill_(1.5 / 448)
+        layer.mlp.fc2.input_scale_inv.fill_(448 / 1.5)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 9, 128, generator=g)
+    mask = torch.full((9, 9), -torch.finfo(torch.float32).max).triu_(1)
+    with torch.no_grad():
+        ref_last, ref_inter = fused.run_layers(x, layers, mask, 0, torch.float32)
+        monkeypatch.setattr(gemm, "exact_for", lambda codes, *weights: True)
+        given = []
+        monkeypatch.setattr(gemm, "_matmul_kernel", _Recording(gemm._matmul_kernel, "matmul", given))
+        ws = fused.Workspace()
+        fused.run_layers(x, layers, mask, 0, torch.float32, ws)  # the warm-up
+        ws.sealed, ws.grown, given[:] = True, False, []
+        last, inter = fused.run_layers(x.clone(), layers, mask.clone(), 0, torch.float32, ws)
+    launches = [a for n, i, a in given if i == 0]  # the input codes of each launch
+    assert len(launches) == 4 * len(layers)  # q/k/v, out_proj, fc1 + GELU + quantizer, fc2
+    for got, ref in ((last, ref_last), (inter, ref_inter)):
+        assert float(torch.nn.functional.cosine_similarity(got.flatten(0, 1), ref.flatten(0, 1)).min()) > 0.9999
+    allowed = {t.untyped_storage().data_ptr() for t in [*layers.parameters(), *layers.buffers()]}
+    workspace = {b.untyped_storage().data_ptr() for b in ws._buffers.values()}
+    assert not [(k, i) for k, i, t in given if t.untyped_storage().data_ptr() not in allowed | workspace]
