@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import artifact, fp8_fused
+from . import artifact, fp8_fused, fp8_gemm
 from .errors import FP8ClipError
 from .fp8_ops import fp8_matmul_support, require_fp8_storage
 from .fp8_encoder import FP8Runner
@@ -73,7 +73,8 @@ def plan(requested: str, device: torch.device, compile_ok: bool | None = None, k
             return Plan("fp8", "scaled_mm", "compiled", GPU_ACT_DTYPE[kind], f"FP8 matmuls ({why}), {how}",
                         graphs=graphs)
         fused, no_triton = fp8_fused.available()
-        how = "fused Triton kernels between them" if fused else f"unfused quantization passes: {no_triton}"
+        how = (f"fused Triton kernels between them, exact accumulation up to {fp8_gemm.MAX_ROWS} rows" if fused
+               else f"unfused quantization passes: {no_triton}")
         return Plan("fp8", "scaled_mm", "cuda_graph", GPU_ACT_DTYPE[kind],
                     f"FP8 matmuls ({why}), {how}, CUDA graphs", kernels="fused" if fused else "torch")
     if device.type == "cuda":
