@@ -46,7 +46,8 @@ class QuantizeCLIP:
                 "multiline": True, "default": DEFAULT_CALIBRATION_TEXT,
                 "tooltip": "One prompt per line (lines starting with # are skipped), or a prompt list wired in "
                            "(each item one prompt). Use prompts like the ones you generate with; "
-                           "the default is a built-in set of 64 varied prompts."}),
+                           "the default is a built-in set of 64 varied prompts. Not used with 'weights only', "
+                           "whose scales come from the weights."}),
             "keep_high_precision": ("STRING", {
                 "multiline": False, "default": ", ".join(DEFAULT_KEEP),
                 "tooltip": "Layers to leave unquantized: wildcard patterns separated by commas, matched "

@@ -46,7 +46,8 @@ class QuantizeCLIPVision:
                            "cannot run, and says so). auto: fp8."}),
         }, "optional": {
             "images": ("IMAGE", {"tooltip": "Calibration images like the ones you will encode (any size; a "
-                                             "batch or an image list). Empty: a built-in synthetic set of 32."}),
+                                             "batch or an image list). Empty: a built-in synthetic set of 32. "
+                                             "Not used with 'weights only', whose scales come from the weights."}),
             "evaluation_images": ("IMAGE", {"tooltip": "Images to measure the quality on (not used for "
                                                         "calibration; a batch or an image list). Empty: 20 "
                                                         "built-in synthetic images."}),

@@ -157,6 +157,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                   progress: Progress | None = None, check_interrupt: Callable[[], None] = lambda: None
                   ) -> tuple[Any, QualityReport]:
     """Calibrate FP8 scales for every text tower of `clip`; return the quantized clone and its report.
+    A weights-only recipe encodes no prompt to calibrate (its scales come from the weights), and ignores `prompts`.
 
     `clip` and its other clones are never modified: the towers are copied, and the copies are swapped
     into a new clone only.
@@ -173,8 +174,9 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
         if hooked:  # calibrated once, FP8 weights cannot follow what hooks patch at each encode
             raise FP8ClipError(f"This CLIP has hooks that patch {len(hooked)} weights of its {t.name} tower. "
                                f"{HOOKS_FIX}")
-    prompts = [p for p in (s.strip() for s in prompts) if p]
-    if not prompts:
+    weights_only = not recipe.quantize_activations  # scales from the weights alone: no calibration encode
+    prompts = [] if weights_only else [p for p in (s.strip() for s in prompts) if p]
+    if not prompts and not weights_only:
         raise FP8ClipError("The calibration prompts are empty. Enter at least one prompt, one per line "
                            "(the node's default text is a built-in set of 64).")
     if not held_out:
@@ -187,7 +189,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
                                     sorted(getattr(clip, "tokenizer_options", {}).items()),
                                     weights_fingerprint(clip.patcher, [t.path for t in towers]))
     earlier = calibration_memo.recall(clip, memo_key)
-    total = len(prompts) + 2 * len(held_out)  # the original's encodes, calibration, the FP8 model's encodes
+    total = len(prompts) + 2 * len(held_out)  # calibration, the original's and the FP8 model's encodes
     done = 0
 
     def step(count: int = 1) -> None:
@@ -217,7 +219,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
     source_bytes = {n: weight_bytes(m) for n, m in copies.items()}
     dtypes = {n: checkpoint_dtype(m) for n, m in copies.items()}  # before the fp32 cast
     qclip = clone_with(clip, {t.path: copies[t.name] for t in towers})
-    if earlier:  # no calibration encode will take the copies to the GPU: the work below runs there all the same
+    if earlier or weights_only:  # no calibration encode will take the copies to the GPU: the work below runs there
         load_towers(qclip.patcher, [t.path for t in towers], grow=2)
     container = torch.nn.ModuleDict(copies)
     names = modelopt_bridge.linear_layer_names(container)
@@ -251,7 +253,7 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
             step(len(group))
 
     t0 = time.perf_counter()
-    modelopt_bridge.quantize(container, config, forward_loop)
+    modelopt_bridge.quantize(container, config, None if weights_only else forward_loop)
     calib_s = time.perf_counter() - t0
     scales = modelopt_bridge.quantized_layers(container)
     amax = modelopt_bridge.calibration_state(container)

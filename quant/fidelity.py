@@ -265,7 +265,7 @@ class QualityReport:
                              + (f"{f(min(t.pooled, default=None))}" if t.pooled_used else
                                 f"not used ({self.family.split(' (')[0]} models read another tower's)"))
         lines += [
-            f"Calibration: {self.calibration_prompts} prompts, method '{self.method}', "
+            f"Calibration: {calibrated_on(self.scope, self.calibration_prompts, 'prompts')}, method '{self.method}', "
             f"{self.calibration_seconds:.1f} s (evaluation {self.evaluation_seconds:.1f} s)",
         ] + ([self.reused] if self.reused else []) + [
             "Largest per-layer output errors: " + ", ".join(f"{n} {e:.1%}" for n, e in self.worst_layers(3)),
@@ -273,6 +273,11 @@ class QualityReport:
         lines += [f"{n}" for n in self.notes]
         lines += [f"WARNING: {w}" for w in self.warnings()]
         return "\n".join(lines)
+
+
+def calibrated_on(scope: str, n: int, what: str) -> str:
+    """The report's word on the calibration data: none for weights only, whose scales come from the weights."""
+    return f"{n} {what}" if scope != "weights only" else f"no {what} (weights only: scales from the weights)"
 
 
 def encode_all(prompts: Iterable[str], encode: Callable[[str], tuple], modules: dict[str, torch.nn.Module],

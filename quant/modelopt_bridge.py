@@ -134,8 +134,9 @@ def nonfinite_weight_layers(module: torch.nn.Module, names: list[str]) -> list[s
     return [n for n in names if not finite(module.get_submodule(n).weight)]
 
 
-def quantize(module: torch.nn.Module, config: dict, forward_loop: Callable[[torch.nn.Module], None]) -> None:
-    """Insert quantizers per `config` and calibrate them in place by running `forward_loop`."""
+def quantize(module: torch.nn.Module, config: dict, forward_loop: Callable[[torch.nn.Module], None] | None) -> None:
+    """Insert quantizers per `config` and calibrate them in place by running `forward_loop` (None: the weight
+    quantizers only, from the weights, as ModelOpt's max calibration does for a weights-only config)."""
     mtq = _mtq()
     register_linear_classes(module)
     with warnings.catch_warnings():

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import artifact, calibration_memo, modelopt_bridge
 from .errors import FP8ClipError, UnsupportedModelError
-from .fidelity import LayerErrorProbe, keep_advice, unmatched_warning
+from .fidelity import LayerErrorProbe, calibrated_on, keep_advice, unmatched_warning
 from .fp8_ops import require_fp8_storage
 from .images import calibration_images, check_images, held_out_images, synthetic_images
 from .patching import checkpoint_dtype, clone_with, patched_copy, to_float32, weight_bytes, weights_fingerprint
@@ -123,7 +123,7 @@ class VisionReport:
                  f"  penultimate hidden states  {mm(self.hidden_cos)} (what IP-Adapter uses)",
                  f"Nearest-prototype labels (zero-shot style, 10 synthetic prototypes): FP8 agrees with the original on "
                  f"{round(self.agreement * self.agreement_n)}/{self.agreement_n} images ({self.agreement:.0%})",
-                 f"Calibration: {self.calibration_images} images, method '{self.method}', "
+                 f"Calibration: {calibrated_on(self.scope, self.calibration_images, 'images')}, method '{self.method}', "
                  f"{self.calibration_seconds:.1f} s (evaluation {self.evaluation_seconds:.1f} s)",
                  *([self.reused] if self.reused else []),
                  "Largest per-layer output errors: " + ", ".join(f"{n} {e:.1%}" for n, e in self.worst_layers())]
@@ -167,8 +167,10 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     modelopt_bridge.load_modelopt()  # before the minutes of encodes that come first
     images = calibration_images() if images is None else check_images(images)
     test = held_out_images()[0] if held_out is None else check_images(held_out, "evaluation images")
-    batches = [images[i:i + 8] for i in range(0, images.shape[0], 8)]
-    memo_key = calibration_memo.key("vision", getattr(cv.patcher, "patches_uuid", ""), image_digest(images),
+    weights_only = not recipe.quantize_activations  # scales from the weights alone: no calibration encode
+    batches = [] if weights_only else [images[i:i + 8] for i in range(0, images.shape[0], 8)]
+    calibration_digest = "" if weights_only else image_digest(images)
+    memo_key = calibration_memo.key("vision", getattr(cv.patcher, "patches_uuid", ""), calibration_digest,
                                     image_digest(test), recipe.to_json(), weights_fingerprint(cv.patcher, [PATH]))
     earlier = calibration_memo.recall(cv, memo_key)
     total, done = len(batches) + 2, 0
@@ -191,7 +193,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     source_bytes = weight_bytes(copy_)
     dtype = checkpoint_dtype(copy_)  # before the fp32 cast
     qcv = clone_with(cv, {PATH: copy_})
-    if earlier:  # no calibration encode will take the copy to the GPU: the work below runs there all the same
+    if earlier or weights_only:  # no calibration encode will take the copy to the GPU: the work below runs there
         load_towers(qcv.patcher, [PATH], grow=2)
     container = torch.nn.ModuleDict({PATH: copy_})
     linears = modelopt_bridge.linear_layer_names(container)
@@ -224,7 +226,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
         report = replace(earlier.report, min_cosine=min_cosine, reused=calibration_memo.reused_line(earlier))
     else:
         t0 = time.perf_counter()
-        modelopt_bridge.quantize(container, config, forward_loop)
+        modelopt_bridge.quantize(container, config, None if weights_only else forward_loop)
         calib_s = time.perf_counter() - t0
         scales = modelopt_bridge.quantized_layers(container)
         amax = modelopt_bridge.calibration_state(container)
@@ -246,11 +248,11 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
             kept=[k[len(prefix):] for k in kept], embed_cos=F.cosine_similarity(ref_e, got_e, dim=-1).tolist(),
             hidden_cos=[float(F.cosine_similarity(a, b, dim=-1).mean()) for a, b in zip(ref_h, got_h)],
             agreement=label_agreement(ref_e, got_e, protos), agreement_n=test.shape[0], layer_errors=errors,
-            calibration_images=images.shape[0], calibration_seconds=calib_s, evaluation_seconds=eval_s,
-            min_cosine=min_cosine, keep=recipe.keep, unmatched_patterns=unmatched, overlap=shared_images(test, images))
+            calibration_images=0 if weights_only else images.shape[0], calibration_seconds=calib_s, evaluation_seconds=eval_s,
+            min_cosine=min_cosine, keep=recipe.keep, unmatched_patterns=unmatched, overlap=0 if weights_only else shared_images(test, images))
         calibration_memo.remember(cv, memo_key, amax, report)
     artifact.attach(copy_, artifact.QuantizedTower(
-        family=model, tower=PATH, recipe=recipe, fingerprint=fingerprint([image_digest(images)], recipe),
+        family=model, tower=PATH, recipe=recipe, fingerprint=fingerprint([calibration_digest], recipe),
         scales={n[len(prefix):]: s for n, s in scales.items()}, kept=report.kept, source_bytes=source_bytes,
         report=report.to_dict(), dtype=dtype))
     return qcv, report

@@ -95,6 +95,28 @@ def test_vit_h_reduced_depth(comfy, vit_h4):
     assert float(torch.nn.functional.cosine_similarity(ref["image_embeds"], got["image_embeds"]).min()) > 0.98
 
 
+def test_weights_only_encodes_no_image_to_calibrate(comfy, pack, vit_h4, monkeypatch):
+    """As for text: 'weights only' takes its scales from the weights, so only the report's images are encoded
+    (10 prototypes and the evaluation images through the original, the evaluation images through the FP8 copy),
+    and other calibration images do not quantize again."""
+    from comfy.clip_vision import ClipVisionModel
+
+    seen = []
+    real = ClipVisionModel.encode_image
+    monkeypatch.setattr(ClipVisionModel, "encode_image",
+                        lambda self, img, *a, **k: (seen.append(img.shape[0]), real(self, img, *a, **k))[1])
+    pack_module(pack, "quant.calibration_memo").forget_all()
+    kw = dict(evaluation_images=images(4, seed=9), quantize="weights only", runtime="fake-quant")
+    q, report = quantize_vision(comfy, vit_h4, images=images(8, seed=8), **kw)["result"]
+    assert sum(seen) == 10 + 4 + 4, seen
+    assert "Calibration: no images (weights only: scales from the weights)" in report
+    record = pack_module(pack, "quant.artifact").record_of(q.patcher.get_model_object("vision_model"))
+    assert record.scales and all(s.input_scale is None for s in record.scales.values())
+    seen.clear()
+    again = quantize_vision(comfy, vit_h4, images=images(4, seed=5), **kw)["result"]
+    assert sum(seen) == 0 and "reused from" in again[1]
+
+
 def test_changing_only_the_runtime_or_threshold_does_not_calibrate_again(comfy, pack, vit_h4, monkeypatch):
     """As for text (test_quantize_clip.py): a new runtime or min_cosine reuses the calibration and report, and the
     model is that of the fresh calibration; other calibration images calibrate again."""

@@ -431,3 +431,27 @@ def test_a_calibration_is_not_reused_once_the_models_weights_changed_in_place(co
     assert "reused" not in again[1]
     # scales fitted to the weights as they are now: as close to this CLIP as quantization gets
     assert cosine(encode(comfy, again[0], PROMPT)[0], encode(comfy, clip, PROMPT)[0]) > 0.99
+
+
+def test_weights_only_encodes_no_prompt_to_calibrate(comfy, clip, pack, monkeypatch):
+    """'weights only' keeps the activations in high precision, so its FP8 scales come from the weights alone:
+    no calibration encode (64 by default: seconds on a CPU, minutes for SDXL), the prompts box may be empty, and
+    editing it does not quantize again. Each scale is its weight's amax / 448."""
+    calibrate, artifact = pack_module(pack, "quant.calibrate"), pack_module(pack, "quant.artifact")
+    calls = []
+    real = calibrate.encode_together
+    monkeypatch.setattr(calibrate, "encode_together", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+    pack_module(pack, "quant.calibration_memo").forget_all()
+    kw = dict(quantize="weights only", evaluation_prompts="a house by a lake\nan old fisherman", runtime="fake-quant")
+    q, text = quantize(comfy, clip, calibration_prompts="", **kw)["result"][:2]
+    assert calls == [] and "Calibration: no prompts (weights only: scales from the weights)" in text
+    record = artifact.record_of(q.patcher.get_model_object("clip_l.transformer"))
+    original = clip.patcher.get_model_object("clip_l.transformer")
+    assert len(record.scales) == 72 and all(s.input_scale is None for s in record.scales.values())
+    for name in ("text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.11.mlp.fc2"):
+        amax = float(original.get_submodule(name).weight.float().abs().max())
+        assert record.scales[name].weight_scale == pytest.approx(amax / 448, rel=1e-6)
+    want = encode(comfy, q, PROMPT)[0]
+    again = quantize(comfy, clip, calibration_prompts="a cat\na castle at night", **kw)["result"]
+    assert calls == [] and "reused from" in again[1]
+    assert torch.equal(encode(comfy, again[0], PROMPT)[0], want)
