@@ -3,6 +3,39 @@ import { app } from "../../scripts/app.js";  // served at /extensions/<pack>/ (W
 
 const REPORT = "fp8clip_report";
 const HEIGHT = 140;  // px: a few lines of the report; the node grows to hold it
+const EARLIER = "From an earlier run (kept with the workflow); the report of this run replaces it when the node has run.";
+
+function reportWidget(node) {
+  let widget = node.widgets?.find((w) => w.name === REPORT);
+  if (!widget) {
+    // An output, not a setting. options.serialize: false keeps it out of the prompt sent to the server (as an
+    // input it would change the node's cache key after every run, so each queue would recalibrate);
+    // widget.serialize = false keeps it out of the workflow's positional widget values (the text is kept in the
+    // node's properties instead). getMinHeight: the frontend lays the node out for it (a CSS min-height instead
+    // drew the box over the node below).
+    widget = node.addDOMWidget?.(REPORT, REPORT, document.createElement("textarea"), {
+      getValue: () => widget.element.value,
+      setValue: (v) => { widget.element.value = v; },
+      getMinHeight: () => HEIGHT,
+      serialize: false,
+    });
+    if (!widget) return null;
+    widget.element.readOnly = true;
+    widget.element.className = "comfy-multiline-input";  // the theme's colours, as ComfyUI's text boxes
+    widget.element.style.cssText = "font:11px monospace;white-space:pre;";
+    widget.serialize = false;
+  }
+  return widget;
+}
+
+function show(node, text, earlier) {
+  const widget = reportWidget(node);
+  if (!widget) return;
+  widget.element.value = text;
+  widget.element.style.opacity = earlier ? "0.45" : "";
+  widget.element.title = earlier ? EARLIER : "";
+  node.setDirtyCanvas?.(true, true);
+}
 
 app.registerExtension({
   name: "comfyui-fp8-clip.report",
@@ -12,28 +45,17 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const text = (message?.text ?? []).join("\n");
-      let widget = this.widgets?.find((w) => w.name === REPORT);
-      if (!widget) {
-        // An output, not a setting. options.serialize: false keeps it out of the prompt sent to the server (as
-        // an input it would change the node's cache key after every run, so each queue would recalibrate);
-        // widget.serialize = false keeps it out of saved workflows. getMinHeight: the frontend lays the node
-        // out for it (a CSS min-height instead drew the box over the node below).
-        widget = this.addDOMWidget?.(REPORT, REPORT, document.createElement("textarea"), {
-          getValue: () => widget.element.value,
-          setValue: (v) => { widget.element.value = v; },
-          getMinHeight: () => HEIGHT,
-          serialize: false,
-        });
-        if (!widget) return;
-        widget.element.readOnly = true;
-        widget.element.className = "comfy-multiline-input";  // the theme's colours, as ComfyUI's text boxes
-        widget.element.style.cssText = "font:11px monospace;white-space:pre;";
-        widget.serialize = false;
-      }
-      widget.element.value = text;
-      widget.element.style.opacity = "";
-      widget.element.title = "";
-      this.setDirtyCanvas?.(true, true);
+      // Kept in the node's properties, which the workflow saves: a tab switch or a reload rebuilds the node from
+      // the workflow, and the report is shown again (dimmed: it is not this session's run).
+      this.properties = this.properties ?? {};
+      this.properties[REPORT] = text;
+      show(this, text, false);
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      onConfigure?.apply(this, arguments);
+      const text = this.properties?.[REPORT];
+      if (typeof text === "string" && text) show(this, text, true);
     };
     // A run that fails sends no report: the last one stays, dimmed, so that it is not read as this run's.
     const onExecutionStart = nodeType.prototype.onExecutionStart;
