@@ -1,6 +1,6 @@
 """The report widget in ComfyUI's frontend: shown after a run, but never sent back as an input (it would change
-the node's cache key, so every queue would calibrate again) nor saved among the workflow's widget values; the
-text is kept in the node's properties, so a tab switch or a reload shows it again.
+the node's cache key, so every queue would calibrate again) nor saved into workflows; a tab switch, which
+builds the nodes again from the workflow, shows it again.
 
 Runs web/js/fp8clip_report.js in Node.js against a stand-in for the frontend's node API. The rules the frontend
 applies are checked against the frontend bundle installed with the test host."""
@@ -19,7 +19,10 @@ from harness.host import PACK_DIR
 # What the frontend does with a node's widgets (comfyui-frontend-package): graphToPrompt skips widgets whose
 # options.serialize is false when it builds the prompt; LGraphNode.serialize skips widget.serialize === false.
 PROMPT_RULE = "options?.serialize===!1"
-RELOAD_RULES = (r"\.properties=LiteGraph\.cloneObject\(this\.properties\)", r"this\.onConfigure\?\.\(\w+\)")
+# LGraph.configure: the graph takes the workflow's id, each node its saved id and its graph, then is configured
+# (LGraphNode.configure calls onConfigure last).
+RELOAD_RULES = (r"_configureBase\(\w+\)\{const\{id:\w+", r"(\w)\.id=\w+\.id,this\.add\(\1,!0\)",
+                r"this\.pinned&&\(this\.resizable=!1\),this\.onConfigure\?\.\(\w+\)")
 
 RUNNER = r"""
 globalThis.document = { createElement: () => ({ style: {}, value: "" }) };
@@ -34,7 +37,7 @@ Node.prototype.addDOMWidget = function (name, type, element, options = {}) {  //
 };
 Node.prototype.setDirtyCanvas = () => {};
 await registered[0].beforeRegisterNodeDef(Node, { name: "FP8CLIPQuantize" });
-const node = new Node();
+const node = Object.assign(new Node(), { graph: { id: "workflow-1" }, id: 7 });
 const prompt = () => Object.fromEntries(node.widgets.filter((w) => w.name && w.options?.serialize !== false)
                                                  .map((w) => [w.name, w.value]));
 const workflow = () => node.widgets.filter((w) => w.serialize !== false).map((w) => w.value);
@@ -45,22 +48,27 @@ node.onExecutionStart();  // the next queue; this one fails in the node: no repo
 const failed = { shown: report().value, opacity: report().element.style.opacity };
 node.onExecutionStart();
 node.onExecuted({ text: ["FP8 E4M3 CLIP quality report", "Calibration: 64 prompts, 7.9 s"] });
-// A tab switch or a reload: LiteGraph saves the node (widget values, properties) and configures a new one from it.
-const saved = JSON.parse(JSON.stringify({ widgets_values: workflow(), properties: node.properties }));
-const reloaded = new Node();
-reloaded.properties = saved.properties;
-reloaded.onConfigure(saved);
-const again = reloaded.widgets.find((w) => w.name === "fp8clip_report");
+// A tab switch: the frontend saves the workflow (widget values, properties) and builds its nodes again, each
+// given its graph and saved id before it is configured. A pasted copy (new id) and a node of another workflow
+// (another graph id, same node id) are configured the same way.
+const saved = JSON.parse(JSON.stringify({ widgets_values: workflow(), properties: node.properties ?? {} }));
+const rebuilt = (graph, id) => {
+  const n = new Node();
+  Object.assign(n, { graph: { id: graph }, id, properties: structuredClone(saved.properties) });
+  n.onConfigure(saved);
+  return n.widgets.find((w) => w.name === "fp8clip_report");
+};
+const again = rebuilt("workflow-1", 7), copy = rebuilt("workflow-1", 8), other = rebuilt("workflow-2", 7);
 console.log(JSON.stringify({ before, after: prompt(), workflow: workflow(), failed,
                              shown: report().value, opacity: report().element.style.opacity,
                              min_height: report().options.getMinHeight?.(), css: report().element.style.cssText,
-                             reloaded: { shown: again?.value, opacity: again?.element.style.opacity,
-                                         widgets: reloaded.widgets.filter((w) => w.serialize !== false).length } }));
+                             saved, reloaded: { shown: again?.value, opacity: again?.element.style.opacity },
+                             copy: copy?.value ?? null, other: other?.value ?? null }));
 """
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the frontend extension")
-def test_report_widget_shows_the_report_but_is_not_an_input_and_survives_a_reload(tmp_path):
+def test_report_widget_shows_the_report_but_is_not_an_input_and_survives_a_tab_switch(tmp_path):
     (tmp_path / "package.json").write_text('{"type": "module"}')
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "app.js").write_text(
@@ -80,10 +88,13 @@ def test_report_widget_shows_the_report_but_is_not_an_input_and_survives_a_reloa
     assert out["opacity"] == ""
     # The frontend lays the node out for the box (getMinHeight); a CSS min-height drew it over the node below.
     assert out["min_height"] == 140 and "min-height" not in out["css"]
-    # Rebuilt from the saved workflow (a tab switch, a reload): the last report is back, dimmed, and the saved
-    # widget values are still the node's inputs only (positional: an extra one would shift them).
+    # Rebuilt from the saved workflow (a tab switch): the last report is back, dimmed; a copy and another
+    # workflow's node of the same id get none. The workflow itself holds no report (saving one would mark it
+    # modified after each run and carry local paths into shared files).
     assert out["reloaded"] == {"shown": "FP8 E4M3 CLIP quality report\nCalibration: 64 prompts, 7.9 s",
-                               "opacity": "0.45", "widgets": 1}
+                               "opacity": "0.45"}
+    assert out["copy"] is None and out["other"] is None
+    assert out["saved"] == {"widgets_values": ["a cat"], "properties": {}}
 
 
 def test_the_frontend_still_skips_widgets_marked_so_and_restores_properties_on_reload():
@@ -92,6 +103,6 @@ def test_the_frontend_still_skips_widgets_marked_so_and_restores_properties_on_r
     texts = [b.read_text(errors="ignore") for b in bundles]
     assert any(PROMPT_RULE in t for t in texts), \
         "the installed frontend no longer builds prompts with this rule: check the report widget against it"
-    # LGraphNode.serialize saves the properties; configure restores them, then calls onConfigure (the reload).
+    # A tab switch configures the workflow's nodes again: the report is found by graph id and node id.
     for rule in RELOAD_RULES:
         assert any(re.search(rule, t) for t in texts), f"the frontend no longer matches {rule!r}: check the reload"

@@ -3,16 +3,22 @@ import { app } from "../../scripts/app.js";  // served at /extensions/<pack>/ (W
 
 const REPORT = "fp8clip_report";
 const HEIGHT = 140;  // px: a few lines of the report; the node grows to hold it
-const EARLIER = "From an earlier run (kept with the workflow); the report of this run replaces it when the node has run.";
+const EARLIER = "From an earlier run in this session (the workflow was loaded again, as a tab switch does); " +
+                "the report of the next run replaces it.";
+// The last report of each node in this browser session, by workflow (graph id) and node id: a tab switch
+// rebuilds the nodes from the workflow, and the widget with them. Not in the workflow itself: saving it there
+// would mark the workflow modified after every run and carry local paths into shared files and images.
+const reports = new Map();
+const key = (node) => `${node.graph?.id ?? ""}:${node.id}`;
 
 function reportWidget(node) {
   let widget = node.widgets?.find((w) => w.name === REPORT);
   if (!widget) {
     // An output, not a setting. options.serialize: false keeps it out of the prompt sent to the server (as an
     // input it would change the node's cache key after every run, so each queue would recalibrate);
-    // widget.serialize = false keeps it out of the workflow's positional widget values (the text is kept in the
-    // node's properties instead). getMinHeight: the frontend lays the node out for it (a CSS min-height instead
-    // drew the box over the node below).
+    // widget.serialize = false keeps it out of saved workflows (and their positional widget values).
+    // getMinHeight: the frontend lays the node out for it (a CSS min-height instead drew the box over the node
+    // below).
     widget = node.addDOMWidget?.(REPORT, REPORT, document.createElement("textarea"), {
       getValue: () => widget.element.value,
       setValue: (v) => { widget.element.value = v; },
@@ -45,17 +51,14 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const text = (message?.text ?? []).join("\n");
-      // Kept in the node's properties, which the workflow saves: a tab switch or a reload rebuilds the node from
-      // the workflow, and the report is shown again (dimmed: it is not this session's run).
-      this.properties = this.properties ?? {};
-      this.properties[REPORT] = text;
+      reports.set(key(this), text);
       show(this, text, false);
     };
     const onConfigure = nodeType.prototype.onConfigure;
     nodeType.prototype.onConfigure = function () {
       onConfigure?.apply(this, arguments);
-      const text = this.properties?.[REPORT];
-      if (typeof text === "string" && text) show(this, text, true);
+      const text = reports.get(key(this));  // LGraph.configure gives the node its graph and saved id first
+      if (text) show(this, text, true);
     };
     // A run that fails sends no report: the last one stays, dimmed, so that it is not read as this run's.
     const onExecutionStart = nodeType.prototype.onExecutionStart;
