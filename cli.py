@@ -220,6 +220,9 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     if a.format == "stock-compatible" and calibration_only:
         raise CLIError(f"{', '.join(calibration_only)}: the stock-compatible format casts the weights without "
                        "calibrating; leave these out, or use the default format (fp8clip).")
+    if a.scope == "weights only" and a.prompts is not None:
+        raise CLIError("--prompts: not used with --scope 'weights only', whose scales come from the weights; leave "
+                       "it out.")
     min_cosine = 0.99 if a.min_cosine is None else a.min_cosine
     if not 0.0 <= min_cosine <= 1.0:
         raise CLIError(f"--min-cosine {a.min_cosine}: give a cosine from 0 to 1 (default 0.99).")
@@ -229,7 +232,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     check_writable_folder(out.parent)  # before the minutes of calibration
     ctype = clip_type_enum(a.type or "stable_diffusion")
     # read before the work: a missing file fails now; a file of only # lines is an error, as in the node
-    prompts = prompts_from(a.prompts, "--prompts") or list(CALIBRATION_PROMPTS)
+    prompts = [] if a.scope == "weights only" else prompts_from(a.prompts, "--prompts") or list(CALIBRATION_PROMPTS)
     held_out = prompts_from(a.eval_prompts, "--eval-prompts") or list(HELD_OUT_PROMPTS)
     t0 = time.perf_counter()
     try:
@@ -344,7 +347,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--input2", help="second text-encoder file (SDXL clip_g, Flux t5xxl), as DualCLIPLoader takes")
     q.add_argument("--type", default=None, help="CLIP type as in Load CLIP (stable_diffusion, sdxl, sd3, flux...); "
                                                "default stable_diffusion for one file, required with --input2")
-    q.add_argument("--prompts", help="calibration prompts, one per line (default: the 64 built-in)")
+    q.add_argument("--prompts", help="calibration prompts, one per line (default: the 64 built-in; not used with "
+                                     "--scope 'weights only')")
     q.add_argument("--eval-prompts", help="held-out prompts for the report (default: the 24 built-in)")
     q.add_argument("--keep", nargs="*", metavar="PATTERN", help="layers kept in high precision (default: "
                                                                 "*text_projection)")

@@ -58,6 +58,8 @@ class QuantizeCLIPVision:
 
         args = unlist(inputs, {"images": list, "evaluation_images": list})  # joined below, at the model's size
         size = getattr(args["clip_vision"], "image_size", 224)
+        if args.get("quantize") == "weights only":
+            args.pop("images", None)  # not used: the scales come from the weights
         for name, what in (("images", "calibration images"), ("evaluation_images", "evaluation images")):
             if name in args:
                 args[name] = one_batch(args[name], size, what)

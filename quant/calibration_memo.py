@@ -65,6 +65,7 @@ def forget_all() -> None:
         _memo.clear()
 
 
-def reused_line(c: Calibration) -> str:
-    return (f"Calibration and report reused from the run at {time.strftime('%H:%M:%S', time.localtime(c.at))} "
-            "(same model, calibration data, recipe and evaluation data; only the runtime or min_cosine changed)")
+def reused_line(c: Calibration, weights_only: bool = False) -> str:
+    same = ("same model, recipe and evaluation data; weights only uses no calibration data" if weights_only else
+            "same model, calibration data, recipe and evaluation data; only the runtime or min_cosine changed")
+    return f"Calibration and report reused from the run at {time.strftime('%H:%M:%S', time.localtime(c.at))} ({same})"

@@ -9,7 +9,7 @@ kernel:
     y + bias; GELU; -> FP8 codes                        (between fc1 and fc2)
     q, k, v + biases; attention; -> FP8 codes           (before out_proj: up to 128 tokens, CLIP text)
 
-On the GPU, up to fp8_gemm.MAX_ROWS rows, the matmuls are fp8_gemm's exactly accumulating kernel: q, k and v
+On the GPU, up to fp8_gemm.MAX_ROWS rows, the matmuls are fp8_gemm's fp32-accumulating kernel: q, k and v
 in one launch, and fc1 with its bias, GELU and fc2's quantizer in its epilogue (the second line above, then,
 is not a kernel of its own). For longer sequences (vision: 257 tokens) the host's attention runs between a
 q/k/v-bias kernel and a quantizing kernel. The arithmetic is the unfused path's (fp32, the bias and residual adds in the same order);
@@ -286,11 +286,30 @@ def own_attention(t: int, width: int, heads: int) -> bool:
     return t <= ATTENTION_MAX_TOKENS and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
+def _gemm(launch: Any) -> bool:
+    """Run an fp8_gemm launch; False when its kernel fails here (fp8_gemm is then off for the process and the
+    caller runs cuBLAS), so that a GPU Triton cannot build it for keeps the other fused kernels."""
+    try:
+        launch()
+        return True
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a compile or launch failure of this kernel only
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
+        fp8_gemm.disable(f"{type(e).__name__}: {e}")
+        return False
+
+
 def _matmul(codes: torch.Tensor, lin: FP8Linear, out: torch.Tensor | None = None) -> torch.Tensor:
-    """FP8 x FP8 -> fp32 without bias: the bias is added by the kernel after it. Exactly accumulated on the GPU
-    up to fp8_gemm.MAX_ROWS rows (the Q->DQ model's arithmetic), on FP8 tensor cores beyond."""
-    if fp8_gemm.exact_for(codes, lin.weight):
-        return fp8_gemm.matmul(codes, lin.weight, lin.input_scale, lin.weight_scale, out)
+    """FP8 x FP8 -> fp32 without bias: the bias is added by the kernel after it. On the GPU up to
+    fp8_gemm.MAX_ROWS rows on fp16 tensor cores with fp32 accumulation (as the Q->DQ model sums), on FP8
+    tensor cores beyond."""
+    if out is None:
+        out = torch.empty((codes.shape[0], lin.weight.shape[0]), dtype=torch.float32, device=codes.device)
+    if fp8_gemm.exact_for(codes, lin.weight) and _gemm(
+            lambda: fp8_gemm.matmul(codes, lin.weight, lin.input_scale, lin.weight_scale, out)):
+        return out
     return torch._scaled_mm(codes, lin.weight.t(), scale_a=lin.input_scale, scale_b=lin.weight_scale,
                             out_dtype=torch.float32, out=out)
 
@@ -321,8 +340,10 @@ def run_layers(x: torch.Tensor, layers: Any, mask: torch.Tensor | None, inter_id
     for i, layer in enumerate(layers):
         a, mlp = layer.self_attn, layer.mlp
         projs = (a.q_proj, a.k_proj, a.v_proj)
-        if fp8_gemm.exact_for(codes_d, *(p.weight for p in projs)):  # one launch, q, k and v in turn
-            q, k, v = fp8_gemm.matmul_projections(codes_d, projs, gemm[:3 * m * d].view(3, m, d)).unbind(0)
+        qkv = gemm[:3 * m * d].view(3, m, d)
+        if fp8_gemm.exact_for(codes_d, *(p.weight for p in projs)) and _gemm(
+                lambda: fp8_gemm.matmul_projections(codes_d, projs, qkv)):  # one launch, q, k and v in turn
+            q, k, v = qkv.unbind(0)
         else:
             q, k, v = (_matmul(codes_d, p, o) for p, o in zip(projs, (q_out, k_out, v_out)))
         biases = (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
@@ -336,9 +357,9 @@ def run_layers(x: torch.Tensor, layers: Any, mask: torch.Tensor | None, inter_id
             quantize(buffers.stage("attention", o.reshape(m, d)), a.out_proj.input_scale_inv, codes=codes_d)
         residual_ln_quant(h, _matmul(codes_d, a.out_proj, y_d), a.out_proj.bias, layer.layer_norm2,
                           mlp.fc1.input_scale_inv, out=h, codes=codes_d)
-        if fp8_gemm.exact_for(codes_d, mlp.fc1.weight):  # bias, GELU and fc2's quantizer in fc1's launch
-            fp8_gemm.matmul_act_quant(codes_d, mlp.fc1, mlp.activation_name, mlp.fc2.input_scale_inv, codes_ffn)
-        else:
+        if not (fp8_gemm.exact_for(codes_d, mlp.fc1.weight) and _gemm(  # fc1 + bias, GELU, fc2's quantizer
+                lambda: fp8_gemm.matmul_act_quant(codes_d, mlp.fc1, mlp.activation_name, mlp.fc2.input_scale_inv,
+                                                  codes_ffn))):
             bias_act_quant(_matmul(codes_d, mlp.fc1, y_ffn), mlp.fc1.bias, mlp.activation_name,
                            mlp.fc2.input_scale_inv, codes=codes_ffn)
         nxt = layers[i + 1] if i + 1 < len(layers) else None

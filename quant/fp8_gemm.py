@@ -1,4 +1,4 @@
-"""The FP8 matmul of the fused encoder on the GPU: FP8 x FP8 -> fp32 in Triton, accumulated exactly.
+"""The FP8 matmul of the fused encoder on the GPU: FP8 x FP8 -> fp32 in Triton, with fp32 accumulation.
 
 Hopper's FP8 tensor-core instructions sum their products with about 14 bits of precision before the fp32
 accumulator sees them: `torch._scaled_mm` errs by 2e-4 to 8e-4 of a CLIP matmul's output range against fp64 on
@@ -9,7 +9,8 @@ weights, FP8 activations with the calibrated static scales) and widened to fp16 
 flips per million, as exact as an fp32 GEMM of the dequantized operands. At CLIP's text shapes the matmuls are
 bound by latency, not by multiply rate: against cuBLAS's FP8 GEMM a CLIP-L layer's six matmuls take 23.5 vs
 21.8 us at 77 rows, 28.5 vs 24.0 us at 154 and 48.6 vs 30.6 us at 616 (+0.02, +0.05 and +0.22 ms per encode).
-Beyond MAX_ROWS (vision batches) the FP8 instructions' double rate wins, and `torch._scaled_mm` runs.
+Beyond MAX_ROWS (vision batches, text batches of over 8 prompts) `torch._scaled_mm` runs, and the numbers follow
+its arithmetic (CLIP-L against the Q->DQ model: 0.9984 instead of 0.9990).
 
 Two launches of the fused encoder (fp8_fused.run_layers) carry more than a matmul: q, k and v, which read the
 same FP8 input, in one launch (a third grid axis picks the weight and its scales), and fc1 with its bias,
@@ -19,6 +20,8 @@ Modes "fp8" (the FP8 instruction accumulating in place, as cuBLAS does) and "fp8
 product added in fp32, as DeepSeek-V3 promotes) are kept for bench/probe_gemm_accumulation.py's comparison.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -31,8 +34,12 @@ if triton is not None:
     from .fp8_triton import activation, fp8_codes
 
 MODES = {"fp8": 0, "fp8-promoted": 1, "fp16": 2}
-MAX_ROWS = 640  # 8 prompts of 77 tokens; above, the FP8 instructions' rate beats exact accumulation
+# Up to 8 prompts of 77 tokens: a fidelity choice (cuBLAS's FP8 GEMM is already faster from 154 rows on, 1.6x at
+# 616); vision batches (2,056 rows for 8 images) stay on FP8 instructions, where they are 2.3-3.2x faster.
+MAX_ROWS = 640
 BLOCK_K = 128
+log = logging.getLogger(__name__)
+_disabled = ""  # why this kernel does not run here (it failed to build or launch): cuBLAS then
 
 if triton is not None:
 
@@ -92,8 +99,16 @@ def block_for(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
 
 def exact_for(codes: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether this module takes the product of `codes` with each of `weights` (else `torch._scaled_mm` does)."""
-    return (triton is not None and codes.is_cuda and codes.shape[0] <= MAX_ROWS and codes.shape[1] % BLOCK_K == 0
-            and codes.is_contiguous() and all(w.is_contiguous() for w in weights))
+    return (triton is not None and not _disabled and codes.is_cuda and codes.shape[0] <= MAX_ROWS
+            and codes.shape[1] % BLOCK_K == 0 and codes.is_contiguous() and all(w.is_contiguous() for w in weights))
+
+
+def disable(why: str) -> None:
+    """Turn this kernel off for the process (it failed here: a GPU or Triton it does not build for)."""
+    global _disabled
+    if not _disabled:
+        log.warning("FP8 CLIP: the fp32-accumulating FP8 matmul failed (%s); cuBLAS's FP8 GEMM runs instead", why)
+    _disabled = why
 
 
 def _launch(codes: torch.Tensor, lins: tuple, out: torch.Tensor, mode: str = "fp16", block: tuple | None = None,

@@ -73,7 +73,7 @@ def plan(requested: str, device: torch.device, compile_ok: bool | None = None, k
             return Plan("fp8", "scaled_mm", "compiled", GPU_ACT_DTYPE[kind], f"FP8 matmuls ({why}), {how}",
                         graphs=graphs)
         fused, no_triton = fp8_fused.available()
-        how = (f"fused Triton kernels between them, exact accumulation up to {fp8_gemm.MAX_ROWS} rows" if fused
+        how = (f"fused Triton kernels between them, fp32 accumulation up to {fp8_gemm.MAX_ROWS} rows" if fused
                else f"unfused quantization passes: {no_triton}")
         return Plan("fp8", "scaled_mm", "cuda_graph", GPU_ACT_DTYPE[kind],
                     f"FP8 matmuls ({why}), {how}, CUDA graphs", kernels="fused" if fused else "torch")

@@ -165,9 +165,10 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
     model = require_clip_vision(cv)
     require_fp8_storage(cv.patcher.load_device, "CLIP vision model")
     modelopt_bridge.load_modelopt()  # before the minutes of encodes that come first
-    images = calibration_images() if images is None else check_images(images)
-    test = held_out_images()[0] if held_out is None else check_images(held_out, "evaluation images")
     weights_only = not recipe.quantize_activations  # scales from the weights alone: no calibration encode
+    if not weights_only:
+        images = calibration_images() if images is None else check_images(images)
+    test = held_out_images()[0] if held_out is None else check_images(held_out, "evaluation images")
     batches = [] if weights_only else [images[i:i + 8] for i in range(0, images.shape[0], 8)]
     calibration_digest = "" if weights_only else image_digest(images)
     memo_key = calibration_memo.key("vision", getattr(cv.patcher, "patches_uuid", ""), calibration_digest,
@@ -223,7 +224,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
         check_interrupt()
         scales = modelopt_bridge.quantized_layers(container)
         modelopt_bridge.fold_weights(container)
-        report = replace(earlier.report, min_cosine=min_cosine, reused=calibration_memo.reused_line(earlier))
+        report = replace(earlier.report, min_cosine=min_cosine, reused=calibration_memo.reused_line(earlier, weights_only))
     else:
         t0 = time.perf_counter()
         modelopt_bridge.quantize(container, config, None if weights_only else forward_loop)
@@ -252,7 +253,7 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
             min_cosine=min_cosine, keep=recipe.keep, unmatched_patterns=unmatched, overlap=0 if weights_only else shared_images(test, images))
         calibration_memo.remember(cv, memo_key, amax, report)
     artifact.attach(copy_, artifact.QuantizedTower(
-        family=model, tower=PATH, recipe=recipe, fingerprint=fingerprint([calibration_digest], recipe),
+        family=model, tower=PATH, recipe=recipe, fingerprint=fingerprint([calibration_digest] if calibration_digest else [], recipe),
         scales={n[len(prefix):]: s for n, s in scales.items()}, kept=report.kept, source_bytes=source_bytes,
         report=report.to_dict(), dtype=dtype))
     return qcv, report

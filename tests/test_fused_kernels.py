@@ -257,10 +257,11 @@ class _Stream:
         pass
 
 
-@pytest.mark.parametrize("m,n,k", [(77, 80, 256), (20, 32, 2048)])
+@pytest.mark.parametrize("m,n,k", [(77, 80, 256), (20, 32, 2048), (200, 96, 256)])
 def test_the_gpu_matmul_equals_fp64_on_the_same_fp8_operands(m, n, k):
     """The fused encoder's matmul on the GPU (quant/fp8_gemm.py: FP8 codes widened to fp16, fp32 accumulation),
-    here in Triton's interpreter: rows and columns that do not fill a block, both K blocks. Its precision on
+    here in Triton's interpreter: rows and columns that do not fill a block, both K blocks, both tile sizes
+    (16 x 32 rows and columns up to 160 rows, 32 x 64 above). Its precision on
     the H200 (2e-7 to 9e-7, vs 2e-4 to 8e-4 for cuBLAS's FP8 GEMM) is measured by
     bench/probe_gemm_accumulation.py."""
     gemm = importlib.import_module("quant.fp8_gemm")
@@ -313,18 +314,20 @@ def test_fc1_with_its_bias_activation_and_fc2s_quantizer_in_one_launch(activatio
     assert got.dtype == ops.FP8 and d.max() <= 1 and (d > 0).float().mean() < 2e-3, (d > 0).float().mean()
 
 
-def test_the_fused_encoder_on_the_gpus_matmuls_gives_the_numbers_of_the_cpu_path(monkeypatch):
+@pytest.mark.parametrize("width, heads", [(128, 4), (384, 8)], ids=["own attention (text)", "host attention"])
+def test_the_fused_encoder_on_the_gpus_matmuls_gives_the_numbers_of_the_cpu_path(monkeypatch, width, heads):
     """On the GPU, up to fp8_gemm.MAX_ROWS rows, the fused encoder runs q, k and v in one launch and fc1 with its
     bias, GELU and fc2's quantizer (quant/fp8_gemm.py). Forced here on the CPU (Triton's interpreter), under a
     capture's workspace: the numbers of the CPU's scaled_mm path (which equals the Q->DQ model), and only
     weights and workspace buffers given to the matmul kernel."""
     gemm = importlib.import_module("quant.fp8_gemm")
-    layers = small_fp8_layers(width=128, heads=4, ffn=256)
+    layers = small_fp8_layers(width=width, heads=heads, ffn=256)
+    assert fused.own_attention(9, width, heads) == (width == 128)
     for layer in layers:  # fc2's quantizer its own: fc1's launch must take it, not fc1's
         layer.mlp.fc2.input_scale.fill_(1.5 / 448)
         layer.mlp.fc2.input_scale_inv.fill_(448 / 1.5)
     g = torch.Generator().manual_seed(8)
-    x = torch.randn(2, 9, 128, generator=g)
+    x = torch.randn(2, 9, width, generator=g)
     mask = torch.full((9, 9), -torch.finfo(torch.float32).max).triu_(1)
     with torch.no_grad():
         ref_last, ref_inter = fused.run_layers(x, layers, mask, 0, torch.float32)
@@ -342,3 +345,49 @@ def test_the_fused_encoder_on_the_gpus_matmuls_gives_the_numbers_of_the_cpu_path
     allowed = {t.untyped_storage().data_ptr() for t in [*layers.parameters(), *layers.buffers()]}
     workspace = {b.untyped_storage().data_ptr() for b in ws._buffers.values()}
     assert not [(k, i) for k, i, t in given if t.untyped_storage().data_ptr() not in allowed | workspace]
+
+
+def test_the_gpu_matmul_takes_what_it_was_measured_on():
+    """exact_for: CUDA tensors, up to MAX_ROWS rows, K a multiple of its block, contiguous; else cuBLAS."""
+    gemm = importlib.import_module("quant.fp8_gemm")
+
+    class Cuda:  # what exact_for reads of a CUDA tensor, without a GPU
+        def __init__(self, m: int, k: int, contiguous: bool = True, cuda: bool = True):
+            self.shape, self.is_cuda, self._c = (m, k), cuda, contiguous
+
+        def is_contiguous(self) -> bool:
+            return self._c
+
+    w = Cuda(768, 768)
+    assert gemm.exact_for(Cuda(gemm.MAX_ROWS, 768), w, w) == (gemm.triton is not None)
+    assert not gemm.exact_for(Cuda(gemm.MAX_ROWS + 1, 768), w)  # vision batches: FP8 instructions
+    assert not gemm.exact_for(Cuda(77, 700), w)  # K not a multiple of 128
+    assert not gemm.exact_for(Cuda(77, 768, contiguous=False), w)
+    assert not gemm.exact_for(Cuda(77, 768), Cuda(768, 768, contiguous=False))
+    assert not gemm.exact_for(Cuda(77, 768, cuda=False), w)
+
+
+def test_a_gpu_matmul_that_fails_to_build_leaves_cublas_and_the_other_fused_kernels(monkeypatch, caplog):
+    """On a GPU Triton cannot build the matmul for, it is turned off for the process (named in the log) and
+    cuBLAS runs in its place; the kernels between the matmuls stay fused, and the numbers are the CPU path's."""
+    gemm = importlib.import_module("quant.fp8_gemm")
+    layers = small_fp8_layers(width=128, heads=4, ffn=256)
+    x = torch.randn(2, 9, 128, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref_last, _ = fused.run_layers(x, layers, None, None, torch.float32)
+
+        class Broken:
+            def __getitem__(self, grid):
+                def launch(*a, **k):
+                    raise RuntimeError("PTX assembly failed (simulated)")
+                return launch
+
+        monkeypatch.setattr(gemm, "_disabled", "")
+        monkeypatch.setattr(gemm, "exact_for", lambda codes, *weights: not gemm._disabled)  # as on a GPU
+        monkeypatch.setattr(gemm, "_matmul_kernel", Broken())
+        given = []
+        monkeypatch.setattr(fused, "_residual_ln_quant_kernel",
+                            _Recording(fused._residual_ln_quant_kernel, "ln", given))
+        last, _ = fused.run_layers(x, layers, None, None, torch.float32)
+    assert torch.equal(last, ref_last) and given  # cuBLAS's numbers, fused kernels around them
+    assert "PTX assembly failed (simulated)" in gemm._disabled and "cuBLAS's FP8 GEMM runs instead" in caplog.text
