@@ -453,5 +453,35 @@ def test_weights_only_encodes_no_prompt_to_calibrate(comfy, clip, pack, monkeypa
         assert record.scales[name].weight_scale == pytest.approx(amax / 448, rel=1e-6)
     want = encode(comfy, q, PROMPT)[0]
     again = quantize(comfy, clip, calibration_prompts="a cat\na castle at night", **kw)["result"]
-    assert calls == [] and "reused from" in again[1]
+    assert calls == [] and "(same model, recipe and evaluation data; weights only uses no calibration data)" in again[1]
     assert torch.equal(encode(comfy, again[0], PROMPT)[0], want)
+
+
+@pytest.mark.parametrize("method", ["max", "mse"])
+def test_weights_only_gives_the_model_a_calibration_on_data_gave(comfy, clip, pack, monkeypatch, method):
+    """Without calibration encodes, 'weights only' must give the model it gave when it still ran them: ModelOpt
+    calibrates weight quantizers on the weights in both methods (mse searches over the weights alone). The
+    calibration on data is put back here by a forward loop through the transformer."""
+    calibrate, bridge = pack_module(pack, "quant.calibrate"), pack_module(pack, "quant.modelopt_bridge")
+    artifact, recipe = pack_module(pack, "quant.artifact"), pack_module(pack, "quant.recipe")
+    real = bridge.quantize
+    got = {}
+    for with_data in (False, True):
+        pack_module(pack, "quant.calibration_memo").forget_all()
+
+        def quantize_(module, config, loop, _data=with_data):
+            def data(m):
+                for seed in range(3):
+                    tokens = torch.randint(0, 49407, (2, 77), generator=torch.Generator().manual_seed(seed))
+                    m["clip_l"](tokens.to(next(m.parameters()).device))
+            return real(module, config, data if _data and loop is None else loop)
+
+        monkeypatch.setattr(bridge, "quantize", quantize_)
+        with torch.inference_mode():
+            q, _ = calibrate.quantize_clip(clip, [], recipe.Recipe(scope="weights only", method=method),
+                                           held_out=["a cat"])
+        tower = q.patcher.get_model_object("clip_l.transformer")
+        got[with_data] = (artifact.record_of(tower).scales, {k: v.clone() for k, v in tower.state_dict().items()})
+    assert got[False][0] == got[True][0]
+    assert got[False][1].keys() == got[True][1].keys()
+    assert all(torch.equal(got[False][1][k], got[True][1][k]) for k in got[False][1])
