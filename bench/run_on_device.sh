@@ -10,7 +10,7 @@
 #   small-vram-dynamic http text-default unload unload-async unload-old unload-v03 unload-v03-old capture-failure
 #   text-sdxl-default text-gpu-only profile-gpu-only
 #   vision-profile vision-gpu-only vision-async multi-gpu memo memo-sdxl sampler reuse reuse-dynamic reuse-async
-#   multi-gpu-async (two GPUs) capture-async gemm
+#   multi-gpu-async (two GPUs) capture-async gemm vision-fidelity
 # A step's name may carry a suffix to run it again into another folder (text-2, text-dynamic-2).
 # Sets up the carried wheels (ModelOpt, comfy-kitchen, ...) and ComfyUI v0.29 once per machine, then runs
 # each step under its own time limit, logging to OUT/<step>.log, so one slow step does not lose the others.
@@ -97,6 +97,8 @@ for step in "${@:-probe text profile vision}"; do
         --quick --profile-batch 64 ;;
       vision-profile*) timeout 500 python3 bench/bench_vision_encode.py --comfy /tmp/c29 --out "$out/$s" \
         --variants "${VISION_VARIANTS:-stock-b64,pack}" --profile-batch 64 ;;
+      vision-fidelity*) timeout 300 python3 bench/bench_vision_encode.py --comfy /tmp/c29 --out "$out/$s" --variants pack \
+        --quick ;;
       vision*) timeout 500 python3 bench/bench_vision_encode.py --comfy /tmp/c29 --out "$out/$s" ;;
       *) echo "unknown step $s" >&2; false ;;
     esac > "$out/$s.log" 2>&1
