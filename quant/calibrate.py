@@ -242,7 +242,8 @@ def quantize_clip(clip: Any, prompts: Sequence[str], recipe: Recipe = Recipe(), 
         check_interrupt()
         scales = modelopt_bridge.quantized_layers(container)
         modelopt_bridge.fold_weights(container)
-        report = replace(earlier.report, min_cosine=min_cosine, reused=calibration_memo.reused_line(earlier, weights_only))
+        report = replace(earlier.report, min_cosine=min_cosine,
+                         reused=calibration_memo.reused_line(earlier, weights_only))
         return qclip, _attach_records(report, family.label, towers, copies, prompts, recipe, scales, kept,
                                       source_bytes, dtypes)
 

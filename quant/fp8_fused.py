@@ -12,10 +12,11 @@ kernel:
 On the GPU, up to fp8_gemm.MAX_ROWS rows, the matmuls are fp8_gemm's fp32-accumulating kernel: q, k and v
 in one launch, and fc1 with its bias, GELU and fc2's quantizer in its epilogue (the second line above, then,
 is not a kernel of its own). For longer sequences (vision: 257 tokens) the host's attention runs between a
-q/k/v-bias kernel and a quantizing kernel. The arithmetic is the unfused path's (fp32, the bias and residual adds in the same order);
-reductions, `exp` and the attention's sums round differently in the last bit. FP8 rounding is done in fp32 bit
-arithmetic (round to nearest even), so the final cast is exact: the same codes as PyTorch's cast, also in
-Triton's CPU interpreter (whose own FP8 cast rounds wrongly at binade edges), where CI runs these kernels.
+q/k/v-bias kernel and a quantizing kernel. The arithmetic is the unfused path's (fp32, the bias and residual
+adds in the same order); reductions, `exp` and the attention's sums round differently in the last bit. FP8
+rounding is done in fp32 bit arithmetic (round to nearest even), so the final cast is exact: the same codes as
+PyTorch's cast, also in Triton's CPU interpreter (whose own FP8 cast rounds wrongly at binade edges), where CI
+runs these kernels.
 """
 from __future__ import annotations
 

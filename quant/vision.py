@@ -224,7 +224,8 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
         check_interrupt()
         scales = modelopt_bridge.quantized_layers(container)
         modelopt_bridge.fold_weights(container)
-        report = replace(earlier.report, min_cosine=min_cosine, reused=calibration_memo.reused_line(earlier, weights_only))
+        report = replace(earlier.report, min_cosine=min_cosine,
+                         reused=calibration_memo.reused_line(earlier, weights_only))
     else:
         t0 = time.perf_counter()
         modelopt_bridge.quantize(container, config, None if weights_only else forward_loop)
@@ -249,11 +250,13 @@ def quantize_clip_vision(cv: Any, images: torch.Tensor | None, recipe: Recipe, *
             kept=[k[len(prefix):] for k in kept], embed_cos=F.cosine_similarity(ref_e, got_e, dim=-1).tolist(),
             hidden_cos=[float(F.cosine_similarity(a, b, dim=-1).mean()) for a, b in zip(ref_h, got_h)],
             agreement=label_agreement(ref_e, got_e, protos), agreement_n=test.shape[0], layer_errors=errors,
-            calibration_images=0 if weights_only else images.shape[0], calibration_seconds=calib_s, evaluation_seconds=eval_s,
-            min_cosine=min_cosine, keep=recipe.keep, unmatched_patterns=unmatched, overlap=0 if weights_only else shared_images(test, images))
+            calibration_images=0 if weights_only else images.shape[0], calibration_seconds=calib_s,
+            evaluation_seconds=eval_s, min_cosine=min_cosine, keep=recipe.keep, unmatched_patterns=unmatched,
+            overlap=0 if weights_only else shared_images(test, images))
         calibration_memo.remember(cv, memo_key, amax, report)
     artifact.attach(copy_, artifact.QuantizedTower(
-        family=model, tower=PATH, recipe=recipe, fingerprint=fingerprint([calibration_digest] if calibration_digest else [], recipe),
+        family=model, tower=PATH, recipe=recipe,
+        fingerprint=fingerprint([calibration_digest] if calibration_digest else [], recipe),
         scales={n[len(prefix):]: s for n, s in scales.items()}, kept=report.kept, source_bytes=source_bytes,
         report=report.to_dict(), dtype=dtype))
     return qcv, report
