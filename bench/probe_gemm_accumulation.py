@@ -13,20 +13,16 @@ a CUDA graph of 20 calls (launch cost as inside the pack's captured encoder).
 from __future__ import annotations
 
 import argparse
-import importlib
-import statistics
 import sys
-import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-pack = types.ModuleType("comfyui_fp8_clip")  # the package without its ComfyUI entry: quant/ needs only torch
-pack.__path__ = [str(ROOT)]
-sys.modules["comfyui_fp8_clip"] = pack
-fp8_gemm = importlib.import_module("comfyui_fp8_clip.quant.fp8_gemm")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_attention import gpu_ms, load  # noqa: E402 - the pack's quant/ without ComfyUI; CUDA-graph timing
+
+fp8_gemm = load("fp8_gemm")
 
 FP8 = torch.float8_e4m3fn
 TEXT = [(768, 768), (2304, 768), (3072, 768), (768, 3072)]  # CLIP-L: q/k/v as one, out_proj, fc1, fc2
@@ -44,24 +40,6 @@ def operands(m: int, n: int, k: int, dev: torch.device, seed: int):
     w = torch.randn(n, k, device=dev, generator=g) * 0.02
     sa, sb = x.abs().max() / 448, w.abs().max() / 448
     return (x / sa).to(FP8), (w / sb).to(FP8), sa.float().reshape(()), sb.float().reshape(())
-
-
-def gpu_ms(fn, calls: int = 20, reps: int = 15) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / calls)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -131,7 +109,7 @@ def fusions(dev: torch.device, lines: list) -> None:
     cuBLAS FP8 GEMMs; fc1 with its bias, GELU and fc2's quantizer vs a cuBLAS FP8 GEMM and the fused kernel."""
     from types import SimpleNamespace
 
-    fused = importlib.import_module("comfyui_fp8_clip.quant.fp8_fused")
+    fused = load("fp8_fused")
     lines.append("\nCLIP-L's fused launches, us per call (GPU time in a CUDA graph): before (cuBLAS) / now")
     for m in (77, 154, 231, 616):
         lins = []
