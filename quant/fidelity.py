@@ -16,6 +16,18 @@ import torch.nn.functional as F
 from .vram import make_room
 
 
+def worst(values: Iterable[float]) -> float | None:
+    """The lowest score (None for none); NaN if any is NaN: min() passes over a NaN that is not first, which
+    would hide an encoder that gives NaN on some prompts behind the good scores of the others."""
+    v = list(values)
+    return None if not v else float("nan") if any(x != x for x in v) else min(v)
+
+
+def below(value: float, threshold: float) -> bool:
+    """Whether a score fails a threshold; NaN fails every threshold."""
+    return not value >= threshold
+
+
 @dataclass
 class PromptScore:
     prompt: str
@@ -81,9 +93,9 @@ class LayerErrorProbe:
         return {n: (err[n] / energy[n]) ** 0.5 if energy[n] > 0 else 0.0 for n in err}
 
 
-def suggested_keep(worst: list[tuple[str, float]], current: tuple[str, ...] = ()) -> list[str]:
+def suggested_keep(worst_layers: list[tuple[str, float]], current: tuple[str, ...] = ()) -> list[str]:
     """The keep patterns to try next: the current ones plus the layer types of the worst layers."""
-    kinds = [".".join(n.split(".")[-2:]) for n, _ in worst]
+    kinds = [".".join(n.split(".")[-2:]) for n, _ in worst_layers]
     return list(dict.fromkeys([*current, *(f"*{k}" for k in kinds)]))
 
 
@@ -91,9 +103,9 @@ def keep_advice(layer_errors: dict[str, float], keep: tuple[str, ...], unmatched
                 fp8_embedding: bool = False, n: int = 3) -> str:
     """What to change when the quality is below the threshold. Patterns that match nothing are left out, and a
     keep list that would leave no layer in FP8 is not suggested (the node refuses it): that is said instead."""
-    worst = sorted(layer_errors.items(), key=lambda kv: -kv[1])[:n]
-    names = ", ".join(f"{name} ({e:.1%})" for name, e in worst)
-    patterns = suggested_keep(worst, tuple(p for p in keep if p not in unmatched))
+    top = sorted(layer_errors.items(), key=lambda kv: -kv[1])[:n]
+    names = ", ".join(f"{name} ({e:.1%})" for name, e in top)
+    patterns = suggested_keep(top, tuple(p for p in keep if p not in unmatched))
     if all(any(fnmatch.fnmatchcase(name, p) for p in patterns) for name in layer_errors):
         table = "turn fp8_token_embedding off (the token table in FP8 costs quality too), or " if fp8_embedding else ""
         return (f"Worst layers by output error: {names}. Keeping more layers in high precision cannot reach it "
@@ -175,7 +187,7 @@ class QualityReport:
 
     @property
     def cond_min(self) -> float:
-        return min(p.cond_cosine for p in self.prompts)
+        return worst(p.cond_cosine for p in self.prompts)
 
     @property
     def cond_mean(self) -> float:
@@ -184,7 +196,7 @@ class QualityReport:
     @property
     def pooled_min(self) -> float | None:
         v = [p.pooled_cosine for p in self.prompts if p.pooled_cosine is not None]
-        return min(v) if v else None
+        return worst(v)
 
     @property
     def pooled_mean(self) -> float | None:
@@ -209,14 +221,14 @@ class QualityReport:
             out.append(("pooled", self.pooled_min))
         for t in self.towers if self.per_tower else ():
             if t.cond:
-                out.append((f"{t.name} hidden", min(t.cond)))
+                out.append((f"{t.name} hidden", worst(t.cond)))
             if t.pooled and self.pooled_used and t.pooled_used:
-                out.append((f"{t.name} pooled", min(t.pooled)))
+                out.append((f"{t.name} pooled", worst(t.pooled)))
         return out
 
     @property
     def below_threshold(self) -> bool:
-        return any(v < self.min_cosine for _, v in self.checks())
+        return any(below(v, self.min_cosine) for _, v in self.checks())
 
     def warnings(self) -> list[str]:
         out = [unmatched_warning(p, self.layer_errors) for p in self.unmatched_patterns]
@@ -225,7 +237,7 @@ class QualityReport:
                        "their scores are not held out and can look better than the quantization is. Evaluate on "
                        "prompts that are not in the calibration text.")
         if self.below_threshold:
-            low = ", ".join(f"{n} {v:.5f}" for n, v in self.checks() if v < self.min_cosine)
+            low = ", ".join(f"{n} {v:.5f}" for n, v in self.checks() if below(v, self.min_cosine))
             out.append(f"Quality below your threshold {self.min_cosine:.6g} (worst prompt: {low}). "
                        + keep_advice(self.layer_errors, self.keep, self.unmatched_patterns, self.fp8_embedding))
         return out
@@ -260,9 +272,9 @@ class QualityReport:
                          "the lines below are what quantization changed)")
         if self.per_tower:
             for t in self.towers:
-                lines.append(f"  {t.name} alone: hidden {f(min(t.cond, default=None))} / "
+                lines.append(f"  {t.name} alone: hidden {f(worst(t.cond))} / "
                              f"{f(sum(t.cond) / len(t.cond) if t.cond else None)}, pooled "
-                             + (f"{f(min(t.pooled, default=None))}" if t.pooled_used else
+                             + (f"{f(worst(t.pooled))}" if t.pooled_used else
                                 f"not used ({self.family.split(' (')[0]} models read another tower's)"))
         lines += [
             f"Calibration: {calibrated_on(self.scope, self.calibration_prompts, 'prompts')}, method '{self.method}', "
@@ -335,7 +347,7 @@ def compare_conditioning(reference: list, candidate: list) -> tuple[float, float
             pooled.append(s.pooled_cosine)
     if not conds:
         raise FP8ClipError("The conditionings are empty: connect the outputs of two CLIPTextEncode nodes.")
-    c = min(conds)
-    p = min(pooled) if pooled else None
+    c = worst(conds)
+    p = worst(pooled)
     text = f"conditioning cosine {c:.5f}" + ("" if p is None else f", pooled cosine {p:.5f}")
     return c, p, text

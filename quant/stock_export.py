@@ -17,7 +17,7 @@ import torch
 
 from . import artifact, fileformat as ff
 from .errors import FP8ClipError
-from .fidelity import score
+from .fidelity import score, worst
 from .patching import clone_with, patched_copy
 from .prompts import HELD_OUT_PROMPTS
 from .recipe import DEFAULT_KEEP
@@ -89,9 +89,9 @@ def export_stock_compatible(clip: Any, folder: str | os.PathLike, name: str, ove
         if progress:
             progress(len(held_out) + i + 1, 2 * len(held_out))
     pooled = [s.pooled_cosine for s in scores if s.pooled_cosine is not None]
-    quality = {"prompts": len(scores), "cond_min": min(s.cond_cosine for s in scores),
+    quality = {"prompts": len(scores), "cond_min": worst(s.cond_cosine for s in scores),
                "cond_mean": sum(s.cond_cosine for s in scores) / len(scores),
-               "pooled_min": min(pooled) if pooled else None,
+               "pooled_min": worst(pooled),
                "pooled_mean": sum(pooled) / len(pooled) if pooled else None,
                "reference": "the CLIP it was exported from, through ComfyUI's encode path",
                "held_out": "built-in" if tuple(held_out) == tuple(HELD_OUT_PROMPTS) else "custom"}

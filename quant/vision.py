@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import artifact, calibration_memo, modelopt_bridge
 from .errors import FP8ClipError, UnsupportedModelError
-from .fidelity import LayerErrorProbe, calibrated_on, keep_advice, unmatched_warning
+from .fidelity import LayerErrorProbe, below, calibrated_on, keep_advice, unmatched_warning, worst
 from .fp8_ops import require_fp8_storage
 from .images import calibration_images, check_images, held_out_images, synthetic_images
 from .patching import checkpoint_dtype, clone_with, patched_copy, to_float32, weight_bytes, weights_fingerprint
@@ -88,14 +88,14 @@ class VisionReport:
 
     def checks(self) -> list[tuple[str, float]]:
         """The worst score of each output the threshold applies to: IP-Adapter uses the hidden states."""
-        return [("image_embeds", min(self.embed_cos)), ("penultimate hidden states", min(self.hidden_cos))]
+        return [("image_embeds", worst(self.embed_cos)), ("penultimate hidden states", worst(self.hidden_cos))]
 
     def worst_layers(self, n: int = 3) -> list[tuple[str, float]]:
         return sorted(self.layer_errors.items(), key=lambda kv: -kv[1])[:n]
 
     @property
     def below_threshold(self) -> bool:
-        return any(v < self.min_cosine for _, v in self.checks())
+        return any(below(v, self.min_cosine) for _, v in self.checks())
 
     def warnings(self) -> list[str]:
         out = [unmatched_warning(p, self.layer_errors) for p in self.unmatched_patterns]
@@ -104,7 +104,7 @@ class VisionReport:
                        "their scores are not held out and can look better than the quantization is. Connect other "
                        "images to evaluation_images.")
         if self.below_threshold:
-            low = ", ".join(f"{n} {v:.5f}" for n, v in self.checks() if v < self.min_cosine)
+            low = ", ".join(f"{n} {v:.5f}" for n, v in self.checks() if below(v, self.min_cosine))
             out.append(f"Quality below your threshold {self.min_cosine:.6g} (worst image: {low}). "
                        + keep_advice(self.layer_errors, self.keep, self.unmatched_patterns))
         return out
@@ -114,7 +114,7 @@ class VisionReport:
 
     def text(self) -> str:
         def mm(v: list[float]) -> str:
-            return f"{min(v):.4f} / {sum(v) / len(v):.4f}"
+            return f"{worst(v):.4f} / {sum(v) / len(v):.4f}"
         lines = [f"FP8 E4M3 CLIP vision quality report: {self.model}, {self.scope}, per-tensor static scales",
                  f"  {self.quantized} Linear layers in FP8; kept in high precision: "
                  f"{', '.join(f'{PATH}.{k}' for k in self.kept) or 'none'}",

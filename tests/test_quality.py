@@ -90,6 +90,22 @@ def test_a_tower_pooled_output_left_uninitialized_gets_no_score_not_nan(pack):
     assert bad.pooled_cosine is None and bad.cond_cosine == pytest.approx(1.0)
 
 
+def test_a_prompt_that_gives_nan_is_the_worst_score_not_hidden_by_the_others(pack):
+    """min() passes over a NaN that is not first: an FP8 CLIP that gave NaN on one prompt of three reported the
+    other two's worst, passed the threshold, and the stock-compatible export wrote its file (found by review)."""
+    fid = pack_module(pack, "quant.fidelity")
+    cond = torch.randn(1, 77, 8)
+    scores = [fid.score(p, (cond, None), (c, None)) for p, c in
+              (("a", cond), ("b", torch.full_like(cond, float("nan"))), ("c", cond + 0.1 * torch.randn_like(cond)))]
+    report = fid.QualityReport("SD1.5 (CLIP-L)", "weights+activations", "max", [], scores, {"l.fc1": 0.01}, 4, 1.0,
+                               1.0, min_cosine=0.99)
+    assert report.cond_min != report.cond_min and report.below_threshold
+    assert "conditioning nan" in report.text()
+    c, _, text = fid.compare_conditioning([(cond, {}), (cond, {})],
+                                          [(cond, {}), (torch.full_like(cond, float("nan")), {})])
+    assert c != c and "nan" in text
+
+
 def test_mse_method_picks_other_weight_scales_and_stays_usable(comfy, pack):
     """`method: mse` (ModelOpt's MSE calibration) picks other weight scales than max calibration (else the option
     would do nothing), keeps the activation scales of max, and stays a usable model. On these random weights it
