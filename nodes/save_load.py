@@ -140,5 +140,5 @@ class LoadFP8CLIP:
         names = [clip_name] + [n for n in (clip_name2, clip_name3) if n and n != "none"]
         clip, files = load_fp8_clip([full_path(n) for n in names], type, runtime,
                                     embedding_directory=folder_paths.get_folder_paths("embeddings"))
-        text = "\n".join(f"{f.tower}: {summary_text(f.meta('fp8clip.report', {}) or {})}" for f in files)
+        text = "\n".join(f"{f.tower}: {summary_text(f.report)}" for f in files)
         return {"ui": {"text": [text]}, "result": (clip, text)}

@@ -63,5 +63,5 @@ class LoadFP8CLIPVision:
         from ..quant.serialize_vision import load_fp8_clip_vision, summary_text
 
         cv, tf = load_fp8_clip_vision(full_path(clip_name, FOLDER, "models/clip_vision"), runtime)
-        text = summary_text(tf.meta("fp8clip.report", {}) or {})
+        text = summary_text(tf.report)
         return {"ui": {"text": [text]}, "result": (cv, text)}

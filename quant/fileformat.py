@@ -80,6 +80,42 @@ def comfy_quant_tensor(conf: Mapping[str, Any] | None = None) -> torch.Tensor:
     return torch.tensor(list(json.dumps(dict(conf or {"format": COMFY_FORMAT})).encode("utf-8")), dtype=torch.uint8)
 
 
+class ReportFields:
+    """Reads a saved quality report (header JSON, which may have been edited) for display, never failing."""
+
+    def __init__(self, report: Any) -> None:
+        self.r = report if isinstance(report, dict) else {}
+
+    def text(self, key: str) -> str:
+        v = self.r.get(key)
+        return v if isinstance(v, str) else "?"
+
+    def number(self, key: str) -> str:
+        v = self.r.get(key)
+        return "n/a" if v is None else f"{v:.4f}" if _is_number(v) else "?"
+
+    def count(self, key: str) -> str:
+        v = self.r.get(key, [])
+        return str(len(v)) if isinstance(v, list) else "?"
+
+    def min_mean(self, key: str) -> str:
+        v = self.r.get(key) or []
+        if not isinstance(v, list) or not all(_is_number(x) for x in v):
+            return "?"
+        if not v:
+            return "n/a"
+        lo = float("nan") if any(x != x for x in v) else min(v)  # min() passes over a NaN that is not first
+        return f"{lo:.4f} / {sum(v) / len(v):.4f}"
+
+    def warnings(self) -> list[str]:
+        v = self.r.get("warnings", [])
+        return [w for w in v if isinstance(w, str)] if isinstance(v, list) else []
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclass
 class TowerFile:
     """Everything a tower file holds: exact tensors (shapes restored) plus what the header says."""
@@ -101,6 +137,10 @@ class TowerFile:
     @property
     def bundle(self) -> dict[str, Any]:
         return self.meta(H_BUNDLE, {}) or {}
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.meta(H_REPORT, {}) or {}
 
 
 # --- writing -----------------------------------------------------------------------------------------------
@@ -323,6 +363,26 @@ def unpack_tensors(name: str, tensors: dict[str, torch.Tensor], meta: Mapping[st
 
 
 JSON_FIELDS = {H_BUNDLE: dict, H_KEPT: list, H_REPORT: dict}  # optional header fields holding JSON (or null)
+BUNDLE_FIELDS = {"class": str, "set": str, "clip_type": str, "towers": list, "others": list}  # lists of names
+
+
+def check_header_values(tf: TowerFile) -> None:
+    """The types of the header values read later (the loader, the bundle check, the Load node), checked with the
+    file: an edited header failed there with a bare Python error (an unhashable set id, a string of tower names
+    iterated letter by letter). Raises TypeError."""
+    from .recipe import Recipe
+
+    for key, kind in JSON_FIELDS.items():
+        if not isinstance(tf.meta(key), (kind, type(None))):
+            raise TypeError(f"{key} is not a JSON {kind.__name__}")
+    for key, kind in BUNDLE_FIELDS.items():
+        v = tf.bundle.get(key)
+        if v is not None and not (isinstance(v, kind) and (kind is str or all(isinstance(x, str) for x in v))):
+            raise TypeError(f"{H_BUNDLE}'s {key!r} is not a {'string' if kind is str else 'list of names'}")
+    try:
+        Recipe.from_json(tf.header[H_RECIPE])
+    except FP8ClipError as e:  # an unknown method or scope: this file's header is then damaged
+        raise ValueError(f"its recipe: {e}") from None
 
 
 def read_tower_file(path: str | os.PathLike, towers: tuple[str, ...] = TEXT_TOWERS) -> TowerFile:
@@ -341,9 +401,7 @@ def read_tower_file(path: str | os.PathLike, towers: tuple[str, ...] = TEXT_TOWE
                            "download or save it again.") from None
     try:
         tf = unpack_tensors(path.name, tensors, meta)
-        for key, kind in JSON_FIELDS.items():  # read later (Load node, bundle check): checked here, with the file
-            if not isinstance(tf.meta(key), (kind, type(None))):
-                raise TypeError(f"{key} is not a JSON {kind.__name__}")
+        check_header_values(tf)
     except FP8ClipError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # header JSON malformed or of the wrong shape

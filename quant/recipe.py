@@ -10,7 +10,7 @@ import fnmatch
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Iterable
 
 from .errors import FP8ClipError
@@ -99,6 +99,24 @@ class Recipe:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        """The recipe a saved file's header holds. Unknown keys (a newer pack's) are ignored; values of the wrong
+        type raise TypeError (an edited header), which the file reader turns into its "header damaged" error."""
+        d = json.loads(text)
+        if not isinstance(d, dict):
+            raise TypeError("the recipe is not a JSON object")
+        d = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
+        if not isinstance(d.get("keep", []), list) or not all(isinstance(p, str) for p in d.get("keep", [])):
+            raise TypeError("the recipe's keep is not a list of patterns")
+        if not all(isinstance(d.get(k, ""), str) for k in ("method", "scope")):
+            raise TypeError("the recipe's method or scope is not a string")
+        if not isinstance(d.get("fp8_embedding", True), bool):
+            raise TypeError("the recipe's fp8_embedding is not true or false")
+        if "keep" in d:
+            d["keep"] = tuple(d["keep"])
+        return cls(**d)
 
 
 def fingerprint(prompts: Iterable[str], recipe: Recipe) -> str:

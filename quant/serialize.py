@@ -12,9 +12,7 @@ The high-precision copy stays in the base model on the offload device, as it doe
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -84,14 +82,14 @@ def tower_file_names(name: str, towers: Sequence[str]) -> list[str]:
 
 
 def summary_text(report: dict[str, Any]) -> str:
-    def f(v: Any) -> str:
-        return "n/a" if v is None else f"{v:.4f}"
-    lines = [f"{report.get('family', '?')}, {report.get('scope', '?')}, method '{report.get('method', '?')}'",
-             f"cosine vs the unquantized encoder on {len(report.get('prompts', []))} held-out prompts (min / mean): "
-             f"conditioning {f(report.get('cond_min'))} / {f(report.get('cond_mean'))}, pooled "
-             f"{f(report.get('pooled_min'))} / {f(report.get('pooled_mean'))}"]
-    lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
-    return "\n".join(lines)
+    """The quality report of a file in two lines. Values come from the file's header: a field of the wrong type
+    (an edited header) shows as '?' rather than failing the Load node."""
+    r = ff.ReportFields(report)
+    lines = [f"{r.text('family')}, {r.text('scope')}, method '{r.text('method')}'",
+             f"cosine vs the unquantized encoder on {r.count('prompts')} held-out prompts (min / mean): "
+             f"conditioning {r.number('cond_min')} / {r.number('cond_mean')}, pooled "
+             f"{r.number('pooled_min')} / {r.number('pooled_mean')}"]
+    return "\n".join(lines + [f"WARNING: {w}" for w in r.warnings()])
 
 
 # --- saving ------------------------------------------------------------------------------------------------
@@ -182,15 +180,6 @@ def save_fp8_clip(clip: Any, folder: str | os.PathLike, name: str, overwrite: bo
 
 
 # --- loading -----------------------------------------------------------------------------------------------
-
-def recipe_from_json(text: str) -> Recipe:
-    d = json.loads(text)
-    known = {f.name for f in fields(Recipe)}
-    d = {k: v for k, v in d.items() if k in known}
-    if "keep" in d:
-        d["keep"] = tuple(d["keep"])
-    return Recipe(**d)
-
 
 def dequantized(tf: ff.TowerFile) -> dict[str, torch.Tensor]:
     """The tower's weights in high precision under their standard names: what ComfyUI's loader builds on."""
@@ -299,9 +288,9 @@ def record_from_file(tf: ff.TowerFile, scales: dict[str, LayerScales], src: torc
                      ) -> artifact.QuantizedTower:
     """The record a loaded tower carries, as the quantize node attached it (saving it again gives the same file)."""
     return artifact.QuantizedTower(
-        family=tf.family, tower=tf.tower, recipe=recipe_from_json(tf.header[ff.H_RECIPE]),
+        family=tf.family, tower=tf.tower, recipe=Recipe.from_json(tf.header[ff.H_RECIPE]),
         fingerprint=tf.header.get(ff.H_FINGERPRINT, ""), scales=scales, kept=list(tf.meta(ff.H_KEPT, [])),
-        source_bytes=weight_bytes(src), report=tf.meta(ff.H_REPORT, {}) or {}, dtype=checkpoint_dtype(src))
+        source_bytes=weight_bytes(src), report=tf.report, dtype=checkpoint_dtype(src))
 
 
 def load_fp8_clip(paths: Sequence[str | os.PathLike], clip_type: str = "auto", runtime: str = "auto",

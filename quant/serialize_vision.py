@@ -27,14 +27,13 @@ PREFIX = TOWER + "."
 
 
 def summary_text(report: dict[str, Any]) -> str:
-    """The quality report of a vision file in two lines (the full one needs the live model)."""
-    def mm(key: str) -> str:
-        v = report.get(key) or []
-        return f"{min(v):.4f} / {sum(v) / len(v):.4f}" if v else "n/a"
-    lines = [f"{report.get('model', '?')}, {report.get('scope', '?')}, method '{report.get('method', '?')}'",
-             f"cosine vs the unquantized encoder on {len(report.get('embed_cos') or [])} held-out images (min / "
-             f"mean): image_embeds {mm('embed_cos')}, penultimate hidden states {mm('hidden_cos')}"]
-    return "\n".join(lines + [f"WARNING: {w}" for w in report.get("warnings", [])])
+    """The quality report of a vision file in two lines (the full one needs the live model); see
+    serialize.summary_text."""
+    r = ff.ReportFields(report)
+    lines = [f"{r.text('model')}, {r.text('scope')}, method '{r.text('method')}'",
+             f"cosine vs the unquantized encoder on {r.count('embed_cos')} held-out images (min / mean): "
+             f"image_embeds {r.min_mean('embed_cos')}, penultimate hidden states {r.min_mean('hidden_cos')}"]
+    return "\n".join(lines + [f"WARNING: {w}" for w in r.warnings()])
 
 
 # --- saving ------------------------------------------------------------------------------------------------

@@ -391,11 +391,28 @@ def test_edited_input_scale_inv_is_refused(comfy, saved, bad, factor):
     ({"fp8clip.report": "{not json"}, "header is damaged or was edited"),  # these three once gave a bare
     ({"fp8clip.kept": "[1, "}, "header is damaged or was edited"),  # JSONDecodeError with no file name
     ({"fp8clip.bundle": "nope"}, "header is damaged or was edited"),
+    # JSON of the wrong types: an unhashable set id, tower names iterated letter by letter, a bare TypeError
+    ({"fp8clip.bundle": '{"set": [1], "towers": ["clip_l"]}'}, "'set' is not a string"),
+    ({"fp8clip.bundle": '{"towers": "clip_l"}'}, "'towers' is not a list of names"),
+    ({"fp8clip.recipe": '{"keep": 5}'}, "keep is not a list of patterns"),
+    ({"fp8clip.recipe": '{"method": "best"}'}, "its recipe: Unknown calibration method 'best'"),
     ({"fp8clip.format": "-7"}, "invalid fp8clip.format -7"),
 ])
 def test_damaged_header_entries_name_the_file_and_the_fix(comfy, saved, bad, edit, expected):
     msg = bad("edited-header.safetensors", lambda p: rewrite(saved, p, meta_update=edit))
     assert expected in msg and "edited-header.safetensors" in msg, msg
+
+
+def test_a_saved_report_of_the_wrong_types_is_shown_as_unknown_not_a_crash(pack):
+    """The Load node shows the report the file's header holds: values of the wrong type (an edited header) raised
+    ValueError or TypeError there, after the file had passed every check (found by review)."""
+    text = pack_module(pack, "quant.serialize").summary_text(
+        {"family": 3, "cond_min": "x", "cond_mean": 0.99, "pooled_min": None, "prompts": 3, "warnings": "w"})
+    assert "?, " in text and "on ? held-out prompts" in text and "conditioning ? / 0.9900" in text
+    assert "pooled n/a" in text and "WARNING" not in text
+    vision = pack_module(pack, "quant.serialize_vision").summary_text(
+        {"embed_cos": "ab", "hidden_cos": [0.99, float("nan"), 0.98]})
+    assert "image_embeds ?" in vision and "hidden states nan / nan" in vision
 
 
 def test_an_edited_weight_shape_in_the_header_is_refused(comfy, saved, bad):
