@@ -67,7 +67,8 @@ def resolve_in_folder(folder: str | os.PathLike, name: str, extension: str = EXT
 
 def write_atomic(path: Path, write: Callable[[str], None], overwrite: bool) -> Path:
     """`write(tmp_path)` then move the finished file into place: readers never see a partial file, and an
-    existing file is replaced only when `overwrite` is set (checked again at the final step, without a race)."""
+    existing file is replaced only when `overwrite` is set (without it, checked again at the final step by a
+    hard link, which fails on a name taken meanwhile; file systems without hard links leave a short race)."""
     return write_set([(path, write)], overwrite)[0]
 
 
@@ -82,7 +83,6 @@ def write_set(files: list[tuple[Path, Callable[[str], None]]], overwrite: bool) 
             raise FP8ClipError(f"{path.name} already exists in {path.parent}. Choose another file name, or set "
                                "'overwrite' to replace it.")
     temps: list[str] = []
-    path = files[0][0]
     try:
         for path, _ in files:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,8 @@ def write_set(files: list[tuple[Path, Callable[[str], None]]], overwrite: bool) 
             temps.append(_write_temp(path, write))
         _move_all([(tmp, path) for tmp, (path, _) in zip(temps, files)], overwrite)
     except OSError as e:  # nothing was replaced (see _move_all): say what to fix
-        raise FP8ClipError(f"Could not save {path.name} in {path.parent}: {e.strerror or e}. "
+        names = " and ".join(p.name for p, _ in files)  # all or none of them
+        raise FP8ClipError(f"Could not save {names} in {files[0][0].parent}: {e.strerror or e}. "
                            f"{_OS_FIXES.get(e.errno, '')}Nothing was changed there.") from e
     finally:
         for tmp in temps:
@@ -147,15 +148,15 @@ def _move_all(moves: list[tuple[str, Path]], overwrite: bool) -> None:
             backup = _set_aside(path) if overwrite and path.exists() else None
             try:
                 _move(tmp, path, overwrite)
-            except BaseException:
+            except BaseException as e:
                 if backup is not None:
-                    _restore(backup, path)
+                    _restore(backup, path, e)
                 raise
             placed.append((path, backup))
-    except BaseException:
+    except BaseException as e:
         for path, backup in reversed(placed):
             if backup is not None:
-                _restore(backup, path)
+                _restore(backup, path, e)
             elif path.exists():
                 path.unlink()
         raise
@@ -170,7 +171,9 @@ def _move_all(moves: list[tuple[str, Path]], overwrite: bool) -> None:
 def _set_aside(path: Path) -> str:
     """Keep the file at `path` under a hidden name until the new one is in place (a hard link: `path` stays
     readable meanwhile; a rename where the file system has no hard links)."""
-    backup = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(8)}.old")
+    # The time is in the name: a hard link or a rename keeps the file's old mtime, by which a concurrent save's
+    # sweep would take a backup made a second ago for a stale one.
+    backup = os.path.join(path.parent, f".{path.name}.{int(time.time()) & 0xFFFFFFFF:08x}{secrets.token_hex(4)}.old")
     try:
         os.link(path, backup)
     except OSError:
@@ -178,15 +181,20 @@ def _set_aside(path: Path) -> str:
     return backup
 
 
-def _restore(backup: str, path: Path) -> None:
+def _restore(backup: str, path: Path, cause: BaseException) -> None:
     try:
-        same = os.path.samefile(backup, path)  # the move never happened: `path` is still the old file
-    except OSError:
-        same = False
-    if same:
-        os.unlink(backup)  # (renaming a hard link onto its twin would leave both names)
-    else:
-        os.replace(backup, path)
+        try:
+            same = os.path.samefile(backup, path)  # the move never happened: `path` is still the old file
+        except OSError:
+            same = False
+        if same:
+            os.unlink(backup)  # (renaming a hard link onto its twin would leave both names)
+        else:
+            os.replace(backup, path)
+    except OSError as e:
+        raise FP8ClipError(f"Saving {path.name} failed ({cause}) and its previous file could not be put back "
+                           f"({e.strerror or e}). It is kept as {backup}: rename it to {path.name} to get it "
+                           "back.") from cause
 
 
 def _move(tmp: str, path: Path, overwrite: bool) -> None:
@@ -210,20 +218,25 @@ STALE_SECONDS = 3600.0
 def _remove_stale_temps(path: Path) -> None:
     """Temp files of `path` left by a save that was killed (power cut, kill -9): nothing else removes them, and
     each is the size of a model. Only ones untouched for an hour: a save in progress writes to its own."""
-    remove_stale(path.parent, re.compile(re.escape("." + path.name + ".") + r"[0-9a-f]{16}\.(tmp|old)$"))
+    remove_stale(path.parent, re.compile(re.escape("." + path.name + ".") + r"(?:[0-9a-f]{16}\.tmp|"
+                                         r"(?P<made>[0-9a-f]{8})[0-9a-f]{8}\.old)$"))
 
 
 def remove_stale(directory: Path, pattern: re.Pattern) -> None:
-    """Removes the files in `directory` whose names match `pattern` and that nothing wrote for an hour."""
+    """Removes the files in `directory` whose names match `pattern` and that nothing wrote for an hour (or, with
+    a group `made` in the pattern, that were made an hour ago by the hex time in their name)."""
     now = time.time()
     try:
         entries = list(os.scandir(directory))
     except OSError:
         return
     for e in entries:
-        if pattern.match(e.name):
+        m = pattern.match(e.name)
+        if m:
             try:
-                if now - e.stat(follow_symlinks=False).st_mtime > STALE_SECONDS:
+                made = m.groupdict().get("made")
+                when = max(e.stat(follow_symlinks=False).st_mtime, int(made, 16) if made else 0)
+                if now - when > STALE_SECONDS:
                     os.unlink(e.path)
             except OSError:
                 pass

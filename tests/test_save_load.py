@@ -862,6 +862,34 @@ def test_temp_files_of_a_killed_save_are_removed_by_the_next_save(pack, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, fresh.name, other.name])
 
 
+def test_a_backup_made_now_of_an_old_file_is_not_swept_by_another_save(pack, tmp_path, monkeypatch):
+    """Overwriting keeps the old file under a hidden name until the new one is in place. A hard link keeps the
+    old file's mtime, by which another save into the folder swept that backup as stale; a failed move then
+    could not put the old file back, and the message said nothing was changed (found by review)."""
+    paths = pack_module(pack, "quant.paths")
+    target = tmp_path / "clip_l_fp8.safetensors"
+    target.write_bytes(b"old model")
+    os.utime(target, (time.time() - 2 * 3600,) * 2)
+    backup = Path(paths._set_aside(target))
+    paths.write_set([(target, lambda tmp: Path(tmp).write_bytes(b"other"))], True)  # another save: sweeps
+    assert backup.exists() and backup.read_bytes() == b"old model"
+    made_long_ago = tmp_path / f".{target.name}.{int(time.time()) - 2 * 3600:08x}00000000.old"
+    made_long_ago.write_bytes(b"left by a killed save")
+    os.utime(made_long_ago, (time.time() - 2 * 3600,) * 2)  # a link's mtime: the old file's
+    paths.write_set([(target, lambda tmp: Path(tmp).write_bytes(b"other"))], True)
+    assert backup.exists() and not made_long_ago.exists()
+
+    real_replace = os.replace
+
+    def replace(src, dst):  # the move into place fails, and so does putting the old file back
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(paths.os, "replace", replace)
+    monkeypatch.setattr(paths.os, "link", lambda a, b: real_replace(a, b))  # no hard links: a rename
+    with pytest.raises(ValueError, match=r"its previous file could not be put back \(Input/output error\)\. It is "
+                                         r"kept as .*\.old: rename it to clip_l_fp8\.safetensors to get it back"):
+        paths.write_set([(target, lambda tmp: Path(tmp).write_bytes(b"new"))], True)
+
+
 def _tower_file(ff, tower: str, family: str, bundle: dict):
     return ff.TowerFile(tower=tower, family=family, tensors={}, quantized={}, rowwise=[],
                         header={ff.H_BUNDLE: json.dumps(bundle)})
