@@ -47,6 +47,7 @@ COMFY_FORMAT = "float8_e4m3fn"
 TEXT_TOWERS = ("clip_l", "clip_g", "clip_h")
 VISION_TOWERS = ("vision_model",)  # the object-patch path of the tower inside ComfyUI's CLIPVisionModelProjection
 KNOWN_TOWERS = TEXT_TOWERS + VISION_TOWERS
+SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".input_scale_inv")  # beside the FP8 weight of a layer
 
 # Header keys (all values are strings: safetensors metadata is str -> str).
 H_FAMILY = "fp8clip.family"

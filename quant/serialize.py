@@ -185,7 +185,7 @@ def dequantized(tf: ff.TowerFile) -> dict[str, torch.Tensor]:
     """The tower's weights in high precision under their standard names: what ComfyUI's loader builds on."""
     sd = {}
     for k, t in tf.tensors.items():
-        if k.endswith((".weight_scale", ".input_scale", ".input_scale_inv")):
+        if k.endswith(ff.SCALE_SUFFIXES):
             continue
         if t.dtype == ff.FP8:
             s = tf.tensors[k[: -len("weight")] + "weight_scale"].float()

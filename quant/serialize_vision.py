@@ -85,6 +85,12 @@ def build_clip_vision(tf: ff.TowerFile, name: str) -> Any:
     """ComfyUI's own CLIP_VISION for the file's dequantized weights; every tensor must find its place."""
     import comfy.clip_vision
 
+    # Every FP8 tensor has one (unpack_tensors); the text loader's strict fill refuses strays, and here they
+    # would be dropped with the tower's scales.
+    outside = sorted(k for k in tf.tensors if k.endswith(ff.SCALE_SUFFIXES) and not k.startswith(PREFIX))
+    if outside:
+        raise FP8ClipError(f"{name}: {outside[0]} is FP8 data outside the vision tower ({len(outside)} such), which "
+                           "this pack never writes; the file is damaged or was edited. Save it again.")
     sd = dequantized(tf)
     keys = set(sd)
     cv = comfy.clip_vision.load_clipvision_from_sd(sd)  # leaves only the keys it did not use in `sd`

@@ -207,12 +207,13 @@ def test_an_ordinary_clip_vision_file_is_refused_with_the_reason(comfy):
         load(comfy, comfy.files["vit_l"])
 
 
-def rewrite(src: Path, dst: Path, drop=(), meta_update=None, meta_drop=()) -> str:
+def rewrite(src: Path, dst: Path, drop=(), meta_update=None, meta_drop=(), add=None) -> str:
     with safe_open(str(src), "pt") as f:
         meta = dict(f.metadata())
     meta.update(meta_update or {})
     meta = {k: v for k, v in meta.items() if k not in meta_drop}
-    save_file({k: v for k, v in load_file(str(src)).items() if k not in drop}, str(dst), metadata=meta)
+    tensors = {k: v for k, v in load_file(str(src)).items() if k not in drop}
+    save_file({**tensors, **(add or {})}, str(dst), metadata=meta)
     return "fp8test/" + dst.name
 
 
@@ -239,6 +240,16 @@ def test_a_file_missing_a_part_of_the_model_is_refused(comfy, saved, cv_dir, scr
     name = rewrite(saved, scratch(cv_dir / "fp8test" / "no-projection-old.safetensors"),
                    drop=["visual_projection.weight"], meta_drop=["fp8clip.sha256"])
     with pytest.raises(ValueError, match=r"does not match the (vision )?model ComfyUI detected.*visual_projection"):
+        load(comfy, name)
+
+
+def test_a_scale_outside_the_vision_tower_is_refused_not_dropped(comfy, saved, cv_dir, scratch):
+    """The vision loader dropped scale tensors outside vision_model. (the text loader refuses any stray key);
+    an FP8 layer there would have been dequantized with its scale under a garbled layer name. Files without the
+    checksum (saved before it) reach this check."""
+    name = rewrite(saved, scratch(cv_dir / "fp8test" / "stray-scale.safetensors"), meta_drop=["fp8clip.sha256"],
+                   add={"visual_projection.weight_scale": torch.tensor(0.01)})
+    with pytest.raises(ValueError, match=r"visual_projection\.weight_scale is FP8 data outside the vision tower"):
         load(comfy, name)
 
 
