@@ -286,7 +286,8 @@ def check_load_runtime(runtime: str) -> None:
 
 def record_from_file(tf: ff.TowerFile, scales: dict[str, LayerScales], src: torch.nn.Module
                      ) -> artifact.QuantizedTower:
-    """The record a loaded tower carries, as the quantize node attached it (saving it again gives the same file)."""
+    """The record a loaded tower carries, as the quantize node attached it: saving it again writes the same
+    tensors (a format-1 file gains its stored input_scale_inv and checksum)."""
     return artifact.QuantizedTower(
         family=tf.family, tower=tf.tower, recipe=Recipe.from_json(tf.header[ff.H_RECIPE]),
         fingerprint=tf.header.get(ff.H_FINGERPRINT, ""), scales=scales, kept=list(tf.meta(ff.H_KEPT, [])),
