@@ -252,6 +252,36 @@ def test_unusable_cache_folder_still_gives_an_engine_clip_and_says_it_is_not_cac
     assert encode(comfy, out, "a cat")[0].shape == (1, 77, 768)
 
 
+def test_a_folder_without_file_locks_gives_an_engine_from_memory(pack, real_build, tmp_path, monkeypatch):
+    """filelock raises NotImplementedError, not OSError, where the file system has no locks (some NFS and FUSE
+    mounts): it failed the node instead of falling back to the engine in memory (found by review)."""
+    import filelock
+
+    def no_locks(self, *a, **k):
+        raise NotImplementedError("FileSystem does not appear to support flock")
+    monkeypatch.setattr(filelock.FileLock, "acquire", no_locks)
+    pipeline, build = tr(pack, "pipeline"), tr(pack, "build")
+    monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: real_build[0])
+    _, rtx, module, record = real_build
+    engine = pipeline.prepare_engine(module, record, profile=build.Profile(max_rows=1, opt_rows=1), support=rtx,
+                                     cache=tr(pack, "cache").EngineCache(tmp_path / "tensorrt"))
+    assert engine.path is None and engine.data == real_build[0].engine
+    assert "has no file locks" in engine.note and "folder on a local disk" in engine.note
+
+
+def test_prebuild_into_an_unusable_folder_stops_before_building(pack, fp8_clip, real_build, tmp_path, monkeypatch):
+    """`build-engine` exists to fill the folder the node reads: where the cache cannot keep an engine, it said so
+    only after building one in memory for nothing (minutes for CLIP-G; found by review)."""
+    pipeline = tr(pack, "pipeline")
+    builds = []
+    monkeypatch.setattr(pipeline, "build_engine", lambda *a, **k: builds.append(1) or real_build[0])
+    (tmp_path / "models").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"clip_l: the engine cache cannot keep the engine, so the node would not "
+                                         r"find it: Cannot create the TensorRT engine folder"):
+        pipeline.prebuild(fp8_clip[1], False, 1, real_build[1], cache_root=tmp_path / "models" / "tensorrt")
+    assert builds == []
+
+
 def test_tensorrt_model_folder_is_registered_for_engine_files(comfy, pack, tmp_path):
     fp = comfy.folder_paths
     paths, exts = fp.folder_names_and_paths["tensorrt"]  # registered when ComfyUI imported the pack

@@ -10,7 +10,7 @@ from .flavour import RTX, STANDARD, Flavour, find_tensorrt
 # FP8 GEMMs need FP8 tensor cores. TensorRT for RTX runs engines on 8.0/8.6/8.9/12.0/12.1 but FP8 only on
 # 8.9 (Ada) and 12.x (Blackwell); its builder refuses FP8 for sm86 ("HW-specific datatypes: fp8_e4m3"), and
 # its runtime refuses 9.0 (H100/H200). Standard TensorRT runs FP8 on 8.9+ including Hopper.
-RTX_FP8_CC = {(8, 9): "SM89", (12, 0): "SM120", (12, 1): "SM121"}
+RTX_FP8_CC = {(8, 9), (12, 0), (12, 1)}
 STANDARD_MIN_CC = (8, 9)
 
 PORTABLE = "portable"  # TensorRT for RTX's default: one engine for every GPU it supports
@@ -31,7 +31,7 @@ def engine_support(device: torch.device | str | None = None, flavour: Flavour | 
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda":
         where = "no device" if device is None else f"'{device}'"
-        return Support(False, f"ComfyUI runs the text encoder on {where}, not a CUDA GPU: TensorRT engines need "
+        return Support(False, f"ComfyUI runs this model on {where}, not a CUDA GPU: TensorRT engines need "
                               "an NVIDIA GPU.", flavour)
     if not torch.cuda.is_available():
         return Support(False, "CUDA is not available to torch (no NVIDIA driver or a CPU-only torch build).",

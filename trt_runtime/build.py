@@ -42,6 +42,11 @@ class Profile:
     def for_max_rows(cls, max_rows: int) -> "Profile":
         return cls(max_rows=max_rows, opt_rows=min(2, max_rows), min_rows=1)
 
+    @classmethod
+    def for_images(cls, max_images: int) -> "Profile":
+        """Optimized for one image (IP-Adapter and unCLIP encode one reference at a time); batches up to max."""
+        return cls(max_rows=max_images, opt_rows=1, min_rows=1)
+
     def to_dict(self) -> dict:
         return {"min_rows": self.min_rows, "opt_rows": self.opt_rows, "max_rows": self.max_rows}
 

@@ -201,10 +201,10 @@ class EngineCache:
             try:
                 for stale in (manifest_path, engine):
                     stale.unlink(missing_ok=True)
-                _write_atomic(engine, result.engine)
                 try:
+                    _write_atomic(engine, result.engine)
                     _write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
-                except BaseException:
+                except BaseException:  # Ctrl-C between the two writes too: no engine without its manifest
                     engine.unlink(missing_ok=True)
                     raise
             except EngineCacheError as e:
@@ -231,6 +231,9 @@ def _build_lock(path: Path, check_interrupt: Callable[[], None] | None = None) -
     except OSError as e:
         raise EngineCacheError(f"Cannot take the build lock {path} ({e.strerror or e}): another user's lock file? "
                                "Delete it, or make the folder's .locks writable by ComfyUI.") from e
+    except NotImplementedError as e:  # filelock's answer to a file system without locks (some NFS, FUSE mounts)
+        raise EngineCacheError(f"The file system of {path.parent.parent} has no file locks ({e}): point the "
+                               "`tensorrt` entry of extra_model_paths.yaml to a folder on a local disk.") from e
     try:
         yield
     finally:

@@ -28,7 +28,9 @@ class Flavour:
         return f"{'TensorRT' if self.name == STANDARD else 'TensorRT for RTX'} {self.version}"
 
 
-MIN_STANDARD = (10, 2)  # FP8 Q/DQ in strongly typed networks; older builders lack the flags build.py sets
+# The oldest standard TensorRT accepted: strongly typed networks (the creation flag build.py uses) with FP8
+# Q/DQ. No standard TensorRT could be installed here to test any version.
+MIN_STANDARD = (10, 2)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from ..quant.patching import clone_with, weight_bytes
 from ..quant.proxy import refuse_later_weight_patches
 from .availability import Support
 from .bindings import EngineMismatchError, plan_from_dicts
-from .build import BuildResult, EngineBuildError, Profile, build_engine
+from .build import BuildResult, EngineBuildError, Profile, Progress, build_engine
 from .cache import CachedEngine, EngineCache, EngineCacheError, engine_key
 from .engine_module import EngineTextModel, EngineTower, EngineVisionModel
 from .onnx_export import EXPORT_VERSION, TransformerSpec, build_onnx, spec_from_module
@@ -33,8 +33,6 @@ log = logging.getLogger("comfyui-fp8-clip")
 # report) to 0.999+ cosine; float16 moves less memory but rounds every activation again (0.998 on the test
 # fixture). As the PyTorch FP8 runtime does on GPUs, float32 is the default.
 ACTIVATIONS = {"float32": torch.float32, "float16": torch.float16}
-
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -74,8 +72,9 @@ def components(spec: TransformerSpec, support: Support, profile: Profile, activa
 
 def prepare_engine(module: torch.nn.Module, record: Any, *, profile: Profile, support: Support,
                    cache: EngineCache | None, activations: str = "float32", progress: Progress | None = None,
-                   check_interrupt: Callable[[], None] | None = None) -> Engine:
-    """The engine for this quantized tower: from the cache when it holds it intact, else exported and built."""
+                   check_interrupt: Callable[[], None] | None = None, from_memory: bool = True) -> Engine:
+    """The engine for this quantized tower: from the cache when it holds it intact, else exported and built.
+    Where the cache cannot keep it, the engine is used from memory (`from_memory`), else EngineCacheError."""
     if activations not in ACTIVATIONS:
         raise FP8ClipError(f"Unknown activation precision {activations!r}; use one of {', '.join(ACTIVATIONS)}.")
     spec = spec_from_module(module, record)
@@ -106,6 +105,8 @@ def prepare_engine(module: torch.nn.Module, record: Any, *, profile: Profile, su
             note = " ".join(found.warnings)
             return Engine(key, found.manifest, found.built, found.path, note=note, cache=cache, tower=record.tower)
         except EngineCacheError as e:
+            if not from_memory:
+                raise
             if e.result is None:
                 result = build()
             else:
@@ -122,9 +123,13 @@ def _in_memory(key: str, comps: dict[str, Any], result: BuildResult, note: str) 
 
 
 def make_runner(engine: Engine, support: Support, module: torch.nn.Module, record: Any) -> Runner:
-    """The TensorRT runner for `engine`, loaded now so a GPU that refuses it is found before any encode."""
+    """The TensorRT runner for `engine`, loaded now so a GPU that refuses it is found before any encode (and
+    kept: TensorRT for RTX compiles kernels for the GPU at run time, which a reload would repeat). Its memory is in the size the node
+    reports to ComfyUI, which budgets it when the model is loaded for the first encode. (`module`, `record`: for
+    runners that run the exported graph themselves, as the tests' onnxruntime stand-in.)"""
+    name = f"the engine {engine.path}" if engine.path else "the engine (in memory: its folder could not keep it)"
     runner = TrtRunner(engine.read, plan_from_dicts(engine.manifest["io"]), support.flavour, support.device,
-                       engine.manifest["engine_bytes"])
+                       engine.manifest["engine_bytes"], name)
     runner.load()
     return runner
 
@@ -177,8 +182,7 @@ def engine_clip_vision(clip_vision: Any, max_images: int, support: Support, *, c
                        ) -> tuple[Any, str]:
     """(CLIP_VISION on the engine, status); or (the input, status saying why not) where the engine cannot run.
     `used`: as for engine_clip."""
-    # Optimized for one image (IP-Adapter and unCLIP encode one reference at a time); batches up to max.
-    profile = Profile(max_rows=max_images, opt_rows=1, min_rows=1)
+    profile = Profile.for_images(max_images)
     header = f"  profile: 1 to {profile.max_rows} images (max_images); FP8 matmuls, {activations} activations"
     return _engine_model(clip_vision, VISION, profile, header, support, cache_root=cache_root,
                          activations=activations, progress=progress, check_interrupt=check_interrupt, used=used)
@@ -194,15 +198,16 @@ def prebuild(model: Any, vision: bool, max_rows: int, support: Support, *, cache
                            "'Save FP8 CLIP Vision' or by `quantize`.")
     if not support.ok:
         raise FP8ClipError(f"No engine can be built here: {support.reason}")
-    profile = Profile(max_rows=max_rows, opt_rows=1, min_rows=1) if vision else Profile.for_max_rows(max_rows)
+    profile = Profile.for_images(max_rows) if vision else Profile.for_max_rows(max_rows)
     cache = EngineCache(cache_root)
     lines = []
     for module, record in towers.values():
-        engine = prepare_engine(module, record, profile=profile, support=support, cache=cache,
-                                activations=activations, progress=progress)
-        if engine.path is None:  # built, but the cache could not keep it: nothing for the node to find
-            raise FP8ClipError(f"{record.tower}: the engine was built but could not be stored, so the node would not "
-                               f"find it. {engine.note}")
+        try:  # an engine the cache cannot keep is of no use to the node: no build in memory for nothing
+            engine = prepare_engine(module, record, profile=profile, support=support, cache=cache,
+                                    activations=activations, progress=progress, from_memory=False)
+        except EngineCacheError as e:
+            raise FP8ClipError(f"{record.tower}: the engine cache cannot keep the engine, so the node would not "
+                               f"find it: {e}") from e
         how = _how(engine)
         lines.append(f"{record.tower}: {how} ({_mb(engine.manifest['engine_bytes'])}) {engine.path}")
     return lines

@@ -19,8 +19,8 @@ from .onnx_export import HIDDEN_STATES, LAST_HIDDEN, TensorIO
 
 # ComfyUI reuses a node's last result while its inputs are unchanged; the engine nodes' IS_CHANGED (watch.py)
 # makes them run again once the file is gone. The quantize node's `tensorrt` runtime has no such watch.
-REBUILD = ("Delete that engine file (named in this message; its folder is models/tensorrt unless extra_model_paths "
-           "says otherwise) and queue the prompt again: the 'Build TensorRT Engine' node runs again "
+REBUILD = ("Delete that engine file (its folder is models/tensorrt unless extra_model_paths says otherwise) and "
+           "queue the prompt again: the 'Build TensorRT Engine' node runs again "
            "when its engine file is gone, and rebuilds it (with the Quantize node's 'tensorrt' runtime, change one "
            "of that node's inputs or restart ComfyUI).")
 
@@ -47,11 +47,12 @@ class TrtRunner:
     """
 
     def __init__(self, engine_bytes: Callable[[], bytes], plan: list[TensorIO], flavour: Flavour,
-                 device: torch.device, engine_file_bytes: int):
+                 device: torch.device, engine_file_bytes: int, name: str = "the engine"):
         self.device = torch.device(device)
         self.plan = plan
         self.input = next(t.name for t in plan if t.mode == "input")
         self.flavour = flavour
+        self.name = name  # for messages: the file to delete when it cannot be loaded (after an offload, say)
         self._read = engine_bytes
         self._file_bytes = engine_file_bytes
         self._engine = self._context = self._runtime = self._log = None
@@ -69,17 +70,18 @@ class TrtRunner:
             if hasattr(runtime, "get_engine_validity"):  # TensorRT for RTX: check before deserializing
                 validity, diagnostics = runtime.get_engine_validity(blob)
                 if getattr(validity, "name", str(validity)) == "INVALID":
-                    raise EngineLoadError(f"{self.flavour.label} reports the engine invalid on this GPU "
+                    raise EngineLoadError(f"{self.flavour.label} reports {self.name} invalid on this GPU "
                                           f"(diagnostics {diagnostics}: {'; '.join(log.lines[-3:])}). {REBUILD}")
             engine = runtime.deserialize_cuda_engine(blob)
             if engine is None:
-                raise EngineLoadError(f"{self.flavour.label} could not load the engine: "
+                raise EngineLoadError(f"{self.flavour.label} could not load {self.name}: "
                                       f"{'; '.join(log.lines[-3:]) or 'no message'}. {REBUILD}")
             check_plan(plan_from_engine(engine), self.plan)
             context = engine.create_execution_context()
             if context is None:
                 said = "; ".join(log.lines[-3:]) or "no message"
-                raise EngineLoadError(f"TensorRT could not create an execution context ({said}). If the GPU is out "
+                raise EngineLoadError(f"TensorRT could not create an execution context for {self.name} ({said}). If "
+                                      "the GPU is out "
                                       "of memory: free some (unload other models), or rebuild the engine with a "
                                       "smaller max_batch_rows / max_images.")
         self._runtime, self._engine, self._context, self._log = runtime, engine, context, log
