@@ -68,15 +68,27 @@ def io_contract(width: int, layers: int, seq: int = 77, pixels: tuple[int, int, 
 @dataclass
 class LinearSpec:
     name: str
-    weight: torch.Tensor  # [out, in] as the module computes with it (already Q->DQ for FP8 layers)
+    stored: torch.Tensor  # [out, in] the module's weight: FP8 codes (FP8Linear) or high precision
     bias: torch.Tensor | None
     weight_scale: float | None = None  # None: kept in high precision
     input_scale: float | None = None  # None: activations not quantized
-    codes: torch.Tensor | None = None  # the FP8 weight codes when the module stores them (FP8Linear)
+    dequantize: float | None = None  # the scale of stored FP8 codes
 
     @property
     def fp8(self) -> bool:
         return self.weight_scale is not None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """float32, as the module computes with it (already Q->DQ for FP8 layers). Made on each use: a spec
+        holding it would keep a float32 copy of the whole model (2.8 GB for CLIP-G) to compute a cache key."""
+        w = self.stored.float()
+        return w if self.dequantize is None else w * self.dequantize
+
+    @property
+    def codes(self) -> torch.Tensor | None:
+        """The FP8 weight codes when the module stores them and the graph quantizes this layer."""
+        return self.stored if self.dequantize is not None and self.fp8 else None
 
 
 @dataclass
@@ -247,11 +259,11 @@ def _spec(module: torch.nn.Module, record: Any | None, layers: Any, prefix: str,
         if w.dtype == torch.float8_e4m3fn:  # FP8Linear: its codes and scales are what it computes with
             ws = float(m.weight_scale)
             if record is None:
-                return LinearSpec(name, w.float() * ws, bias)
+                return LinearSpec(name, w, bias, dequantize=ws)
             isc = getattr(m, "input_scale", None)
-            return LinearSpec(name, w.float() * ws, bias, ws, None if isc is None else float(isc), codes=w)
+            return LinearSpec(name, w, bias, ws, None if isc is None else float(isc), dequantize=ws)
         s = scales.get(name)
-        return LinearSpec(name, w.float(), bias, None if s is None else float(s.weight_scale),
+        return LinearSpec(name, w, bias, None if s is None else float(s.weight_scale),
                           None if s is None or s.input_scale is None else float(s.input_scale))
 
     blocks = []
