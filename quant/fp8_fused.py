@@ -146,6 +146,7 @@ if triton is not None:
 
 
 _ELEMENTWISE_BLOCK = 1024
+ATTENTION_BLOCK_M = 16  # queries a program
 # Own attention kernel up to this many tokens (CLIP text: 77; every key of a query in one block). Longer
 # sequences (vision: 257) use the host's attention, whose flash/memory-efficient kernels suit them.
 ATTENTION_MAX_TOKENS = 128
@@ -259,13 +260,14 @@ def qkv_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, biases: tuple, d
 
 
 def attention_quant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, biases: tuple, shape: tuple[int, int, int],
-                    heads: int, mask: torch.Tensor | None, inv_scale: torch.Tensor, block_m: int = 16,
+                    heads: int, mask: torch.Tensor | None, inv_scale: torch.Tensor, block_m: int | None = None,
                     precision: str = "tf32x3", num_warps: int = 4, codes: torch.Tensor | None = None
                     ) -> torch.Tensor:
     """FP8 codes of softmax(q' k'^T / sqrt(d) + mask) v' with q' = q + bias_q..., for q, k, v [B*T, D]
     (D = heads * d), as [B*T, D]. `mask`: additive, [T, T] or [B, 1, T, T], as ComfyUI's CLIP passes it."""
     b, t, width = shape
     head_dim = width // heads
+    block_m = block_m or ATTENTION_BLOCK_M
     if codes is None:
         codes = torch.empty((b * t, width), dtype=FP8, device=q.device)
     sb = 0
