@@ -83,17 +83,18 @@ def write_set(files: list[tuple[Path, Callable[[str], None]]], overwrite: bool) 
             raise FP8ClipError(f"{path.name} already exists in {path.parent}. Choose another file name, or set "
                                "'overwrite' to replace it.")
     temps: list[str] = []
+    failed = [files[0][0]]  # what an error is about: the file being written, or the set being moved into place
     try:
-        for path, _ in files:
+        for path, write in files:
+            failed = [path]
             path.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_temps(path)
-        for path, write in files:
             temps.append(_write_temp(path, write))
+        failed = [path for path, _ in files]
         _move_all([(tmp, path) for tmp, (path, _) in zip(temps, files)], overwrite)
     except OSError as e:  # nothing was replaced (see _move_all): say what to fix
-        names = " and ".join(p.name for p, _ in files)  # all or none of them
-        raise FP8ClipError(f"Could not save {names} in {files[0][0].parent}: {e.strerror or e}. "
-                           f"{_OS_FIXES.get(e.errno, '')}Nothing was changed there.") from e
+        raise FP8ClipError(f"Could not save {' and '.join(p.name for p in failed)} in {failed[0].parent}: "
+                           f"{e.strerror or e}. {_OS_FIXES.get(e.errno, '')}Nothing was changed there.") from e
     finally:
         for tmp in temps:
             if os.path.exists(tmp):
