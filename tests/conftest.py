@@ -111,6 +111,22 @@ def fp8_clip(comfy, pack):
     return clip, fp8, fake
 
 
+@pytest.fixture(scope="session")
+def clip(comfy):
+    """CLIP-L as Load CLIP gives it (a module may have its own)."""
+    (c,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
+    return c
+
+
+@pytest.fixture(scope="session")
+def quantized(comfy, clip):
+    """The quantize node with every widget at its default (built-in 64 prompts): (clip, report, node output)."""
+    from test_quantize_clip import quantize
+
+    out = quantize(comfy, clip)
+    return out["result"][0], out["result"][1], out
+
+
 @pytest.fixture(scope="module")
 def rtx(pack):
     """TensorRT for RTX's build-only support: real engine builds without a GPU."""

@@ -59,14 +59,19 @@ def test_vit_l_report_and_clipvisionencode(comfy, vit_l, fp8_vit_l):
     assert torch.equal(vision_encode(comfy, vit_l, img)["image_embeds"], ref["image_embeds"])
 
 
-def test_fp8_vision_output_feeds_unclip_conditioning(comfy, fp8_vit_l):
+def test_fp8_vision_output_feeds_unclip_conditioning(comfy, vit_l, fp8_vit_l):
     q, _ = fp8_vit_l
-    out = vision_encode(comfy, q, images(1, seed=3))
+    img = images(1, seed=3)
+    out = vision_encode(comfy, q, img)
     (clip,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
     (cond,) = call(comfy, "CLIPTextEncode", clip=clip, text="a photo")
     (uncond,) = call(comfy, "unCLIPConditioning", conditioning=cond, clip_vision_output=out, strength=1.0,
                      noise_augmentation=0.0)
-    assert uncond[0][1]["unclip_conditioning"][0]["clip_vision_output"] is out
+    # what an unCLIP model reads from it (comfy.model_base.unclip_adm: the output's image_embeds attribute)
+    embeds = uncond[0][1]["unclip_conditioning"][0]["clip_vision_output"].image_embeds
+    ref = vision_encode(comfy, vit_l, img)["image_embeds"]
+    assert embeds.shape == ref.shape == (1, 768)
+    assert float(torch.nn.functional.cosine_similarity(embeds, ref).min()) > 0.98
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +170,9 @@ def test_bad_calibration_images(comfy, vit_l, bad, msg):
 def test_grayscale_and_rgba_calibration_images_are_accepted(pack):
     import importlib
     check = importlib.import_module(f"{pack.__name__}.quant.images").check_images
-    assert check(torch.rand(2, 40, 50, 1)).shape == (2, 40, 50, 3)
-    assert check(torch.rand(2, 40, 50, 4)).shape == (2, 40, 50, 3)
+    gray, rgba = torch.rand(2, 40, 50, 1), torch.rand(2, 40, 50, 4)
+    assert torch.equal(check(gray), gray.expand(2, 40, 50, 3))  # gray in each channel, as CLIPVisionEncode does
+    assert torch.equal(check(rgba), rgba[..., :3])  # alpha dropped
 
 
 @pytest.mark.parametrize("config", ["clip_vision_siglip_384.json", "image_encoders/dino2_large.json"])

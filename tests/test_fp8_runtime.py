@@ -38,8 +38,10 @@ def fake(comfy, clip):
 
 
 @pytest.fixture(scope="module")
-def fp8(comfy, clip):
-    out = quantize(comfy, clip, calibration_prompts=CALIBRATION)  # auto: on this CPU, dequantized per matmul
+def fp8(comfy, clip, fake):
+    # auto: on this CPU, dequantized per matmul. After `fake`, only the runtime changes: the node reuses its
+    # calibration (the same model as a new one, tested in test_quantize_clip.py) instead of calibrating again.
+    out = quantize(comfy, clip, calibration_prompts=CALIBRATION)
     return out["result"][0], out["result"][1]
 
 
@@ -293,17 +295,6 @@ def test_fp8_matches_fake_quant_with_both_kernels(comfy, pack, fake, fp8):
     m.configure(lambda d: mod(pack, "runtime").plan("auto", d))
 
 
-def test_fp8_keeps_clip_skip_weights_long_prompts_and_embeddings(comfy, clip, fp8):
-    qclip = fp8[0]
-    (r_skip,) = call(comfy, "CLIPSetLastLayer", clip=clip, stop_at_clip_layer=-2)
-    (q_skip,) = call(comfy, "CLIPSetLastLayer", clip=qclip, stop_at_clip_layer=-2)
-    emb = comfy.files["embedding"].rsplit(".", 1)[0]
-    for a, b, text in ((clip, qclip, PROMPTS[1]), (clip, qclip, PROMPTS[2]), (r_skip, q_skip, PROMPTS[0]),
-                       (clip, qclip, f"a portrait, embedding:{emb}")):
-        r, g = encode(comfy, a, text)[0], encode(comfy, b, text)[0]
-        assert r.shape == g.shape and cosine(r, g) > 0.99, text
-
-
 def test_gpu_without_fp8_tensor_cores_falls_back_and_says_why(pack, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA GeForce RTX 3090")
@@ -395,14 +386,23 @@ def test_model_moved_to_another_device_replans(comfy, pack, fp8):
     """Calibrated (and planned) for one device, run on another: the plan follows the device."""
     qclip = fp8[0]
     m = tower(pack, qclip)
-    m.configure(lambda d: type("P", (), {"matmul": "scaled_mm" if d.type == "cuda" else "dequant",
-                                         "executor": "cuda_graph" if d.type == "cuda" else "eager",
-                                         "act_dtype": "float16" if d.type == "cuda" else "float32"}))
-    m._device = torch.device("cuda", 0)  # as if it had last run on a GPU
-    out = encode(comfy, qclip, PROMPTS[0])[0]
-    assert m._device == torch.device("cpu") and m.act_dtype == torch.float32
-    assert torch.isfinite(out).all()
-    m.configure(lambda d: mod(pack, "runtime").plan("auto", d))
+    asked = []
+
+    def planner(d):
+        asked.append(d.type)
+        return type("P", (), {"matmul": "scaled_mm" if d.type == "cuda" else "dequant",
+                              "executor": "cuda_graph" if d.type == "cuda" else "eager",
+                              "act_dtype": "float16" if d.type == "cuda" else "float32"})
+    try:
+        m.configure(planner)
+        m._device = torch.device("cuda", 0)  # as if it had last run on a GPU, with float16 activations
+        m.act_dtype = torch.float16
+        asked.clear()
+        out = encode(comfy, qclip, PROMPTS[0])[0]
+        assert asked == ["cpu"] and m._device == torch.device("cpu") and m.act_dtype == torch.float32
+    finally:
+        m.configure(lambda d: mod(pack, "runtime").plan("auto", d))
+    assert torch.equal(out, encode(comfy, qclip, PROMPTS[0])[0])  # the CPU's own plan, bit for bit
 
 
 def test_out_of_memory_during_conversion_leaves_nothing_half_converted(comfy, pack, fake, monkeypatch):
@@ -474,7 +474,7 @@ def test_fused_kernels_give_the_numbers_of_the_unfused_path(comfy, pack, fake, f
     (here in Triton's CPU interpreter), against the Q->DQ model, which the unfused path equals on this CPU.
     Reductions and exp round differently in the last bit, so a few FP8 codes may land one step over."""
     # The interpreter's time goes by programs: elementwise passes and attention in a few large ones (their
-    # numbers do not depend on it; the GPU's launch sizes are tested in test_fused_kernels.py): 80 s -> ~35 s.
+    # numbers do not depend on it; the GPU's launch sizes are tested in test_fused_kernels.py): 79 -> 13 s here.
     fused = mod(pack, "fp8_fused")
     monkeypatch.setattr(fused, "_ELEMENTWISE_BLOCK", 1 << 16)
     monkeypatch.setattr(fused, "ATTENTION_BLOCK_M", 128)

@@ -13,18 +13,17 @@ from conftest import call, cosine, encode, pack_module
 from test_quantize_clip import quantize
 
 
-def test_calibrated_fp8_at_least_as_good_as_stock_fp8_text_enc(comfy, pack):
+def test_calibrated_fp8_at_least_as_good_as_stock_fp8_text_enc(comfy, pack, clip, quantized):
     import comfy.cli_args as cli
 
     prompts = pack.quant.prompts.HELD_OUT_PROMPTS
-    (ref,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
+    ref, ours = clip, quantized[0]  # the quantize node at its defaults
     cli.args.fp8_e4m3fn_text_enc = True  # what --fp8_e4m3fn-text-enc sets
     try:
         (stock,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
     finally:
         cli.args.fp8_e4m3fn_text_enc = False
     assert any(p.dtype == torch.float8_e4m3fn for p in stock.cond_stage_model.parameters())
-    ours = quantize(comfy, ref)["result"][0]
 
     stock_cos, our_cos = [], []
     for p in prompts:
@@ -220,7 +219,8 @@ def test_evaluation_prompts_that_tokenize_like_calibration_prompts_are_named(com
     (clip,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
     text = quantize(comfy, clip, calibration_prompts="a dog\na castle at night", runtime="fake-quant",
                     evaluation_prompts=" A  Dog \n(a dog:1.0)\na cat on a mat")["result"][1]
-    assert "WARNING: 2 of the 3 evaluation prompts are calibration prompts too" in text
+    assert ("WARNING: 2 of the 3 evaluation prompts are calibration prompts too: their scores are not held out"
+            in text)
 
 
 def test_evaluation_prompts_of_only_comments_say_the_built_in_ones_were_used(comfy):

@@ -16,12 +16,6 @@ from harness.host import PACK_DIR
 PROMPT = "a photo of an astronaut riding a horse, detailed, 4k"
 
 
-@pytest.fixture(scope="session")
-def clip(comfy):
-    (c,) = call(comfy, "CLIPLoader", clip_name=comfy.files["clip_l"], type="stable_diffusion")
-    return c
-
-
 def quantize(comfy, clip, **kw):
     n = comfy.nodes.NODE_CLASS_MAPPINGS["FP8CLIPQuantize"]
     args = {k: v.get("default") if isinstance(v, dict) else v[0][0]
@@ -31,13 +25,6 @@ def quantize(comfy, clip, **kw):
     with torch.inference_mode():
         out = n().quantize(clip=clip, **args)
     return out
-
-
-@pytest.fixture(scope="session")
-def quantized(comfy, clip):
-    """The node with every widget at its default (built-in 64 prompts)."""
-    out = quantize(comfy, clip)
-    return out["result"][0], out["result"][1], out
 
 
 def test_defaults_calibrate_on_builtin_prompts_and_report(quantized, pack):
