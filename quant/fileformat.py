@@ -364,13 +364,14 @@ def unpack_tensors(name: str, tensors: dict[str, torch.Tensor], meta: Mapping[st
 
 
 JSON_FIELDS = {H_BUNDLE: dict, H_KEPT: list, H_REPORT: dict}  # optional header fields holding JSON (or null)
-BUNDLE_FIELDS = {"class": str, "set": str, "clip_type": str, "towers": list, "others": list}  # lists of names
+BUNDLE_FIELDS = {"class": str, "set": str, "clip_type": str, "towers": list, "others": list}  # lists: tower names
 
 
 def check_header_values(tf: TowerFile) -> None:
     """The types of the header values read later (the loader, the bundle check, the Load node), checked with the
     file: an edited header failed there with a bare Python error (an unhashable set id, a string of tower names
-    iterated letter by letter). Raises TypeError."""
+    iterated letter by letter). Raises TypeError or ValueError, which read_tower_file reports as a damaged
+    header."""
     from .recipe import Recipe
 
     for key, kind in JSON_FIELDS.items():

@@ -155,11 +155,17 @@ def _move_all(moves: list[tuple[str, Path]], overwrite: bool) -> None:
                 raise
             placed.append((path, backup))
     except BaseException as e:
+        lost = []  # previous files that could not be put back: each is named, none is skipped
         for path, backup in reversed(placed):
-            if backup is not None:
-                _restore(backup, path, e)
-            elif path.exists():
-                path.unlink()
+            try:
+                if backup is not None:
+                    _restore(backup, path, e)
+                elif path.exists():
+                    path.unlink()
+            except FP8ClipError as f:
+                lost.append(str(f))
+        if lost:
+            raise FP8ClipError(" ".join(lost)) from e
         raise
     for _, backup in placed:  # the new files are in place: a backup left here is swept as stale later
         if backup is not None:

@@ -124,9 +124,9 @@ def _in_memory(key: str, comps: dict[str, Any], result: BuildResult, note: str) 
 
 def make_runner(engine: Engine, support: Support, module: torch.nn.Module, record: Any) -> Runner:
     """The TensorRT runner for `engine`, loaded now so a GPU that refuses it is found before any encode (and
-    kept: TensorRT for RTX compiles kernels for the GPU at run time, which a reload would repeat). Its memory is in the size the node
-    reports to ComfyUI, which budgets it when the model is loaded for the first encode. (`module`, `record`: for
-    runners that run the exported graph themselves, as the tests' onnxruntime stand-in.)"""
+    kept: TensorRT for RTX compiles kernels for the GPU at run time, which a reload would repeat). Its memory is
+    in the size the node reports to ComfyUI, which budgets it when the model is loaded for the first encode.
+    (`module`, `record`: for runners that run the exported graph themselves, as the tests' onnxruntime stand-in.)"""
     name = f"the engine {engine.path}" if engine.path else "the engine (in memory: its folder could not keep it)"
     runner = TrtRunner(engine.read, plan_from_dicts(engine.manifest["io"]), support.flavour, support.device,
                        engine.manifest["engine_bytes"], name)
