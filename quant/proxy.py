@@ -125,6 +125,8 @@ class TowerProxy(torch.nn.Module):
             self.offload_now()
         object.__setattr__(self, "load_device", load)
         object.__setattr__(self, "offload_device", offload)
+        if getattr(self.impl, "load_device", None) is not None:  # the FP8 model places itself there at each call
+            self.impl.load_device = load
 
     def offload(self, patcher: Any = None, unpatch_all: bool = True, *args: Any, **kwargs: Any) -> None:
         """ON_DETACH callback. Only a full unload frees the tower: v0.29 detaches (unpatch_all=False) every
