@@ -82,6 +82,14 @@ def test_a_device_without_float8_tensors_is_refused_with_the_fix(comfy, pack, cl
     assert runtime.plan("auto", torch.device("cpu")).runtime == "fp8"
 
 
+def test_comfyui_loads_the_pack_without_importing_modelopt_or_tensorrt(comfy):
+    """README: ModelOpt is imported the first time a quantize node runs, so ComfyUI starts, and the nodes load,
+    without it (and without TensorRT, imported by the engine nodes only)."""
+    heavy = {"modelopt", "tensorrt", "tensorrt_rtx_bindings", "onnx", "onnxruntime"}
+    assert not heavy & {m.split(".")[0] for m in comfy.modules_at_boot}
+    assert "FP8CLIPQuantize" in comfy.nodes.NODE_CLASS_MAPPINGS
+
+
 @pytest.mark.parametrize("installed, msg", [
     (None, r"NVIDIA Model Optimizer \(pip package nvidia-modelopt\), which the quantize nodes calibrate with, is not "
            r"installed: install it into ComfyUI's own Python: .* -m pip install -r custom_nodes/comfyui-fp8-clip/"
