@@ -62,7 +62,7 @@ class QuantizeCLIP:
                            "(RTX 40xx, H100...), dequantized on the fly elsewhere, with CUDA graphs. fp8-compiled: "
                            "torch.compile instead of the fused kernels (3-27 s to compile on first use). "
                            "fake-quant: simulation only "
-                           "(original memory and speed), to judge quality. tensorrt: fp8, then a TensorRT engine (built "
+                           "(float32 copies: more memory, not faster), to judge quality. tensorrt: fp8, then a TensorRT engine (built "
                            "once, cached in models/tensorrt; up to 8 rows of 77 tokens; falls back to fp8 where it "
                            "cannot run, and says so). auto: fp8."}),
             "fp8_token_embedding": ("BOOLEAN", {

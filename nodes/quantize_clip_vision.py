@@ -40,8 +40,8 @@ class QuantizeCLIPVision:
                 "default": "auto",
                 "tooltip": "fp8: FP8 weights in memory, FP8 matmuls with fused kernels on GPUs that have them "
                            "(RTX 40xx, H100...), dequantized on the fly elsewhere, with CUDA graphs. fp8-compiled: "
-                           "torch.compile instead of the fused kernels. fake-quant: simulation only (original "
-                           "memory and speed), to judge quality. tensorrt: fp8, then a TensorRT engine for up to 4 "
+                           "torch.compile instead of the fused kernels. fake-quant: simulation only (float32 "
+                           "copies: more memory, not faster), to judge quality. tensorrt: fp8, then a TensorRT engine for up to 4 "
                            "images per encode (built once, cached in models/tensorrt; falls back to fp8 where it "
                            "cannot run, and says so). auto: fp8."}),
         }, "optional": {

@@ -126,7 +126,8 @@ def calibration_groups(clip: Any, prompts: Sequence[str]) -> list[list[str]]:
     groups: list[list[str]] = []
     rows = 0
     for p in prompts:
-        # its rows in the widest CLIP tower, plus the empty row ComfyUI adds to a weighted prompt
+        # its rows in the widest CLIP tower, plus one: ComfyUI adds an empty row to a call with a weight other
+        # than 1 (once a call, counted here once a prompt: an upper bound)
         n = 1 + max((len(r) for k, r in clip.tokenize(p).items() if k in CLIP_TOKEN_KEYS), default=1)
         if not groups or len(groups[-1]) >= PROMPTS_PER_CALIBRATION_ENCODE or rows + n > ROWS_PER_CALIBRATION_ENCODE:
             groups.append([])

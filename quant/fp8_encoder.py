@@ -169,11 +169,9 @@ class FP8Runner(torch.nn.Module):
         self._device = None
 
     def _place(self, device: torch.device) -> torch.device:
-        """Keep every weight on the device this model runs on.
-
-        ComfyUI's loader moves modules it recognises one by one and may leave others (its lowvram and
-        dynamic-VRAM modes differ between versions), so the module places itself, and drops captured CUDA
-        graphs whenever a weight has moved (a graph holds raw pointers)."""
+        """Keep every weight on the device this model runs on, and drop captured CUDA graphs whenever a weight
+        has moved (a graph holds raw pointers). ComfyUI never sees these modules (the tower's proxy moves them,
+        quant/proxy.py); this is what makes any move, the proxy's or another's, safe for the graphs."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

@@ -91,7 +91,7 @@ class FP8Linear(torch.nn.Module):
                 f"activations={'fp8' if self.input_scale is not None else 'high precision'}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.device != x.device:  # partially loaded by ComfyUI's lowvram logic
+        if self.weight.device != x.device:  # a layer used on its own, outside the model that places it
             return self._forward_dequant(x, self.weight.to(x.device))
         if self.mode == "scaled_mm" and self.input_scale is not None:
             return self._forward_scaled_mm(x)

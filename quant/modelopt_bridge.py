@@ -171,7 +171,9 @@ def quantize_calibrated(module: torch.nn.Module, config: dict, amax: dict[str, t
     quantize(module, {**config, "algorithm": None}, None)
     enabled = {n: m for n, m in module.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}
     if set(enabled) != set(amax):
-        raise ValueError(f"the remembered calibration has {len(amax)} quantizers, this model {len(enabled)}")
+        raise FP8ClipError(f"The remembered calibration has {len(amax)} quantizers, this model {len(enabled)}: it "
+                           "does not fit. Change one of the node's inputs (or restart ComfyUI) to calibrate again, "
+                           "and report it: this should not happen.")
     for n, q in enabled.items():  # where the layer's weight is: the amax moves with it from now on
         q.amax = amax[n].to(module.get_submodule(n.rsplit(".", 1)[0]).weight.device)
 

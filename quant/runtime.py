@@ -1,10 +1,11 @@
 """Which runtime a quantized CLIP runs on, and swapping it in per clone.
 
-- fake-quant: ModelOpt's Q->DQ simulation (the quality preview; original memory and speed).
+- fake-quant: ModelOpt's Q->DQ simulation (the quality preview: float32 copies of the quantized towers, twice a
+  float16 checkpoint's memory, beside the original).
 - fp8: FP8TextModel, FP8 weights in memory; FP8 matmuls on compute capability 8.9+, the work between them
   in fused Triton kernels, run as CUDA graphs; on-the-fly dequantization elsewhere (older GPUs, CPU).
 - tensorrt: an engine built from the FP8 Q/DQ ONNX export (trt_runtime/).
-`auto` takes the fastest that works on the CLIP's load device.
+`auto` is `fp8`, planned for the CLIP's load device (the TensorRT engine is a node of its own).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ GPU_ACT_DTYPE = {"text": "float32", "vision": "float16"}
 
 @dataclass(frozen=True)
 class Plan:
-    runtime: str  # "fp8" | "fake-quant" | "tensorrt"
+    runtime: str  # "fp8" | "fake-quant" (the TensorRT runtime is planned by trt_runtime)
     matmul: str = "dequant"  # fp8: "scaled_mm" | "dequant"
     executor: str = "eager"  # fp8: "eager" | "cuda_graph" | "compiled"
     act_dtype: str = "float32"  # activations between the FP8 matmuls
@@ -57,7 +58,8 @@ def plan(requested: str, device: torch.device, compile_ok: bool | None = None, k
     if requested not in RUNTIMES:
         raise FP8ClipError(f"Unknown runtime {requested!r}. Use one of: {', '.join(RUNTIMES)}.")
     if requested == "fake-quant":
-        return Plan("fake-quant", reason="quality preview: FP8 numerics simulated, original weights in memory")
+        return Plan("fake-quant", reason="quality preview: FP8 numerics simulated on float32 copies of the quantized "
+                                         "towers (twice a float16 checkpoint's memory)")
     if requested == "tensorrt":
         raise FP8ClipError("Use the 'Build TensorRT Engine for FP8 CLIP' node for the TensorRT runtime.")
     require_fp8_storage(device)
