@@ -70,8 +70,7 @@ def boot_in_process(base: Path, extra_args: tuple[str, ...] = (), cpu: bool = Tr
         loaded = asyncio.run(loaded)
     if not loaded:
         raise RuntimeError("ComfyUI failed to load the pack; see the log above.")
-    _BOOTED = SimpleNamespace(nodes=nodes, execution=execution, folder_paths=folder_paths, base=base, host=hd,
-                              modules_at_boot=frozenset(sys.modules))
+    _BOOTED = SimpleNamespace(nodes=nodes, execution=execution, folder_paths=folder_paths, base=base, host=hd)
     return _BOOTED
 
 
