@@ -123,9 +123,6 @@ class FP8TextModel(FP8Runner):
     def encoder_layers(self) -> torch.nn.ModuleList:
         return self.text_model.encoder.layers
 
-    def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
-
 
 class _TokenEmbedding(torch.nn.Embedding):
     """The original token embedding (fp16 table), callable with ComfyUI's `out_dtype=`."""
