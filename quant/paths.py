@@ -155,7 +155,8 @@ def _move_all(moves: list[tuple[str, Path]], overwrite: bool) -> None:
                 raise
             placed.append((path, backup))
     except BaseException as e:
-        lost = []  # previous files that could not be put back: each is named, none is skipped
+        # previous files that could not be put back: each is named (the failed move's own too), none is skipped
+        lost = [str(e)] if isinstance(e, FP8ClipError) else []
         for path, backup in reversed(placed):
             try:
                 if backup is not None:

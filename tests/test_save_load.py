@@ -894,8 +894,9 @@ def test_a_backup_made_now_of_an_old_file_is_not_swept_by_another_save(pack, tmp
 
 
 def test_a_set_whose_old_files_cannot_be_put_back_names_each_and_tries_all(pack, tmp_path, monkeypatch):
-    """The third file's move fails, then putting back the first two fails too: each kept backup is named (the
-    first failure stopped the others from being tried)."""
+    """The third file's move fails, then putting back all three fails too (a file system without hard links:
+    the old files were renamed aside): each kept backup is named (the first failure stopped the others from being
+    tried)."""
     paths = pack_module(pack, "quant.paths")
     files = [tmp_path / f"bundle_{t}.safetensors" for t in ("clip_l", "clip_g", "t5")]
     for f in files:
@@ -906,13 +907,16 @@ def test_a_set_whose_old_files_cannot_be_put_back_names_each_and_tries_all(pack,
         if str(src).endswith(".old") or (str(dst) == str(files[2]) and str(src).endswith(".tmp")):
             raise OSError(errno.EIO, "Input/output error")
         return real_replace(src, dst)
+    def no_hard_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
     monkeypatch.setattr(paths.os, "replace", replace)
+    monkeypatch.setattr(paths.os, "link", no_hard_links)
     with pytest.raises(ValueError) as e:
         paths.write_set([(f, lambda tmp: Path(tmp).write_bytes(b"new")) for f in files], True)
-    for f in files[:2]:
+    for f in files:
         assert f"rename it to {f.name} to get it back" in str(e.value)
     backups = sorted(p for p in tmp_path.iterdir() if p.name.endswith(".old"))
-    assert len(backups) == 2 and all(b.read_bytes() == b"old" for b in backups)
+    assert len(backups) == 3 and all(b.read_bytes() == b"old" for b in backups)
 
 
 def _tower_file(ff, tower: str, family: str, bundle: dict):
