@@ -144,29 +144,27 @@ def _write_reporting_os_errors(write: Callable[[str], None], tmp: str) -> None:
 
 def _move_all(moves: list[tuple[str, Path]], overwrite: bool) -> None:
     placed: list[tuple[Path, str | None]] = []  # (path, where its previous file waits, if it had one)
+    moving: tuple[Path, str] | None = None  # the file whose move failed, if its previous file was set aside
     try:
         for tmp, path in moves:
             backup = _set_aside(path) if overwrite and path.exists() else None
-            try:
-                _move(tmp, path, overwrite)
-            except BaseException as e:
-                if backup is not None:
-                    _restore(backup, path, e)
-                raise
+            moving = (path, backup) if backup is not None else None
+            _move(tmp, path, overwrite)
             placed.append((path, backup))
+            moving = None
     except BaseException as e:
-        # previous files that could not be put back: each is named (the failed move's own too), none is skipped
-        lost = [str(e)] if isinstance(e, FP8ClipError) else []
-        for path, backup in reversed(placed):
+        lost = []  # every previous file is tried, and each that could not be put back is named
+        for path, backup in ([moving] if moving else []) + list(reversed(placed)):
             try:
                 if backup is not None:
-                    _restore(backup, path, e)
-                elif path.exists():
+                    _restore(backup, path)
+                elif path.exists():  # a new name this save created (a failed move's own is never deleted)
                     path.unlink()
-            except FP8ClipError as f:
-                lost.append(str(f))
+            except OSError as f:
+                lost.append(f"{path.name}'s previous file could not be put back ({f.strerror or f}). It is kept "
+                            f"as {backup}: rename it to {path.name} to get it back.")
         if lost:
-            raise FP8ClipError(" ".join(lost)) from e
+            raise FP8ClipError(f"Saving failed ({e}). " + " ".join(lost)) from e
         raise
     for _, backup in placed:  # the new files are in place: a backup left here is swept as stale later
         if backup is not None:
@@ -189,20 +187,15 @@ def _set_aside(path: Path) -> str:
     return backup
 
 
-def _restore(backup: str, path: Path, cause: BaseException) -> None:
+def _restore(backup: str, path: Path) -> None:
     try:
-        try:
-            same = os.path.samefile(backup, path)  # the move never happened: `path` is still the old file
-        except OSError:
-            same = False
-        if same:
-            os.unlink(backup)  # (renaming a hard link onto its twin would leave both names)
-        else:
-            os.replace(backup, path)
-    except OSError as e:
-        raise FP8ClipError(f"Saving {path.name} failed ({cause}) and its previous file could not be put back "
-                           f"({e.strerror or e}). It is kept as {backup}: rename it to {path.name} to get it "
-                           "back.") from cause
+        same = os.path.samefile(backup, path)  # the move never happened: `path` is still the old file
+    except OSError:
+        same = False
+    if same:
+        os.unlink(backup)  # (renaming a hard link onto its twin would leave both names)
+    else:
+        os.replace(backup, path)
 
 
 def _move(tmp: str, path: Path, overwrite: bool) -> None:
