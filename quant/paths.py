@@ -156,13 +156,14 @@ def _move_all(moves: list[tuple[str, Path]], overwrite: bool) -> None:
         lost = []  # every previous file is tried, and each that could not be put back is named
         for path, backup in ([moving] if moving else []) + list(reversed(placed)):
             try:
-                if backup is not None:
+                if backup is None:  # a name this save created (a failed move's own file is never touched)
+                    path.unlink(missing_ok=True)
+                else:
                     _restore(backup, path)
-                elif path.exists():  # a new name this save created (a failed move's own is never deleted)
-                    path.unlink()
             except OSError as f:
-                lost.append(f"{path.name}'s previous file could not be put back ({f.strerror or f}). It is kept "
-                            f"as {backup}: rename it to {path.name} to get it back.")
+                lost.append(f"{path.name} could not be removed ({f.strerror or f}): delete it." if backup is None
+                            else f"{path.name}'s previous file could not be put back ({f.strerror or f}). It is "
+                                 f"kept as {backup}: rename it to {path.name} to get it back.")
         if lost:
             raise FP8ClipError(f"Saving failed ({e}). " + " ".join(lost)) from e
         raise
