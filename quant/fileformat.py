@@ -39,6 +39,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .errors import FP8ClipError
+from .fidelity import worst
 
 FORMAT_KEY = "fp8clip.format"
 FORMAT_VERSION = 2  # 2: input_scale_inv stored (format 1 files load, deriving it)
@@ -105,8 +106,7 @@ class ReportFields:
             return "?"
         if not v:
             return "n/a"
-        lo = float("nan") if any(x != x for x in v) else min(v)  # min() passes over a NaN that is not first
-        return f"{lo:.4f} / {sum(v) / len(v):.4f}"
+        return f"{worst(v):.4f} / {sum(v) / len(v):.4f}"
 
     def warnings(self) -> list[str]:
         v = self.r.get("warnings", [])
